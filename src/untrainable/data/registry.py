@@ -1,0 +1,47 @@
+"""The data-set registry and the splits every data builder returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from untrainable.registry import Registry
+
+
+@dataclass
+class DataSplits:
+    """Train, validation and test sets of one task.
+
+    `train_transform`, when set, is applied to each training batch of inputs
+    (random augmentation written with torch ops); evaluation batches are not
+    transformed. `extra_test` holds further held-out sets reported beside the test
+set (for example longer sequences). `input_shape` excludes the batch
+dimension; for token data it is `(max_len,)` and `num_classes` is the size of
+the output vocabulary. `meta` carries anything else a recipe needs
+(`vocab_size`, `pad_id`, ...).
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_transform: Callable[[Tensor], Tensor] | None = None
+    extra_test: dict[str, Dataset] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+DATASETS: Registry[DataSplits] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+def load_data(name: str, **kwargs: Any) -> DataSplits:
+    """Build the registered data set `name` with its keyword arguments."""
+    return DATASETS.create(name, **kwargs)
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
