@@ -1,0 +1,203 @@
+"""Guidance: the target's task forward plus the alignment loss toward a frozen guide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from untrainable.capture import LayerCapture
+from untrainable.pairing import Pair, PairSpec, check_pairs, make_pair, spread_pairs
+from untrainable.schedule import AlphaSchedule
+from untrainable.sequence import SEQUENCE_MODES, sequence_similarity
+from untrainable.similarity import Similarity, get_similarity
+
+GUIDE_INPUTS = ("same", "noise")
+
+
+def freeze(guide: nn.Module) -> nn.Module:
+    """Put the guide in eval mode with no gradients: the one place the guide is frozen."""
+    guide.eval()
+    guide.requires_grad_(False)
+    return guide
+
+
+@dataclass
+class GuidanceOutput:
+    """What one guided forward returns.
+
+    `output` is the target's own output, `guidance_loss` is alpha times the
+    weighted sum over pairs of (1 - similarity), a scalar to add to the task
+    loss. `similarities` holds each pair's similarity as a detached scalar
+    tensor keyed `target<-guide` (tensors, so a GPU step does not wait on a
+    host copy per pair).
+    """
+
+    output: Any
+    guidance_loss: Tensor
+    alpha: float
+    similarities: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Guidance(nn.Module):
+    """Adds representational guidance toward a frozen guide to any target model.
+
+        guidance = Guidance(target, guide, alpha=1.0)
+        out = guidance(x)                  # the target runs once, the guide without grad
+        loss = F.cross_entropy(out.output, y) + out.guidance_loss
+
+    Neither model is modified: layers are captured with forward hooks,
+    registered once. The guide is frozen (eval mode, no gradients, run under
+    no_grad) and stays in eval mode whatever `.train()` is called on.
+
+    Args:
+        target: the network being trained (may be wrapped in DDP or compiled).
+        guide: the frozen network whose representations pull on the target's.
+        alpha: weight of the alignment term (ignored when `schedule` is given).
+        pairs: explicit (target_layer, guide_layer[, weight]) pairs. Default:
+            the guide's layers spread evenly over the target's.
+        target_layers, guide_layers: module paths or globs to capture; default
+            `capture.default_layers` of each model.
+        similarity: `cka` (biased linear CKA, the paper's), `cka_unbiased`,
+            `rsa`, or any callable (n, d1), (n, d2) -> scalar.
+        schedule: an AlphaSchedule; the step counts training-mode forwards.
+        guide_input: `same` (the guide sees the batch) or `noise` (Gaussian
+            noise of the batch's shape, the authors' option).
+        sequence_mode: how (batch, time, features) activations are compared
+            (`flatten`, `tokenwise`, `tokens`); see `sequence.sequence_similarity`.
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        guide: nn.Module,
+        alpha: float = 1.0,
+        pairs: Sequence[PairSpec] | None = None,
+        target_layers: Sequence[str] | None = None,
+        guide_layers: Sequence[str] | None = None,
+        similarity: str | Similarity = "cka",
+        schedule: AlphaSchedule | None = None,
+        guide_input: str = "same",
+        sequence_mode: str = "flatten",
+    ) -> None:
+        super().__init__()
+        if guide_input not in GUIDE_INPUTS:
+            raise ValueError(f"guide_input {guide_input!r} is not one of {', '.join(GUIDE_INPUTS)}")
+        if sequence_mode not in SEQUENCE_MODES:
+            raise ValueError(f"sequence_mode {sequence_mode!r} is not one of {', '.join(SEQUENCE_MODES)}")
+        self.target = target
+        self.guide = freeze(guide)
+        self.schedule = schedule if schedule is not None else AlphaSchedule(alpha=alpha)
+        self.similarity = get_similarity(similarity)
+        self.guide_input = guide_input
+        self.sequence_mode = sequence_mode
+        if pairs is not None:
+            pair_list = [make_pair(spec) for spec in pairs]
+            target_layers = target_layers or list(dict.fromkeys(p.target for p in pair_list))
+            guide_layers = guide_layers or list(dict.fromkeys(p.guide for p in pair_list))
+        self.target_capture = LayerCapture(target, target_layers)
+        self.guide_capture = LayerCapture(guide, guide_layers)
+        if pairs is None:
+            pair_list = spread_pairs(self.target_capture.names, self.guide_capture.names)
+        self.pairs: list[Pair] = check_pairs(pair_list, self.target_capture.names, self.guide_capture.names)
+        self.step = 0  # training-mode forwards so far; drives the schedule
+
+    def get_extra_state(self) -> dict[str, int]:
+        # Saved with the state dict so a resumed run continues the alpha schedule.
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+    def train(self, mode: bool = True) -> "Guidance":
+        self.training = mode
+        self.target.train(mode)
+        freeze(self.guide)
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """alpha at the current step."""
+        return self.schedule(self.step)
+
+    def _guide_input(self, x: Tensor, guide_x: Tensor | None) -> Tensor:
+        if guide_x is not None:
+            return guide_x
+        if self.guide_input == "noise":
+            if not torch.is_floating_point(x):
+                raise ValueError("guide_input='noise' needs floating-point inputs, got token ids")
+            return torch.randn_like(x)
+        return x
+
+    def run_guide(self, x: Tensor) -> dict[str, Tensor]:
+        """The guide's activations on x, frozen and without gradients."""
+        freeze(self.guide)
+        with torch.no_grad(), self.guide_capture.recording():
+            self.guide(x)
+        acts = self.guide_capture.activations
+        self.guide_capture.clear()
+        return acts
+
+    def pair_similarity(self, target_act: Tensor, guide_act: Tensor, mask: Tensor | None) -> Tensor:
+        """Similarity of one pair's activations, (batch, ...) each."""
+        if target_act.dim() == 3 and guide_act.dim() == 3 and (mask is not None or self.sequence_mode != "flatten"):
+            return sequence_similarity(self.similarity, target_act, guide_act, self.sequence_mode, mask)
+        return self.similarity(target_act.flatten(1), guide_act.flatten(1))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        guide_x: Tensor | None = None,
+        guide_activations: dict[str, Tensor] | None = None,
+    ) -> GuidanceOutput:
+        """Run the target once on x and compute the guidance loss.
+
+        Args:
+            x: the batch, (batch, ...), as the target takes it.
+            mask: (batch, time) bool, True on real tokens, for sequence activations.
+            guide_x: a different input for the guide (default: x, or noise).
+            guide_activations: precomputed guide activations by layer (a cache);
+                the guide is then not run.
+        Returns:
+            GuidanceOutput. In training mode the schedule's step advances by one.
+        """
+        alpha = self.alpha
+        # Off schedule (after "guidance as initialisation"), skip the guide
+        # entirely: the step is as cheap as unguided training.
+        if alpha == 0.0 and self.training:
+            output = self.target(x)
+            self._advance()
+            return GuidanceOutput(output, torch.zeros((), device=_device_of(output, x)), 0.0)
+        with self.target_capture.recording():
+            output = self.target(x)
+        target_acts = self.target_capture.activations
+        self.target_capture.clear()
+        missing = [name for name in self.target_capture.names if name not in target_acts]
+        if missing:
+            raise RuntimeError(f"target layers {missing} did not run in the forward; choose layers that do")
+        if guide_activations is None:
+            guide_activations = self.run_guide(self._guide_input(x, guide_x))
+        terms, similarities = [], {}
+        for pair in self.pairs:
+            sim = self.pair_similarity(target_acts[pair.target], guide_activations[pair.guide], mask)
+            terms.append(pair.weight * (1.0 - sim))
+            similarities[pair.key] = sim.detach()
+        guidance_loss = alpha * torch.stack(terms).sum()
+        self._advance()
+        return GuidanceOutput(output, guidance_loss, alpha, similarities)
+
+    def _advance(self) -> None:
+        if self.training:
+            self.step += 1
+
+    def remove_hooks(self) -> None:
+        """Take the forward hooks off both models."""
+        self.target_capture.remove()
+        self.guide_capture.remove()
+
+
+def _device_of(output: Any, x: Tensor) -> torch.device:
+    return output.device if isinstance(output, Tensor) else x.device

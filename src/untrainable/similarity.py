@@ -1,0 +1,199 @@
+"""Differentiable representational similarity between two sets of activations.
+
+Every measure takes `x` of shape (n, d1) and `y` of shape (n, d2), the same n
+examples seen by two networks, and returns a scalar similarity (1 = same
+representation up to the measure's invariances). Guidance minimises
+`1 - similarity`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from untrainable.registry import Registry
+
+Similarity = Callable[[Tensor, Tensor], Tensor]
+
+SIMILARITIES: Registry[Tensor] = Registry("similarity")
+
+# Added under square roots so that a constant layer (all Gram terms zero) gives a
+# similarity of 0 with finite gradients instead of 0 / 0.
+_EPS = 1e-12
+
+
+def _prepare(x: Tensor, y: Tensor, min_n: int) -> tuple[Tensor, Tensor]:
+    """Check shapes, flatten, promote half precision to float32."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"similarity needs the same examples in both: got {x.shape[0]} rows in x "
+            f"and {y.shape[0]} rows in y"
+        )
+    n = x.shape[0]
+    if n < min_n:
+        raise ValueError(f"this similarity needs at least {min_n} examples, got n = {n}")
+    x = x.reshape(n, -1)
+    y = y.reshape(n, -1)
+    # Half precision loses the Gram sums; float64 stays float64.
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if y.dtype not in (torch.float32, torch.float64):
+        y = y.float()
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype)
+
+
+def _centre(x: Tensor) -> Tensor:
+    """Centre the columns of x (n, d) and scale its largest entry to 1.
+
+    Columns that are exactly constant are set to zero rather than to the
+    rounding error of their mean, so a constant layer scores exactly 0. Every
+    measure here is invariant to isotropic scaling, so scaling changes nothing
+    but the range of the Gram sums (no overflow at large scales, no underflow
+    at small ones). The factor is detached: dividing by a constant is exact for
+    a scale-invariant function.
+    """
+    constant = (x == x[:1]).all(dim=0, keepdim=True)
+    x = (x - x.mean(dim=0, keepdim=True)).masked_fill(constant, 0.0)
+    return x / x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _ratio(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+    """xy / sqrt(xx yy), finite with finite gradients when xx or yy is 0.
+
+    After `_centre`, xx >= 1 / rank for any non-constant input, so the epsilon
+    only matters for constant ones.
+    """
+    return xy / (torch.sqrt(xx.clamp_min(0) + _EPS) * torch.sqrt(yy.clamp_min(0) + _EPS))
+
+
+def _use_sample_space(n: int, d1: int, d2: int) -> bool:
+    """True when n x n Gram matrices are cheaper than d x d cross-covariances."""
+    feature_cost = d1 * d2 + d1 * d1 + d2 * d2
+    sample_cost = n * (d1 + d2) + 3 * n * n
+    return sample_cost < feature_cost
+
+
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear CKA with the biased HSIC estimator (Kornblith et al. 2019).
+
+    The measure used by Subramaniam et al.:
+    CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), with column-centred
+    Xc, Yc. Computed in feature space (d x d products) or sample space
+    (n x n Gram matrices), whichever is cheaper; never with an explicit
+    n x n centring matrix.
+
+    Args:
+        x: (n, d1) activations. Extra dimensions are flattened.
+        y: (n, d2) activations of the same n examples.
+    Returns:
+        scalar in [0, 1]; 0 when either input is constant over the examples.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = _prepare(x, y, min_n=2)
+        x, y = _centre(x), _centre(y)
+        n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
+        if _use_sample_space(n, d1, d2):
+            k, l = x @ x.T, y @ y.T
+            xy, xx, yy = (k * l).sum(), (k * k).sum(), (l * l).sum()
+        else:
+            xy = (y.T @ x).square().sum()
+            xx = (x.T @ x).square().sum()
+            yy = (y.T @ y).square().sum()
+        return _ratio(xy, xx, yy)
+
+
+def _unbiased_hsic(inner: Tensor, dk: Tensor, dl: Tensor, rk: Tensor, rl: Tensor, n: int) -> Tensor:
+    """Unbiased HSIC (Song et al. 2012, eq. 5) from Gram-matrix statistics.
+
+    With K, L the (n, n) Gram matrices and K~, L~ the same with zero diagonals:
+    HSIC_1 = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)).
+
+    Args:
+        inner: <K, L>_F.  dk, dl: (n,) diagonals.  rk, rl: (n,) row sums K 1, L 1.
+    """
+    trace = inner - (dk * dl).sum()
+    rk, rl = rk - dk, rl - dl  # row sums of K~ and L~
+    return (
+        trace + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk * rl).sum()
+    ) / (n * (n - 3))
+
+
+def linear_cka_unbiased(x: Tensor, y: Tensor) -> Tensor:
+    """Linear CKA with the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021).
+
+    Removes the upward bias of the biased estimator at small batches
+    (independent Gaussians at n = 32 score about 0.2 with the biased one).
+    It can be slightly negative.
+
+    Args:
+        x: (n, d1) activations, n >= 4.
+        y: (n, d2) activations of the same n examples.
+    Returns:
+        scalar in [-1, 1]; 0 when either input is constant over the examples.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = _prepare(x, y, min_n=4)
+        x, y = _centre(x), _centre(y)
+        n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
+        dk, dl = (x * x).sum(1), (y * y).sum(1)
+        if _use_sample_space(n, d1, d2):
+            k, l = x @ x.T, y @ y.T
+            inner_xy, inner_xx, inner_yy = (k * l).sum(), (k * k).sum(), (l * l).sum()
+            rk, rl = k.sum(1), l.sum(1)
+        else:
+            inner_xy = (y.T @ x).square().sum()
+            inner_xx = (x.T @ x).square().sum()
+            inner_yy = (y.T @ y).square().sum()
+            rk, rl = x @ x.sum(0), y @ y.sum(0)
+        xy = _unbiased_hsic(inner_xy, dk, dl, rk, rl, n)
+        xx = _unbiased_hsic(inner_xx, dk, dk, rk, rk, n)
+        yy = _unbiased_hsic(inner_yy, dl, dl, rl, rl, n)
+        # Both self-terms are >= 0 in exact arithmetic (an inner product of
+        # U-centred matrices); `_ratio` clamps the rounding at tiny ranks.
+        return _ratio(xy, xx, yy)
+
+
+def rsa(x: Tensor, y: Tensor) -> Tensor:
+    """RSA: Pearson correlation of the two cosine-similarity matrices.
+
+    As in the authors' code, over the off-diagonal upper triangle of the
+    (n, n) matrices of cosine similarities between examples.
+
+    Args:
+        x: (n, d1) activations, n >= 3.
+        y: (n, d2) activations of the same n examples.
+    Returns:
+        scalar in [-1, 1]; 0 when either matrix is constant.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = _prepare(x, y, min_n=3)
+        n = x.shape[0]
+        # Scale before the row norms so tiny or huge layers do not under/overflow.
+        x = x / x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+        y = y / y.detach().abs().amax().clamp_min(torch.finfo(y.dtype).tiny)
+        x = x / torch.sqrt((x * x).sum(1, keepdim=True) + _EPS)
+        y = y / torch.sqrt((y * y).sum(1, keepdim=True) + _EPS)
+        rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
+        a = (x @ x.T)[rows, cols]
+        b = (y @ y.T)[rows, cols]
+        a, b = a - a.mean(), b - b.mean()
+        return _ratio((a * b).sum(), (a * a).sum(), (b * b).sum())
+
+
+SIMILARITIES.register("cka")(linear_cka)
+SIMILARITIES.register("cka_unbiased")(linear_cka_unbiased)
+SIMILARITIES.register("rsa")(rsa)
+
+
+def get_similarity(similarity: str | Similarity) -> Similarity:
+    """A registered similarity by name (`cka`, `cka_unbiased`, `rsa`), or the callable itself."""
+    if callable(similarity):
+        return similarity
+    return SIMILARITIES.get(similarity)
+
+
+def list_similarities() -> list[str]:
+    return SIMILARITIES.names()
