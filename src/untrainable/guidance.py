@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,9 @@ class Guidance(nn.Module):
             noise of the batch's shape, the authors' option).
         sequence_mode: how (batch, time, features) activations are compared
             (`flatten`, `tokenwise`, `tokens`); see `sequence.sequence_similarity`.
+        gather: applied to every activation (and mask) before the similarity;
+            `distributed.gather_for_similarity` computes it on the global
+            batch under DDP. Default: each process's own batch.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Guidance(nn.Module):
         schedule: AlphaSchedule | None = None,
         guide_input: str = "same",
         sequence_mode: str = "flatten",
+        gather: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if guide_input not in GUIDE_INPUTS:
@@ -93,6 +97,7 @@ class Guidance(nn.Module):
         self.similarity = get_similarity(similarity)
         self.guide_input = guide_input
         self.sequence_mode = sequence_mode
+        self.gather = gather
         if pairs is not None:
             pair_list = [make_pair(spec) for spec in pairs]
             target_layers = target_layers or list(dict.fromkeys(p.target for p in pair_list))
@@ -180,6 +185,10 @@ class Guidance(nn.Module):
             raise RuntimeError(f"target layers {missing} did not run in the forward; choose layers that do")
         if guide_activations is None:
             guide_activations = self.run_guide(self._guide_input(x, guide_x))
+        if self.gather is not None:
+            target_acts = {name: self.gather(act) for name, act in target_acts.items()}
+            guide_activations = {name: self.gather(act) for name, act in guide_activations.items()}
+            mask = self.gather(mask) if mask is not None else None
         terms, similarities = [], {}
         for pair in self.pairs:
             sim = self.pair_similarity(target_acts[pair.target], guide_activations[pair.guide], mask)

@@ -1,0 +1,244 @@
+"""Images in one sub-folder per class, loaded lazily with Pillow, plus batch augmentations in torch.
+
+Expected layouts (class names are sub-folder names, sorted to give indices):
+
+    root/<class>/<image>.png|jpg|jpeg                 one tree: val and test are carved from it
+    root/train/<class>/...  root/val/<class>/...       ImageNet-style: val/ is the test set
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from untrainable.data.registry import DataSplits, register_dataset
+
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+# ImageNet channel statistics, the usual default for RGB photographs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUT = (
+    "expected one sub-folder per class with .png/.jpg/.jpeg images inside "
+    "(root/<class>/<image>), or root/train/<class>/... and root/val/<class>/..."
+)
+
+
+def find_images(
+    root: str | os.PathLike, classes: Sequence[str] | None = None
+) -> tuple[list[Path], list[int], list[str]]:
+    """List (paths, labels, classes) of a class-per-sub-folder tree.
+
+    `classes` fixes the name -> index map (for a test tree that must follow the
+    training tree's); by default it is the sorted sub-folder names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; {LAYOUT}")
+    found = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"{root} has classes not in the training set: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name in found:
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in EXTENSIONS and path.is_file():
+                paths.append(path)
+                labels.append(index[name])
+    if not paths:
+        raise ValueError(f"no images found under {root}; {LAYOUT}")
+    return paths, labels, list(classes)
+
+
+def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB") -> Tensor:
+    """Read an image as float (C, S, S) in [0, 1]: shorter side resized to S, centre-cropped."""
+    with Image.open(path) as image:
+        image = image.convert(mode)
+        w, h = image.size
+        scale = image_size / min(w, h)
+        new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:  # single-channel modes come back as (S, S)
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Standardise channels: (..., C, H, W) -> same shape, (x - mean[c]) / std[c]."""
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def random_resized_crop(
+    x: Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Crop a random box per sample and resize it back: (B, C, H, W) -> (B, C, H, W).
+
+    The box covers a fraction U(scale) of the area with aspect ratio
+    log-uniform in `ratio` (Szegedy et al. 2015), clipped to the image
+    instead of re-drawn. One batched affine grid + bilinear `grid_sample`.
+    """
+    b = x.shape[0]
+    rand = functools.partial(torch.rand, b, device=x.device, dtype=x.dtype, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * rand()
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * rand())
+    # Box sides as fractions of the image sides; also the affine scale factors.
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    # Box centre in [-1, 1] grid coordinates, kept inside the image.
+    cx = (1 - w) * (2 * rand() - 1)
+    cy = (1 - h) * (2 * rand() - 1)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def horizontal_flip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+    """Mirror each sample left-right with probability p: (B, C, H, W) -> (B, C, H, W)."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < p
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def train_augment(
+    x: Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip_p: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Training augmentation of a batch (B, C, H, W): random-resized crop, then horizontal flip.
+
+    Batches arrive already normalised; both operations are per-channel affine
+    combinations of pixels with weights summing to one, so they commute with
+    normalisation and need not undo it.
+    """
+    return horizontal_flip(random_resized_crop(x, scale, generator=generator), flip_p, generator)
+
+
+class ImageFolderDataset(Dataset):
+    """Lazily opened images: item i -> (float tensor (C, S, S), int label)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        image_size: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        mode: str = "RGB",
+    ):
+        self.paths, self.labels = list(paths), list(labels)
+        self.image_size, self.mean, self.std, self.mode = image_size, mean, std, mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x = load_image(self.paths[i], self.image_size, self.mode)
+        if self.mean is not None and self.std is not None:
+            x = normalize(x, self.mean, self.std)
+        return x, self.labels[i]
+
+
+def carve(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split range(n) by a seeded permutation: one held-out part per fraction, then the rest.
+
+    Each held-out part gets round(fraction * n) items, at least one.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = [max(1, round(f * n)) for f in fractions]
+    if sum(sizes) >= n:
+        raise ValueError(f"cannot carve {sizes} held-out images from {n} and keep any for training")
+    bounds = np.cumsum([0, *sizes])
+    return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] + [order[bounds[-1]:]]
+
+
+def _channel_stats(
+    value: float | Sequence[float] | None, default: Sequence[float], name: str
+) -> tuple[float, ...]:
+    if value is None:
+        return tuple(default)
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    stats = tuple(float(v) for v in value)
+    if len(stats) != 3:
+        raise ValueError(f"{name} must be a number or 3 numbers (one per RGB channel), got {value}")
+    return stats
+
+
+@register_dataset("image_folder")
+def image_folder(
+    root: str,
+    image_size: int = 224,
+    val_fraction: float = 0.1,
+    test_root: str | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> DataSplits:
+    """RGB images in class sub-folders, resized and centre-cropped to image_size x image_size.
+
+    With root/train and root/val, val/ is the test set; otherwise the test set
+    is `test_root` or, without one, a seeded `val_fraction` carved from root.
+    Validation is always a seeded `val_fraction` of the training tree.
+    `mean`/`std` default to ImageNet's (pass 0 and 1 for none). `augment` sets
+    `train_transform` to random-resized crop + horizontal flip on batches.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    mean_c = _channel_stats(mean, IMAGENET_MEAN, "mean")
+    std_c = _channel_stats(std, IMAGENET_STD, "std")
+    if min(std_c) <= 0:
+        raise ValueError(f"std must be positive, got {std!r}")
+
+    root_path = Path(root)
+    imagenet_layout = (root_path / "train").is_dir() and (root_path / "val").is_dir()
+    train_tree = root_path / "train" if imagenet_layout else root_path
+    if test_root is None and imagenet_layout:
+        test_root = str(root_path / "val")
+    paths, labels, classes = find_images(train_tree)
+    if test_root is not None:
+        test_paths, test_labels, _ = find_images(test_root, classes)
+        val_idx, train_idx = carve(len(paths), [val_fraction], seed)
+    else:
+        val_idx, test_idx, train_idx = carve(len(paths), [val_fraction, val_fraction], seed)
+        test_paths, test_labels = [paths[i] for i in test_idx], [labels[i] for i in test_idx]
+
+    def subset(indices: np.ndarray) -> ImageFolderDataset:
+        chosen_paths, chosen_labels = [paths[i] for i in indices], [labels[i] for i in indices]
+        return ImageFolderDataset(chosen_paths, chosen_labels, image_size, mean_c, std_c)
+
+    return DataSplits(
+        train=subset(train_idx),
+        val=subset(val_idx),
+        test=ImageFolderDataset(test_paths, test_labels, image_size, mean_c, std_c),
+        input_shape=(3, image_size, image_size),
+        num_classes=len(classes),
+        train_transform=train_augment if augment else None,
+        meta={"classes": classes, "mean": mean_c, "std": std_c, "root": str(root_path)},
+    )

@@ -1,0 +1,95 @@
+"""Checkpoints written atomically, checked on load, the last few kept."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_MAGIC = b"UNTRAINABLE-CKPT-1\n"
+_DIGEST = 64  # hex characters of a sha256
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is truncated, corrupted, or not a checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically: a temporary file, fsync, then rename.
+
+    The file holds a header and a sha256 of the payload, so a truncated or
+    altered file is detected on load instead of half-loaded.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, verifying its checksum."""
+    path = Path(path)
+    data = path.read_bytes()
+    header = len(_MAGIC) + _DIGEST + 1
+    if not data.startswith(_MAGIC) or len(data) < header:
+        raise CheckpointError(f"{path} is not an untrainable checkpoint or its header is truncated")
+    digest, payload = data[len(_MAGIC) : header - 1].decode(errors="replace"), data[header:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"{path} is truncated or corrupted (checksum mismatch, {len(payload)} payload bytes)")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """A model state dict from a checkpoint of ours (its `model` entry) or a plain `torch.save`d state dict."""
+    path = Path(path).expanduser()
+    if path.read_bytes()[: len(_MAGIC)] == _MAGIC:
+        return load_checkpoint(path)["model"]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+class CheckpointManager:
+    """Numbered checkpoints in one folder, keeping the newest `keep`."""
+
+    def __init__(self, folder: str | Path, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        return sorted(self.folder.glob("step-*.pt"))
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = save_checkpoint(state, self.folder / f"step-{step:09d}.pt")
+        for old in self.paths()[: -self.keep]:
+            old.unlink()
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that loads; a corrupted newer one is reported and skipped."""
+        for path in reversed(self.paths()):
+            try:
+                return load_checkpoint(path, map_location), path
+            except CheckpointError as err:
+                warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+        return None

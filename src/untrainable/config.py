@@ -1,0 +1,299 @@
+"""Typed, self-validating run configuration, read from TOML or JSON files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from untrainable.schedule import SCHEDULES
+from untrainable.sequence import SEQUENCE_MODES
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "step")
+TASKS = ("classification", "tokens", "lm")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SIMILARITY_SCOPES = ("global", "local")
+GUIDE_INPUTS = ("same", "noise")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and what is allowed."""
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(where: str, value: float | int | None, allow_zero: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{where}: must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class ModelSpec:
+    """A model by registry name, its keyword arguments, and optional weights to load."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    seed: int | None = None  # initialisation seed; default: the run's seed
+
+    def validate(self, where: str) -> None:
+        from untrainable.models import list_models
+
+        _choice(f"{where}.name", self.name, tuple(list_models()))
+        if self.checkpoint is not None and not Path(self.checkpoint).expanduser().exists():
+            raise ConfigError(f"{where}.checkpoint: file {self.checkpoint!r} does not exist")
+
+
+@dataclass
+class DataSpec:
+    """A data set by registry name, its arguments, and how it is batched."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    train_eval_size: int = 2000  # training examples evaluated each epoch for the train curve
+
+    def validate(self, where: str) -> None:
+        from untrainable.data import list_datasets
+
+        _choice(f"{where}.name", self.name, tuple(list_datasets()))
+        _positive(f"{where}.batch_size", self.batch_size)
+        _positive(f"{where}.eval_batch_size", self.eval_batch_size)
+        _positive(f"{where}.num_workers", self.num_workers, allow_zero=True)
+        _positive(f"{where}.train_eval_size", self.train_eval_size, allow_zero=True)
+
+
+@dataclass
+class GuidanceSpec:
+    """How the guide pulls on the target: alpha, its schedule, the layers, the measure."""
+
+    alpha: float = 1.0
+    schedule: str = "constant"
+    steps: int | None = None
+    similarity: str = "cka"
+    target_layers: list[str] | None = None
+    guide_layers: list[str] | None = None
+    pairs: list[list[Any]] | None = None  # [[target, guide], [target, guide, weight], ...]
+    guide_input: str = "same"
+    sequence_mode: str = "flatten"
+    scope: str = "global"  # under DDP: CKA on the global batch, or per rank ("local")
+    log_every: int = 10  # steps between per-pair similarity records
+
+    def validate(self, where: str) -> None:
+        from untrainable.similarity import list_similarities
+
+        _positive(f"{where}.alpha", self.alpha, allow_zero=True)
+        _choice(f"{where}.schedule", self.schedule, SCHEDULES)
+        if self.schedule != "constant":
+            _positive(f"{where}.steps", self.steps)
+        _choice(f"{where}.similarity", self.similarity, tuple(list_similarities()))
+        _choice(f"{where}.guide_input", self.guide_input, GUIDE_INPUTS)
+        _choice(f"{where}.sequence_mode", self.sequence_mode, SEQUENCE_MODES)
+        _choice(f"{where}.scope", self.scope, SIMILARITY_SCOPES)
+        _positive(f"{where}.log_every", self.log_every)
+        for i, pair in enumerate(self.pairs or []):
+            if not (isinstance(pair, list) and len(pair) in (2, 3)):
+                raise ConfigError(f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}")
+
+
+@dataclass
+class OptimSpec:
+    """Optimiser and learning-rate schedule."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.name", self.name, OPTIMIZERS)
+        _positive(f"{where}.lr", self.lr)
+        _positive(f"{where}.weight_decay", self.weight_decay, allow_zero=True)
+        _positive(f"{where}.momentum", self.momentum, allow_zero=True)
+        _choice(f"{where}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive(f"{where}.grad_clip", self.grad_clip, optional=True)
+
+
+@dataclass
+class TrainSpec:
+    """The loop: length, task, seed, device, precision, checkpoints."""
+
+    epochs: int = 10
+    seed: int = 0
+    task: str = "classification"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: str = "fp32"
+    deterministic: bool = True
+    max_steps: int | None = None  # stop early after this many steps
+    checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: each epoch only
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def validate(self, where: str) -> None:
+        _positive(f"{where}.epochs", self.epochs)
+        _choice(f"{where}.task", self.task, TASKS)
+        _choice(f"{where}.precision", self.precision, PRECISIONS)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{where}.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        _positive(f"{where}.max_steps", self.max_steps, optional=True)
+        _positive(f"{where}.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive(f"{where}.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class RunConfig:
+    """One training run: a target model on a data set, optionally guided."""
+
+    model: ModelSpec
+    data: DataSpec
+    guide: ModelSpec | None = None
+    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    name: str = "run"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "RunConfig":
+        self.model.validate("model")
+        self.data.validate("data")
+        if self.guide is not None:
+            self.guide.validate("guide")
+        self.guidance.validate("guidance")
+        self.optim.validate("optim")
+        self.train.validate("train")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with top-level sections replaced, validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    """Coerce a parsed value to a field's type hint, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(where, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of values, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts; unknown keys name the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {', '.join(fields)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing required key(s) {missing}")
+    kwargs = {name: _check_type(f"{where}.{name}" if where else name, value, hints[name]) for name, value in data.items()}
+    if cls is RunConfig:
+        return cls(**kwargs)
+    # Sections validate as part of RunConfig, where the field path is known.
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a RunConfig from a .toml or .json file, with optional dotted-key overrides."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+    elif path.suffix == ".toml":
+        data = tomllib.loads(path.read_text())
+    else:
+        raise ConfigError(f"config file {path}: use a .toml or .json file")
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return from_dict(RunConfig, data)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data['a']['b'] = value for key 'a.b', creating tables on the way."""
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a table")
+    node[last] = value
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

@@ -1,0 +1,395 @@
+"""A small, task-agnostic training loop for guided and unguided runs."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from untrainable import distributed
+from untrainable.checkpoint import CheckpointManager, load_weights, save_checkpoint
+from untrainable.config import ModelSpec, RunConfig
+from untrainable.data import DataSplits, load_data
+from untrainable.guidance import Guidance
+from untrainable.models import create_model
+from untrainable.models.registry import MODELS
+from untrainable.runs import seed_everything, write_run_files
+from untrainable.schedule import AlphaSchedule
+from untrainable.tasks import add_sums, get_task, padding_mask
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in the inputs or a loss term; the message names the step and the term."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports: per-epoch history and final metrics."""
+
+    folder: Path
+    history: list[dict[str, float]]
+    final: dict[str, Any]
+
+
+def build_model(spec: ModelSpec, data: DataSplits, seed: int) -> nn.Module:
+    """Create a registered model, filling `input_shape`, `num_classes` and `vocab_size` from the data.
+
+    The initialisation is seeded by `spec.seed` (or `seed`), and weights are
+    loaded from `spec.checkpoint` when given.
+    """
+    accepted = inspect.signature(MODELS.get(spec.name)).parameters
+    known = {"input_shape": data.input_shape, "num_classes": data.num_classes, "vocab_size": data.meta.get("vocab_size")}
+    kwargs = {k: v for k, v in known.items() if k in accepted and v is not None}
+    kwargs.update(spec.args)
+    if "input_shape" in kwargs:
+        kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed if spec.seed is not None else seed)
+        model = create_model(spec.name, **kwargs)
+    if spec.checkpoint:
+        model.load_state_dict(load_weights(spec.checkpoint))
+    return model
+
+
+def build_guidance(config: RunConfig, target: nn.Module, guide: nn.Module) -> Guidance:
+    """The Guidance object a config describes."""
+    g = config.guidance
+    return Guidance(
+        target,
+        guide,
+        pairs=g.pairs,
+        target_layers=g.target_layers,
+        guide_layers=g.guide_layers,
+        similarity=g.similarity,
+        schedule=AlphaSchedule(alpha=g.alpha, kind=g.schedule, steps=g.steps),
+        guide_input=g.guide_input,
+        sequence_mode=g.sequence_mode,
+        gather=distributed.gather_for_similarity if g.scope == "global" else None,
+    )
+
+
+def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant, cosine to zero, or a step decay (x0.1 at 50% and 75%)."""
+    o = config.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        if o.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if o.lr_schedule == "step":
+            return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but no CUDA device is available")
+    return device
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_finite(step: int, **terms: Tensor) -> None:
+    for name, value in terms.items():
+        if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"step {step}: {name} is not finite ({value.detach().float().flatten()[:4].tolist()}...)")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, config: RunConfig, device: torch.device, pad_id: int | None = None, keep_predictions: bool = False) -> dict[str, Any]:
+    """Task metrics of `model` on `dataset` in eval mode; optionally the argmax predictions."""
+    task = get_task(config.train.task)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    predictions = []
+    loader = DataLoader(dataset, batch_size=config.data.eval_batch_size, shuffle=False)
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1].to(device)
+        with _autocast(device, config.train.precision):
+            output = model(x)
+        add_sums(sums, task.sums(output, y))
+        if keep_predictions:
+            predictions.append(output.argmax(-1).cpu())
+    model.train(was_training)
+    metrics: dict[str, Any] = task.metrics(sums)
+    if keep_predictions:
+        metrics["predictions"] = torch.cat(predictions).numpy()
+    return metrics
+
+
+class _Logger:
+    """Rank-0 sinks for step records: JSONL and TensorBoard."""
+
+    def __init__(self, folder: Path, enabled: bool, resume_step: int | None) -> None:
+        self.enabled = enabled
+        self.path = folder / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop records written after the checkpoint we resume from: those steps run again.
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.file = open(self.path, "a")
+
+    def log(self, record: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = int(record["step"])
+        for key, value in record.items():
+            if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
+
+
+def train(config: RunConfig, folder: str | Path, resume: bool = False, data: DataSplits | None = None) -> RunResult:
+    """Train `config.model` on `config.data`, guided when `config.guide` is set.
+
+    Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
+    step), tensorboard/ events, checkpoints/ (atomic, the last
+    `train.keep_checkpoints`), history.json (per epoch), model.pt (final
+    weights, usable as a guide checkpoint) and result.json.
+
+    Under torchrun, each process trains on its shard; only rank 0 writes.
+    """
+    folder = Path(folder)
+    dist_info = distributed.setup(config.train.device)
+    device = dist_info.device if dist_info.world_size > 1 else pick_device(config.train.device)
+    if config.train.precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
+    is_main = dist_info.rank == 0
+    seed_everything(config.train.seed + dist_info.rank, config.train.deterministic)
+    data = data if data is not None else load_data(config.data.name, **config.data.args)
+    task = get_task(config.train.task)
+    pad_id = data.meta.get("pad_id")
+
+    target = build_model(config.model, data, config.train.seed).to(device)
+    guide = build_model(config.guide, data, config.train.seed).to(device) if config.guide else None
+    model: nn.Module = distributed.wrap(target, dist_info)  # the guide is never wrapped
+    guidance = build_guidance(config, model, guide) if guide is not None else None
+    optimizer = make_optimizer(config, target.parameters())
+
+    sampler = DistributedSampler(data.train, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=config.train.seed, drop_last=True)
+    loader = DataLoader(data.train, batch_size=config.data.batch_size, sampler=sampler, num_workers=config.data.num_workers, drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is larger than the training shard ({len(sampler)} examples)")
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps:
+        total_steps = min(total_steps, config.train.max_steps)
+    lr_schedule = make_lr_schedule(config, optimizer, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.train.precision == "fp16")
+
+    checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
+    step, start_epoch, skip_batches, history = 0, 0, 0, []
+    loaded = checkpoints.load_latest(map_location=device) if resume else None
+    if not resume and checkpoints.paths():
+        raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
+    if loaded is not None:
+        state, _ = loaded
+        target.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        scaler.load_state_dict(state["scaler"])
+        if guidance is not None:
+            guidance.set_extra_state(state["guidance"])
+        step, start_epoch, skip_batches, history = state["step"], state["epoch"], state["batch"], state["history"]
+        _set_rng_state(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+    if is_main:
+        write_run_files(folder, config)
+    logger = _Logger(folder, is_main, step if loaded is not None else None)
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        rng = distributed.gather_objects(_rng_state(), dist_info)
+        if is_main:
+            checkpoints.save(
+                {
+                    "model": target.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "guidance": guidance.get_extra_state() if guidance is not None else None,
+                    "step": step,
+                    "epoch": epoch,
+                    "batch": batch,
+                    "history": history,
+                    "rng": rng,
+                },
+                step,
+            )
+        distributed.barrier(dist_info)
+
+    def train_step(batch: tuple[Tensor, ...], step: int, epoch: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """One optimisation step; returns the step's record and the per-pair similarities."""
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        _check_finite(step, input=x)
+        if data.train_transform is not None:
+            x = data.train_transform(x)
+        similarities: dict[str, Tensor] = {}
+        with _autocast(device, config.train.precision):
+            if guidance is not None:
+                out = guidance(x, mask=padding_mask(x, pad_id))
+                output, guidance_loss, alpha, similarities = out.output, out.guidance_loss, out.alpha, out.similarities
+            else:
+                output, guidance_loss, alpha = model(x), torch.zeros((), device=device), 0.0
+            task_loss = task.loss(output, y)
+        _check_finite(step, task_loss=task_loss, guidance_loss=guidance_loss)
+        loss = task_loss + guidance_loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(target.parameters(), config.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        record = {
+            "step": step + 1,
+            "epoch": epoch,
+            "loss": float(loss.detach()),
+            "task_loss": float(task_loss.detach()),
+            "guidance_loss": float(guidance_loss.detach()),
+            "alpha": alpha,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        return record, similarities
+
+    rng_eval = torch.Generator().manual_seed(config.train.seed)
+    train_eval_idx = torch.randperm(len(data.train), generator=rng_eval)[: config.data.train_eval_size].tolist()
+    train_eval = Subset(data.train, train_eval_idx)
+    started = time.time()
+    model.train()
+    if guidance is not None:
+        guidance.train()
+    done = step >= total_steps
+    for epoch in range(start_epoch, config.train.epochs):
+        if done:
+            break
+        sampler.set_epoch(epoch)
+        batches_done = skip_batches
+        batches = itertools.islice(iter(loader), skip_batches, None)
+        bar = tqdm(
+            batches,
+            total=steps_per_epoch - skip_batches,
+            desc=f"{config.name} epoch {epoch + 1}/{config.train.epochs}",
+            disable=None if (config.train.progress and is_main) else True,
+            leave=False,
+        )
+        for batch in bar:
+            record, similarities = train_step(batch, step, epoch)
+            step += 1
+            batches_done += 1
+            if similarities and (step % config.guidance.log_every == 0 or step == 1):
+                record.update({f"similarity/{k}": float(v) for k, v in similarities.items()})
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", guide=f"{record['guidance_loss']:.3f}")
+            if step >= total_steps:
+                done = True
+                break
+            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+                checkpoint(epoch, batches_done)
+        bar.close()
+        skip_batches = 0
+        train_metrics = evaluate(target, train_eval, config, device, pad_id) if len(train_eval) else {}
+        val_metrics = evaluate(target, data.val, config, device, pad_id)
+        entry = {"epoch": epoch + 1, "step": step, "seconds": time.time() - started}
+        entry.update({f"train_{k}": v for k, v in train_metrics.items()})
+        entry.update({f"val_{k}": v for k, v in val_metrics.items()})
+        history.append(entry)
+        logger.log({"kind": "epoch", **entry}, prefix="epoch")
+        if is_main:
+            (folder / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        if batches_done >= steps_per_epoch:
+            checkpoint(epoch + 1, 0)
+        else:  # stopped by max_steps inside the epoch
+            checkpoint(epoch, batches_done)
+
+    final = _finish(target, data, config, device, pad_id, history, folder, is_main, step, time.time() - started)
+    logger.close()
+    if guidance is not None:
+        guidance.remove_hooks()
+    distributed.barrier(dist_info)
+    return RunResult(folder, history, final)
+
+
+def _finish(target: nn.Module, data: DataSplits, config: RunConfig, device: torch.device, pad_id: int | None, history: list[dict[str, Any]], folder: Path, is_main: bool, step: int, seconds: float) -> dict[str, Any]:
+    """Final evaluation on the test set(s); writes model.pt, predictions and result.json."""
+    classification = config.train.task == "classification"
+    test = evaluate(target, data.test, config, device, pad_id, keep_predictions=classification)
+    predictions = test.pop("predictions", None)
+    final: dict[str, Any] = {"steps": step, "seconds": seconds, "test": test}
+    final["extra_test"] = {name: evaluate(target, ds, config, device, pad_id) for name, ds in data.extra_test.items()}
+    if history:
+        last = history[-1]
+        final["train"] = {k[len("train_"):]: v for k, v in last.items() if k.startswith("train_")}
+        final["val"] = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_")}
+        metric = "accuracy" if "accuracy" in test else "loss"
+        if metric in final["train"]:
+            final["gap"] = final["train"][metric] - test[metric]
+    if is_main:
+        save_checkpoint({"model": target.state_dict(), "config": config.to_dict()}, folder / "model.pt")
+        if predictions is not None:
+            np.save(folder / "test_predictions.npy", predictions)
+        (folder / "result.json").write_text(json.dumps(final, indent=2) + "\n")
+    return final

@@ -1,0 +1,178 @@
+"""IDX parsing, the Fashion-MNIST builder and the image-folder loader, on tiny files made here."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from untrainable.data.fashion_mnist import FILES, fashion_mnist, read_idx
+from untrainable.data.image_folder import (
+    horizontal_flip,
+    image_folder,
+    random_resized_crop,
+    train_augment,
+)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode an array as IDX: two zero bytes, type code, ndim, big-endian dims and data."""
+    codes = {np.dtype("uint8"): 0x08, np.dtype("int16"): 0x0B, np.dtype("float32"): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32"])
+def test_read_idx_plain_and_gz(tmp_path, dtype):
+    array = np.arange(24).reshape(2, 3, 4).astype(dtype)
+    if dtype != "uint8":
+        array = array - 5  # negative values check the signed types
+    (tmp_path / "plain").write_bytes(idx_bytes(array))
+    (tmp_path / "packed.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    for name in ("plain", "packed.gz"):
+        read = read_idx(tmp_path / name)
+        assert read.dtype == array.dtype and read.shape == array.shape
+        np.testing.assert_array_equal(read, array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    good = idx_bytes(np.zeros((3, 2), np.uint8))
+    bad = {
+        "magic": b"\x01\x00" + good[2:],
+        "type": good[:2] + b"\x07" + good[3:],
+        "truncated": good[:-1],
+        "header": good[:6],
+        "gzip": gzip.compress(good)[:-8],
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError):
+            read_idx(tmp_path / name)
+
+
+def write_fake_fashion(root, n_train=40, n_test=10):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    # The image index is written into pixel (0, 0) so splits can be told apart.
+    arrays["train_images"][:, 0, 0] = np.arange(n_train)
+    for key, array in arrays.items():
+        (root / FILES[key]).write_bytes(gzip.compress(idx_bytes(array)))
+
+
+def test_fashion_mnist_splits(tmp_path):
+    write_fake_fashion(tmp_path)
+    data = fashion_mnist(root=str(tmp_path), train_size=20, val_size=8, seed=1, normalize=False)
+    assert (len(data.train), len(data.val), len(data.test)) == (20, 8, 10)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    assert len(data.meta["classes"]) == 10
+    x, y = data.train.tensors
+    assert x.dtype == torch.float32 and x.shape == (20, 1, 28, 28) and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    train_ids, val_ids = (
+        set((split.tensors[0][:, 0, 0, 0] * 255).round().long().tolist())
+        for split in (data.train, data.val)
+    )
+    assert len(train_ids) == 20 and len(val_ids) == 8 and not train_ids & val_ids
+    # The validation set is the same whatever the training size.
+    again = fashion_mnist(root=str(tmp_path), train_size=5, val_size=8, seed=1, normalize=False)
+    assert torch.equal(again.val.tensors[0], data.val.tensors[0])
+
+
+def test_fashion_mnist_normalises_with_train_stats(tmp_path):
+    write_fake_fashion(tmp_path)
+    data = fashion_mnist(root=str(tmp_path), val_size=5)
+    x = data.train.tensors[0]
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1.0) < 1e-4
+
+
+def test_fashion_mnist_env_root_and_bad_sizes(tmp_path, monkeypatch):
+    write_fake_fashion(tmp_path)
+    monkeypatch.setenv("UNTRAINABLE_FASHION_MNIST", str(tmp_path))
+    assert len(fashion_mnist(val_size=4).train) == 36
+    with pytest.raises(ValueError):
+        fashion_mnist(val_size=40)
+    with pytest.raises(ValueError):
+        fashion_mnist(val_size=4, train_size=37)
+
+
+def test_fashion_mnist_missing_files_names_package(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        fashion_mnist(root=str(tmp_path))
+    message = str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert str(tmp_path) in message and "UNTRAINABLE_FASHION_MNIST" in message
+    assert all(name in message for name in FILES.values())
+
+
+def write_pngs(root, classes=("cat", "dog"), per_class=6, size=(12, 10)):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            # Mix formats: every third image is a JPEG.
+            suffix = "jpg" if i % 3 == 2 else "png"
+            Image.fromarray(pixels).save(root / name / f"{i}.{suffix}")
+
+
+def test_image_folder_single_tree(tmp_path):
+    write_pngs(tmp_path)
+    data = image_folder(str(tmp_path), image_size=8, val_fraction=0.25, seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 3)
+    assert data.input_shape == (3, 8, 8) and data.num_classes == 2
+    assert data.meta["classes"] == ["cat", "dog"]
+    x, y = data.train[0]
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and y in (0, 1)
+    paths = [set(map(str, split.paths)) for split in (data.train, data.val, data.test)]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+
+
+def test_image_folder_imagenet_layout(tmp_path):
+    write_pngs(tmp_path / "train", per_class=5)
+    write_pngs(tmp_path / "val", per_class=2)
+    data = image_folder(
+        str(tmp_path), image_size=6, val_fraction=0.2, mean=0.0, std=1.0, augment=False
+    )
+    assert (len(data.train), len(data.val), len(data.test)) == (8, 2, 4)
+    assert data.train_transform is None
+    x, _ = data.test[0]
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_augmentations_keep_shape():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    assert random_resized_crop(x).shape == x.shape
+    assert train_augment(x).shape == x.shape
+    # A full-size crop is the identity; flipping with p=1 mirrors every image.
+    torch.testing.assert_close(random_resized_crop(x, scale=(1.0, 1.0), ratio=(1.0, 1.0)), x)
+    torch.testing.assert_close(horizontal_flip(x, p=1.0), x.flip(-1))
+    torch.testing.assert_close(horizontal_flip(x, p=0.0), x)
+
+
+def test_image_folder_transform_on_loaded_batch(tmp_path):
+    write_pngs(tmp_path)
+    data = image_folder(str(tmp_path), image_size=8, val_fraction=0.2)
+    batch = torch.stack([data.train[i][0] for i in range(3)])
+    assert data.train_transform(batch).shape == (3, 3, 8, 8)
+
+
+def test_image_folder_errors_name_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
+        image_folder(str(tmp_path / "missing"))
+    (tmp_path / "no_images" / "cat").mkdir(parents=True)
+    (tmp_path / "no_images" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError) as error:
+        image_folder(str(tmp_path / "no_images"))
+    assert str(tmp_path / "no_images") in str(error.value)
+    assert "one sub-folder per class" in str(error.value)
