@@ -210,3 +210,29 @@ class Guidance(nn.Module):
 
 def _device_of(output: Any, x: Tensor) -> torch.device:
     return output.device if isinstance(output, Tensor) else x.device
+
+
+def describe_pairs(target: nn.Module, guide: nn.Module, dataset: Any, batch_size: int = 256, **kwargs: Any) -> list[tuple[str, ...]]:
+    """Rows (target layer, its shape, guide layer, its shape, weight, similarity) at the models' current weights.
+
+    The first `batch_size` examples of `dataset` (items `(x, ...)`) are used;
+    `kwargs` go to Guidance (pairs, layers, similarity). The first row is a header.
+    """
+    n = min(batch_size, len(dataset))
+    x = torch.stack([dataset[i][0] for i in range(n)])
+    was_training = target.training
+    guidance = Guidance(target, guide, **kwargs).eval()
+    try:
+        with torch.no_grad(), guidance.target_capture.recording():
+            target(x)
+        target_acts = dict(guidance.target_capture.activations)
+        guide_acts = guidance.run_guide(x)
+        rows = [("target layer", "shape", "guide layer", "shape", "weight", "similarity")]
+        for pair in guidance.pairs:
+            t, g = target_acts[pair.target], guide_acts[pair.guide]
+            sim = float(guidance.pair_similarity(t, g, None))
+            rows.append((pair.target, str(tuple(t.shape)), pair.guide, str(tuple(g.shape)), f"{pair.weight:g}", f"{sim:.4f}"))
+        return rows
+    finally:
+        guidance.remove_hooks()
+        target.train(was_training)

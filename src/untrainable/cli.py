@@ -1,0 +1,154 @@
+"""The `untrainable` command line: list, run, train, layers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EPILOG = "Examples:\n  untrainable list\n  untrainable run mnist1d --quick\n  untrainable train --config src/untrainable/configs/mnist1d.toml --out runs/one\n  untrainable layers fcn cnn1d --data mnist1d"
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as JSON when it parses (numbers, booleans, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the experiments, models, data sets and similarity measures."""
+    import untrainable.recipes  # noqa: F401  (registration)
+    from untrainable.data.registry import DATASETS
+    from untrainable.experiment import EXPERIMENTS
+    from untrainable.models.registry import MODELS
+    from untrainable.similarity import list_similarities
+
+    for title, registry in (("experiments", EXPERIMENTS), ("models", MODELS), ("datasets", DATASETS)):
+        print(f"{title}:")
+        for name in registry.names():
+            print(f"  {name:<22} {registry.describe(name)}")
+    print("similarities:\n  " + ", ".join(list_similarities()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a registered experiment and print its table."""
+    import untrainable.recipes  # noqa: F401
+    from untrainable.experiment import EXPERIMENTS, format_table, run_experiment
+
+    built = EXPERIMENTS.create(args.experiment, quick=args.quick)
+    experiments = built if isinstance(built, list) else [built]
+    root = Path(args.out) if args.out else Path("runs") / args.experiment
+    for experiment in experiments:
+        out = root / experiment.name if len(experiments) > 1 else root
+        table = run_experiment(experiment, out, seeds=tuple(args.seeds) if args.seeds else None)
+        print(f"\n## {experiment.name}\n\n{format_table(table)}")
+        print(f"\n{len(table['seeds'])} seeds, {table['seconds']:.0f} s. Table, curves and runs in {out}/")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one run from a config file."""
+    from untrainable.config import load_config
+    from untrainable.trainer import train
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = _parse_value(value)
+    config = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    result = train(config, out, resume=args.resume)
+    print(json.dumps(result.final, indent=2))
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """Print the guide-target pairs with their shapes and similarity at initialisation."""
+    from untrainable.config import ModelSpec
+    from untrainable.guidance import describe_pairs
+    from untrainable.trainer import build_model
+    import untrainable.data as data_sets
+
+    data = data_sets.load_data(args.data, **json.loads(args.data_args))
+    target = build_model(ModelSpec(args.target, json.loads(args.target_args)), data, args.seed)
+    guide = build_model(ModelSpec(args.guide, json.loads(args.guide_args), checkpoint=args.guide_checkpoint), data, args.seed + 1)
+    rows = describe_pairs(
+        target,
+        guide,
+        data.train,
+        batch_size=args.batch,
+        target_layers=args.target_layers,
+        guide_layers=args.guide_layers,
+        similarity=args.similarity,
+    )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="untrainable",
+        description="Train untrainable networks by guiding their layers toward a frozen guide network (CKA).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run an experiment (several arms x seeds) and print its table")
+    p.add_argument("experiment", help="experiment name (see `untrainable list`)")
+    p.add_argument("--quick", action="store_true", help="a small version that finishes in minutes on a CPU")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
+    p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
+    p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
+    p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("layers", help="show guide/target layer pairs, shapes and similarity at initialisation")
+    p.add_argument("target", help="target model name")
+    p.add_argument("guide", help="guide model name")
+    p.add_argument("--data", default="mnist1d", help="data set whose inputs are used (default: mnist1d)")
+    p.add_argument("--data-args", default="{}", help="JSON keyword arguments of the data set")
+    p.add_argument("--target-args", default="{}", help="JSON keyword arguments of the target model")
+    p.add_argument("--guide-args", default="{}", help="JSON keyword arguments of the guide model")
+    p.add_argument("--guide-checkpoint", help="weights for the guide (a run's model.pt)")
+    p.add_argument("--target-layers", nargs="+", help="target layer paths or globs (default: the library's)")
+    p.add_argument("--guide-layers", nargs="+", help="guide layer paths or globs (default: the library's)")
+    p.add_argument("--similarity", default="cka", help="similarity measure (default: cka)")
+    p.add_argument("--batch", type=int, default=256, help="examples used to measure similarity")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    p.set_defaults(func=cmd_layers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from untrainable.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, KeyError, FileNotFoundError, FileExistsError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"untrainable {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Matplotlib figures saved as PNG: training curves and similarity matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _mean_curve(histories: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    runs = [[entry.get(key) for entry in h] for h in histories if h and key in h[0]]
+    if not runs:
+        return None
+    length = min(len(r) for r in runs)
+    values = np.array([r[:length] for r in runs], dtype=float)
+    return np.arange(1, length + 1), values.mean(axis=0)
+
+
+def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: str | Path, metric: str = "accuracy", title: str = "") -> Path:
+    """Train (solid) and validation (dashed) loss and `metric` per epoch, mean over seeds, one colour per arm.
+
+    Args:
+        histories: arm -> one per-epoch history per seed (dicts with
+            `train_loss`, `val_loss`, `train_<metric>`, `val_<metric>`).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, runs) in enumerate(histories.items()):
+        colour = colours[i % len(colours)]
+        for ax, key in zip(axes, ("loss", metric)):
+            for split, style in (("train", "-"), ("val", "--")):
+                curve = _mean_curve(runs, f"{split}_{key}")
+                if curve is not None:
+                    ax.plot(*curve, style, color=colour, label=f"{arm} ({split})")
+    for ax, key in zip(axes, ("loss", metric)):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("loss (solid: train, dashed: validation)")
+    axes[1].set_title(metric)
+    axes[1].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, title: str = "", vmin: float | None = None, vmax: float | None = None, annotate: bool = True) -> Path:
+    """A labelled heatmap (similarity of layers, error consistency of models)."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(cols), 1.2 + 0.45 * len(rows)))
+    image = ax.imshow(matrix, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    if annotate and matrix.size <= 400:
+        for (r, c), value in np.ndenumerate(matrix):
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < np.nanmean(matrix) else "black")
+    fig.colorbar(image, ax=ax)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
