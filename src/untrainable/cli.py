@@ -1,4 +1,4 @@
-"""The `untrainable` command line: list, run, train, layers."""
+"""The `untrainable` command line: list, run, train, layers, bench."""
 
 from __future__ import annotations
 
@@ -94,6 +94,17 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time and measure the memory of unguided, guided, cached and the authors' guided steps."""
+    from untrainable.bench import format_results, run_bench, write_results
+
+    results = run_bench(quick=args.quick, device=args.device, threads=args.threads)
+    print(f"\nMachine: {results['machine']}\n\n{format_results(results)}")
+    if args.out:
+        print(f"\nWritten to {write_results(results, args.out)}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="untrainable",
@@ -134,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="examples used to measure similarity")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")
     p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("bench", help="time guided vs unguided vs the authors' step, and the CKA kernel")
+    p.add_argument("--quick", action="store_true", help="tiny models, a few seconds (numbers not meaningful)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--out", help="folder for table.md and bench.json (e.g. results/bench)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

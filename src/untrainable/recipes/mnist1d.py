@@ -22,7 +22,7 @@ def _with(config: RunConfig, section: str, **changes: object) -> RunConfig:
 
 def _quick(config: RunConfig) -> RunConfig:
     data = dataclasses.replace(config.data, args={**config.data.args, "num_samples": 2000, "val_size": 300})
-    return config.replace(data=data, train=dataclasses.replace(config.train, epochs=6))
+    return config.replace(data=data, train=dataclasses.replace(config.train, epochs=15))
 
 
 @register_experiment("mnist1d")
@@ -48,4 +48,40 @@ def mnist1d(quick: bool = False) -> Experiment:
             "untrained (seeded) or trained (the cnn-guide arm of the same seed); CKA on the linear/conv outputs, alpha 1."
         ),
         arms=arms,
+    )
+
+
+@register_experiment("mnist1d-explore")
+def mnist1d_explore(quick: bool = False) -> Experiment:
+    """MNIST-1D sweep on the validation split: alpha, pre/post-activation pairing, FCN depth, trained vs untrained guide."""
+    base = base_config()
+    if quick:
+        base = _quick(base)
+    cnn = base.replace(model=base.guide, guide=None)
+    arms = [Arm("cnn-guide", cnn)]
+    for depth in (4, 12):
+        deep = _with(base, "model", args={**base.model.args, "depth": depth})
+        prefix = f"fcn{depth}"
+        arms += [
+            Arm(f"{prefix}", deep.replace(guide=None)),
+            Arm(f"{prefix}+untrained", deep),
+            Arm(f"{prefix}+untrained-post", _with(deep, "guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"])),
+        ]
+        for alpha in (0.3, 1.0, 3.0):
+            arms.append(Arm(f"{prefix}+trained-a{alpha:g}", _with(deep, "guidance", alpha=alpha), guide_from="cnn-guide"))
+        arms.append(
+            Arm(
+                f"{prefix}+trained-post",
+                _with(deep, "guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"]),
+                guide_from="cnn-guide",
+            )
+        )
+    return Experiment(
+        name="mnist1d-explore" + ("-quick" if quick else ""),
+        description=(
+            "Choices for the MNIST-1D study, read on the validation column: FCN depth 4 or 12; guide untrained or "
+            "trained; alpha 0.3, 1, 3; pairs on linear/conv outputs (pre-activation) or on ReLU outputs (-post)."
+        ),
+        arms=arms,
+        seeds=(0, 1),
     )

@@ -1,0 +1,100 @@
+"""The training loop: run folder contents, seeds, interrupted-and-resumed runs."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from untrainable.checkpoint import load_weights
+from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, OptimSpec, RunConfig, TrainSpec
+from untrainable.data import load_data
+from untrainable.trainer import train
+
+
+def small_config(**train_args) -> RunConfig:
+    return RunConfig(
+        model=ModelSpec("fcn", {"depth": 3, "width": 32, "dropout": 0.1}),
+        data=DataSpec("mnist1d", {"num_samples": 600, "val_size": 100}, batch_size=50, train_eval_size=100),
+        guide=ModelSpec("cnn1d", {"channels": 8}),
+        guidance=GuidanceSpec(alpha=1.0, schedule="linear", steps=15, log_every=1),
+        optim=OptimSpec(name="adamw", lr=3e-3, lr_schedule="cosine", weight_decay=0.01),
+        train=TrainSpec(epochs=4, seed=3, progress=False, **train_args),
+    )
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class DiesAfter(Dataset):
+    """Wraps a data set and raises once `limit` examples have been read: a crash mid-run."""
+
+    def __init__(self, dataset, limit):
+        self.dataset, self.limit, self.reads = dataset, limit, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise Killed("simulated crash")
+        return self.dataset[i]
+
+
+def test_run_folder_holds_everything(tmp_path):
+    result = train(small_config(), tmp_path)
+    for name in ("config.json", "meta.json", "metrics.jsonl", "history.json", "result.json", "model.pt", "test_predictions.npy"):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list((tmp_path / "checkpoints").glob("step-*.pt"))) == 2
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["seed"] == 3 and "torch" in meta["versions"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("kind") != "epoch"]
+    assert [r["step"] for r in steps] == list(range(1, result.final["steps"] + 1))
+    assert {"loss", "task_loss", "guidance_loss", "alpha", "lr"} <= set(steps[0])
+    assert any(k.startswith("similarity/") for k in steps[0])
+    assert steps[-1]["alpha"] == 0.0 and steps[0]["alpha"] == 1.0
+    assert len(result.history) == 4 and "val_accuracy" in result.history[-1]
+    assert "gap" in result.final and 0.0 <= result.final["test"]["accuracy"] <= 1.0
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = train(small_config(max_steps=12), tmp_path / "a")
+    b = train(small_config(max_steps=12), tmp_path / "b")
+    wa, wb = load_weights(a.folder / "model.pt"), load_weights(b.folder / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    train(small_config(max_steps=3), tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_config(max_steps=3), tmp_path)
+
+
+@pytest.mark.parametrize("where", ["epoch-boundary", "mid-epoch"])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, where):
+    config = small_config(checkpoint_every=1)
+    data = load_data("mnist1d", num_samples=600, val_size=100)
+    full = train(config, tmp_path / "full", data=data)
+    total = full.final["steps"]
+    steps_per_epoch = len(data.train) // 50
+    assert total == 4 * steps_per_epoch
+    kill_after_steps = total // 2 if where == "epoch-boundary" else total // 2 - 3
+
+    crashing = load_data("mnist1d", num_samples=600, val_size=100)
+    # Each step reads 50 examples; the crash comes while reading the batch after `kill_after_steps`.
+    crashing.train = DiesAfter(crashing.train, limit=50 * kill_after_steps + 10)
+    with pytest.raises(Killed):
+        train(config, tmp_path / "resumed", data=crashing)
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))) == 2
+    resumed = train(config, tmp_path / "resumed", resume=True, data=data)
+
+    assert resumed.final["steps"] == total
+    w_full, w_resumed = load_weights(tmp_path / "full" / "model.pt"), load_weights(tmp_path / "resumed" / "model.pt")
+    for key in w_full:
+        assert torch.allclose(w_full[key].float(), w_resumed[key].float(), atol=1e-6), key
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"kind"' not in l]
+    assert steps == list(range(1, total + 1))  # no step lost, none logged twice
