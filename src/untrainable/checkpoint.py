@@ -85,11 +85,28 @@ class CheckpointManager:
             old.unlink()
         return path
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
-        """The newest checkpoint that loads; a corrupted newer one is reported and skipped."""
-        for path in reversed(self.paths()):
+    def load_latest(self, map_location: str | torch.device = "cpu", quarantine: bool = True) -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that loads, or None when the folder holds none.
+
+        A truncated or corrupted newer one is reported, renamed to
+        `*.corrupt` (kept for inspection, no longer counted among the kept
+        checkpoints; only with `quarantine`, which one process of a
+        distributed run does) and the previous good one is used.
+
+        Raises:
+            CheckpointError: checkpoints exist but none of them loads; the run
+                must not silently start again from scratch.
+        """
+        paths = self.paths()
+        errors = []
+        for path in reversed(paths):
             try:
                 return load_checkpoint(path, map_location), path
             except CheckpointError as err:
-                warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+                errors.append(str(err))
+                warnings.warn(f"skipping checkpoint: {err}; falling back to the previous one", stacklevel=2)
+                if quarantine:
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+        if errors:
+            raise CheckpointError("no checkpoint in " + str(self.folder) + " loads: " + "; ".join(errors))
         return None

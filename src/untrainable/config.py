@@ -25,6 +25,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 TASKS = ("classification", "tokens", "lm")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SIMILARITY_SCOPES = ("global", "local")
+GUIDE_CACHES = ("none", "memory", "disk")
 GUIDE_INPUTS = ("same", "noise")
 
 
@@ -97,6 +98,7 @@ class GuidanceSpec:
     guide_input: str = "same"
     sequence_mode: str = "flatten"
     scope: str = "global"  # under DDP: CKA on the global batch, or per rank ("local")
+    cache: str = "none"  # keep the guide's activations per example: "memory" or "disk" (no augmentation only)
     log_every: int = 10  # steps between per-pair similarity records
 
     def validate(self, where: str) -> None:
@@ -110,6 +112,9 @@ class GuidanceSpec:
         _choice(f"{where}.guide_input", self.guide_input, GUIDE_INPUTS)
         _choice(f"{where}.sequence_mode", self.sequence_mode, SEQUENCE_MODES)
         _choice(f"{where}.scope", self.scope, SIMILARITY_SCOPES)
+        _choice(f"{where}.cache", self.cache, GUIDE_CACHES)
+        if self.cache != "none" and self.guide_input != "same":
+            raise ConfigError(f"{where}.cache: {self.cache!r} needs guide_input = 'same' (noise inputs change every step)")
         _positive(f"{where}.log_every", self.log_every)
         for i, pair in enumerate(self.pairs or []):
             if not (isinstance(pair, list) and len(pair) in (2, 3)):
@@ -262,9 +267,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     if missing:
         raise ConfigError(f"{where or 'config'}: missing required key(s) {missing}")
     kwargs = {name: _check_type(f"{where}.{name}" if where else name, value, hints[name]) for name, value in data.items()}
-    if cls is RunConfig:
-        return cls(**kwargs)
-    # Sections validate as part of RunConfig, where the field path is known.
+    # Sections validate as part of RunConfig (in its __post_init__), where each field's path is known.
     return cls(**kwargs)
 
 

@@ -60,9 +60,42 @@ def gather_for_similarity(x: Tensor) -> Tensor:
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    if not torch.is_floating_point(x):
+        # Masks and token ids carry no gradient; gloo cannot send bool tensors.
+        send = (x.to(torch.uint8) if x.dtype == torch.bool else x).contiguous()
+        parts = [torch.empty_like(send) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, send)
+        return torch.cat(parts, dim=0).to(x.dtype)
+    return _GatherBatch.apply(x)
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+class _GatherBatch(torch.autograd.Function):
+    """All-gather along the batch whose backward hands each rank the summed gradient of its own rows.
+
+    Every rank computes the same loss from the gathered batch, so the
+    gradient of rank r's rows is the sum over ranks of their gradients for
+    those rows: a reduce-scatter (nccl), or an all-reduce and a slice where
+    the backend has no reduce-scatter (gloo).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        rank, rows = dist.get_rank(), ctx.rows
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = torch.empty_like(grad[:rows])
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)
+        return grad[rank * rows : (rank + 1) * rows].clone()
 
 
 def gather_objects(obj: Any, info: DistInfo) -> Any:
@@ -87,3 +120,21 @@ def all_reduce_sums(sums: dict[str, float], info: DistInfo) -> dict[str, float]:
     values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(values)
     return dict(zip(keys, values.tolist()))
+
+
+def shard_indices(n: int, info: DistInfo) -> list[int]:
+    """This rank's share of n examples for evaluation: every world_size-th one, none repeated."""
+    return list(range(info.rank, n, info.world_size))
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last
+    training step every rank holds statistics updated on its own shard; a
+    sharded evaluation must first agree on one model.
+    """
+    if info.world_size <= 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)

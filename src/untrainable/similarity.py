@@ -46,18 +46,28 @@ def _prepare(x: Tensor, y: Tensor, min_n: int) -> tuple[Tensor, Tensor]:
 
 
 def _centre(x: Tensor) -> Tensor:
-    """Centre the columns of x (n, d) and scale its largest entry to 1.
+    """Centre the columns of x (n, d) and scale its largest entry to 1, in one pass over x.
 
     Columns that are exactly constant are set to zero rather than to the
     rounding error of their mean, so a constant layer scores exactly 0. Every
     measure here is invariant to isotropic scaling, so scaling changes nothing
     but the range of the Gram sums (no overflow at large scales, no underflow
-    at small ones). The factor is detached: dividing by a constant is exact for
-    a scale-invariant function.
+    at small ones).
+
+    The statistics are computed without gradient. That is exact: the scale
+    cancels in a scale-invariant measure, and the measures are invariant to a
+    shift of the columns, so the gradient at the centred point already has
+    zero column sums and needs no projection through the mean.
     """
-    constant = (x == x[:1]).all(dim=0, keepdim=True)
-    x = (x - x.mean(dim=0, keepdim=True)).masked_fill(constant, 0.0)
-    return x / x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    with torch.no_grad():
+        mean = x.mean(dim=0, keepdim=True)
+        lo, hi = torch.aminmax(x, dim=0, keepdim=True)
+        varies = lo != hi
+        # Largest |x - mean| over the whole matrix, from per-column statistics.
+        spread = torch.maximum(hi - mean, mean - lo) * varies
+        factor = varies.to(x.dtype) / spread.amax().clamp_min(torch.finfo(x.dtype).tiny)
+        shift = -mean * factor
+    return torch.addcmul(shift, x, factor)
 
 
 def _ratio(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from untrainable import distributed
-from untrainable.checkpoint import CheckpointManager, load_weights, save_checkpoint
+from untrainable.checkpoint import CheckpointError, CheckpointManager, load_weights, save_checkpoint
 from untrainable.config import ModelSpec, RunConfig
 from untrainable.data import DataSplits, load_data
 from untrainable.guidance import Guidance
+from untrainable.guide_cache import GuideCache, IndexedDataset
 from untrainable.models import create_model
 from untrainable.models.registry import MODELS
 from untrainable.runs import seed_everything, write_run_files
@@ -123,10 +125,32 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _check_finite(step: int, **terms: Tensor) -> None:
-    for name, value in terms.items():
-        if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
-            raise NonFiniteError(f"step {step}: {name} is not finite ({value.detach().float().flatten()[:4].tolist()}...)")
+def _check_finite(step: int, info: distributed.DistInfo, **terms: Tensor) -> None:
+    """Raise NonFiniteError naming the step and the first term with a NaN or inf.
+
+    `step` is numbered as in metrics.jsonl (the first step is 1). Under DDP
+    every rank learns that some rank failed, so none waits forever in the
+    next collective; the message says which rank saw it first.
+    """
+    bad = torch.tensor(
+        [torch.is_floating_point(v) and not bool(torch.isfinite(v).all()) for v in terms.values()], dtype=torch.int32
+    )
+    local = bad.clone()
+    if info.world_size > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    for i, (name, value) in enumerate(terms.items()):
+        if bad[i]:
+            where = f" (rank {info.rank})" if info.world_size > 1 else ""
+            shown = value.detach().float().flatten()
+            shown = shown[~torch.isfinite(shown)][:4].tolist() if local[i] else "on another rank"
+            raise NonFiniteError(f"step {step}: {name} is not finite{where}: {shown}; the run stops, its checkpoints are kept")
+
+
+def _grad_norm(parameters: list[nn.Parameter]) -> Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -145,14 +169,34 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, config: RunConfig, device: torch.device, pad_id: int | None = None, keep_predictions: bool = False) -> dict[str, Any]:
-    """Task metrics of `model` on `dataset` in eval mode; optionally the argmax predictions."""
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    config: RunConfig,
+    device: torch.device,
+    pad_id: int | None = None,
+    keep_predictions: bool = False,
+    dist_info: distributed.DistInfo | None = None,
+) -> dict[str, Any]:
+    """Task metrics of `model` on `dataset` in eval mode; optionally the argmax predictions.
+
+    With `dist_info` of several processes, each rank evaluates every
+    world_size-th example and the sums are added over ranks, so every rank
+    returns the metrics of the whole set (the model's buffers must agree
+    across ranks: see `distributed.broadcast_buffers`).
+    """
     task = get_task(config.train.task)
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     predictions = []
-    loader = DataLoader(dataset, batch_size=config.data.eval_batch_size, shuffle=False)
+    sharded = dist_info is not None and dist_info.world_size > 1
+    full_size = len(dataset)  # type: ignore[arg-type]
+    if sharded:
+        dataset = Subset(dataset, distributed.shard_indices(full_size, dist_info))
+    # Its own generator: iterating a loader must not draw from the global RNG
+    # the training steps use (a resumed run would otherwise diverge).
+    loader = DataLoader(dataset, batch_size=config.data.eval_batch_size, shuffle=False, generator=torch.Generator())
     for batch in loader:
         x, y = batch[0].to(device), batch[1].to(device)
         with _autocast(device, config.train.precision):
@@ -161,9 +205,18 @@ def evaluate(model: nn.Module, dataset: Dataset, config: RunConfig, device: torc
         if keep_predictions:
             predictions.append(output.argmax(-1).cpu())
     model.train(was_training)
+    if sharded:
+        sums = distributed.all_reduce_sums(sums, dist_info)
     metrics: dict[str, Any] = task.metrics(sums)
     if keep_predictions:
-        metrics["predictions"] = torch.cat(predictions).numpy()
+        mine = torch.cat(predictions).numpy() if predictions else np.zeros((0,), dtype=np.int64)
+        if sharded:
+            parts = distributed.gather_objects(mine, dist_info)
+            merged = np.empty((full_size, *mine.shape[1:]), dtype=mine.dtype)
+            for rank, part in enumerate(parts):
+                merged[rank :: dist_info.world_size] = part
+            mine = merged
+        metrics["predictions"] = mine
     return metrics
 
 
@@ -230,8 +283,36 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     guidance = build_guidance(config, model, guide) if guide is not None else None
     optimizer = make_optimizer(config, target.parameters())
 
-    sampler = DistributedSampler(data.train, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=config.train.seed, drop_last=True)
-    loader = DataLoader(data.train, batch_size=config.data.batch_size, sampler=sampler, num_workers=config.data.num_workers, drop_last=True)
+    guide_cache = None
+    train_set: Dataset = data.train
+    if guidance is not None and config.guidance.cache != "none":
+        if data.train_transform is not None:
+            raise ValueError(
+                f"guidance.cache = {config.guidance.cache!r} needs training data without random augmentation, "
+                f"but data set {config.data.name!r} has a train_transform; use guidance.cache = 'none'"
+            )
+        # The guide sees the batch without augmentation, so an example's
+        # activations never change: compute them once, reuse every epoch.
+        train_set = IndexedDataset(data.train)
+        cache_folder = folder / "guide_cache" / f"rank{dist_info.rank}"
+        if not resume and cache_folder.exists():
+            shutil.rmtree(cache_folder)  # another run's guide may have written it
+        guide_cache = GuideCache(len(data.train), config.guidance.cache, cache_folder)
+
+    # The sampler shards the training set over ranks (one shard in a single
+    # process); data.batch_size is per process.
+    sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=config.train.seed, drop_last=True)
+    # A generator of its own: starting an epoch's iterator must not draw from
+    # the global RNG, or a run resumed in the middle of an epoch would see
+    # different dropout masks than the uninterrupted run.
+    loader = DataLoader(
+        train_set,
+        batch_size=config.data.batch_size,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(config.train.seed),
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size {config.data.batch_size} is larger than the training shard ({len(sampler)} examples)")
@@ -243,7 +324,14 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
 
     checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
     step, start_epoch, skip_batches, history = 0, 0, 0, []
-    loaded = checkpoints.load_latest(map_location=device) if resume else None
+    loaded = None
+    if resume:
+        # Rank 0 first: it sets aside corrupted files, then the others read what is left.
+        if is_main:
+            loaded = checkpoints.load_latest(map_location=device)
+        distributed.barrier(dist_info)
+        if not is_main:
+            loaded = checkpoints.load_latest(map_location=device, quarantine=False)
     if not resume and checkpoints.paths():
         raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
     if loaded is not None:
@@ -255,7 +343,10 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
         if guidance is not None:
             guidance.set_extra_state(state["guidance"])
         step, start_epoch, skip_batches, history = state["step"], state["epoch"], state["batch"], state["history"]
-        _set_rng_state(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one state per rank of the run that saved it
+            rng = rng[dist_info.rank] if len(rng) == dist_info.world_size else rng[0]
+        _set_rng_state(rng)
     if is_main:
         write_run_files(folder, config)
     logger = _Logger(folder, is_main, step if loaded is not None else None)
@@ -283,24 +374,38 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     def train_step(batch: tuple[Tensor, ...], step: int, epoch: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """One optimisation step; returns the step's record and the per-pair similarities."""
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        _check_finite(step, input=x)
+        raw_x = x
         if data.train_transform is not None:
             x = data.train_transform(x)
         similarities: dict[str, Tensor] = {}
         with _autocast(device, config.train.precision):
             if guidance is not None:
-                out = guidance(x, mask=padding_mask(x, pad_id))
+                cached = None
+                if guide_cache is not None and guidance.alpha != 0.0:
+                    cached = guide_cache.activations(batch[-1], x, guidance.run_guide)
+                out = guidance(x, mask=padding_mask(x, pad_id), guide_activations=cached)
                 output, guidance_loss, alpha, similarities = out.output, out.guidance_loss, out.alpha, out.similarities
             else:
                 output, guidance_loss, alpha = model(x), torch.zeros((), device=device), 0.0
             task_loss = task.loss(output, y)
-        _check_finite(step, task_loss=task_loss, guidance_loss=guidance_loss)
+        # Checked before any weight changes, so the last checkpoint and the
+        # weights in memory are both still good when the run stops.
+        _check_finite(step + 1, dist_info, input=raw_x, task_loss=task_loss, guidance_loss=guidance_loss)
         loss = task_loss + guidance_loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if config.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(target.parameters(), config.optim.grad_clip)
+        if scaler.is_enabled():
+            # fp16: GradScaler skips a step whose gradients overflow and lowers
+            # the scale; that is recorded below, not hidden.
+            scale_before = scaler.get_scale()
+            if config.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(target.parameters(), config.optim.grad_clip)
+        else:
+            grad_norm = _grad_norm(list(target.parameters()))
+            _check_finite(step + 1, dist_info, gradient=grad_norm)
+            if config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(target.parameters(), config.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -313,6 +418,8 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             "alpha": alpha,
             "lr": optimizer.param_groups[0]["lr"],
         }
+        if scaler.is_enabled() and scaler.get_scale() < scale_before:
+            record["skipped_overflow"] = 1
         return record, similarities
 
     rng_eval = torch.Generator().manual_seed(config.train.seed)
@@ -351,8 +458,9 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
                 checkpoint(epoch, batches_done)
         bar.close()
         skip_batches = 0
-        train_metrics = evaluate(target, train_eval, config, device, pad_id) if len(train_eval) else {}
-        val_metrics = evaluate(target, data.val, config, device, pad_id)
+        distributed.broadcast_buffers(target, dist_info)
+        train_metrics = evaluate(target, train_eval, config, device, pad_id, dist_info=dist_info) if len(train_eval) else {}
+        val_metrics = evaluate(target, data.val, config, device, pad_id, dist_info=dist_info)
         entry = {"epoch": epoch + 1, "step": step, "seconds": time.time() - started}
         entry.update({f"train_{k}": v for k, v in train_metrics.items()})
         entry.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -365,7 +473,10 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
         else:  # stopped by max_steps inside the epoch
             checkpoint(epoch, batches_done)
 
-    final = _finish(target, data, config, device, pad_id, history, folder, is_main, step, time.time() - started)
+    if guide_cache is not None and is_main:
+        logger.log({"kind": "guide_cache", "step": step, "hits": guide_cache.hits, "misses": guide_cache.misses, "bytes": guide_cache.nbytes()}, prefix="guide_cache")
+    distributed.broadcast_buffers(target, dist_info)
+    final = _finish(target, data, config, device, pad_id, history, folder, is_main, step, time.time() - started, dist_info)
     logger.close()
     if guidance is not None:
         guidance.remove_hooks()
@@ -373,13 +484,13 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     return RunResult(folder, history, final)
 
 
-def _finish(target: nn.Module, data: DataSplits, config: RunConfig, device: torch.device, pad_id: int | None, history: list[dict[str, Any]], folder: Path, is_main: bool, step: int, seconds: float) -> dict[str, Any]:
+def _finish(target: nn.Module, data: DataSplits, config: RunConfig, device: torch.device, pad_id: int | None, history: list[dict[str, Any]], folder: Path, is_main: bool, step: int, seconds: float, dist_info: distributed.DistInfo | None = None) -> dict[str, Any]:
     """Final evaluation on the test set(s); writes model.pt, predictions and result.json."""
     classification = config.train.task == "classification"
-    test = evaluate(target, data.test, config, device, pad_id, keep_predictions=classification)
+    test = evaluate(target, data.test, config, device, pad_id, keep_predictions=classification, dist_info=dist_info)
     predictions = test.pop("predictions", None)
     final: dict[str, Any] = {"steps": step, "seconds": seconds, "test": test}
-    final["extra_test"] = {name: evaluate(target, ds, config, device, pad_id) for name, ds in data.extra_test.items()}
+    final["extra_test"] = {name: evaluate(target, ds, config, device, pad_id, dist_info=dist_info) for name, ds in data.extra_test.items()}
     if history:
         last = history[-1]
         final["train"] = {k[len("train_"):]: v for k, v in last.items() if k.startswith("train_")}

@@ -1,0 +1,170 @@
+"""The frozen guide's activations kept per training example, so its forward can be skipped.
+
+The guide is frozen, so on data without random augmentation it gives the
+same activations for an example every time it sees it: after the first epoch
+its forward is wasted work. `GuideCache` keeps those activations by example
+index (in memory, or in memory-mapped `.npy` files), and `IndexedDataset`
+hands the trainer each example's index.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+STORAGES = ("memory", "disk")
+
+
+class IndexedDataset(Dataset):
+    """The items of `dataset` with their index appended: `(x, y, index)`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, (tuple, list)) else (item, index)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    # NumPy has no bfloat16: such activations are stored as float32 on disk.
+    return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
+
+
+class GuideCache:
+    """Guide activations by layer for `size` examples, filled the first time each is seen.
+
+        cache = GuideCache(len(train_set), "memory")
+        acts = cache.activations(index, x, guidance.run_guide)  # the guide runs on unseen examples only
+        out = guidance(x, guide_activations=acts)
+
+    Valid only when the guide sees an example identically every time: no
+    random augmentation of the inputs and `guide_input = "same"`. The trainer
+    enforces both.
+
+    Args:
+        size: number of examples (indices run over 0..size-1).
+        storage: `memory` (CPU tensors, in the activations' dtype) or `disk`
+            (memory-mapped `.npy` files in `folder`, float32 or float16;
+            the page cache keeps what fits in RAM).
+        folder: where the disk cache lives. An existing cache there is reused
+            when it describes the same layers (a resumed run); otherwise it
+            is replaced.
+    """
+
+    def __init__(self, size: int, storage: str = "memory", folder: str | Path | None = None) -> None:
+        if storage not in STORAGES:
+            raise ValueError(f"guide cache storage {storage!r} is not one of {', '.join(STORAGES)}")
+        if storage == "disk" and folder is None:
+            raise ValueError("a disk guide cache needs a folder")
+        self.size = size
+        self.storage = storage
+        self.folder = Path(folder) if folder is not None else None
+        self.layers: dict[str, Any] = {}
+        self.filled: Any = None
+        self.hits = 0  # examples served from the cache
+        self.misses = 0  # examples the guide had to run on
+
+    def activations(self, index: Tensor, x: Tensor, run_guide: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The guide's activations on the batch x of examples `index`, running the guide only on unseen ones.
+
+        The guide runs in eval mode, where each example's activations do not
+        depend on the rest of the batch, so running it on the unseen rows
+        alone gives the same values.
+        """
+        if self.filled is None:
+            self._open_existing()
+        if self.filled is None:
+            acts = run_guide(x)
+            self.store(index, acts)
+            self.misses += int(index.numel())
+            return acts
+        found = self._filled(index)
+        if not bool(found.all()):
+            missing = ~found
+            self.store(index[missing], run_guide(x[missing.to(x.device)]))
+        self.misses += int((~found).sum())
+        self.hits += int(found.sum())
+        return self._read(index, x.device)
+
+    def _filled(self, index: Tensor) -> Tensor:
+        if self.storage == "memory":
+            return self.filled[index.cpu()]
+        return torch.from_numpy(np.asarray(self.filled[index.cpu().numpy()]))
+
+    def _read(self, index: Tensor, device: torch.device | str) -> dict[str, Tensor]:
+        if self.storage == "memory":
+            rows = index.cpu()
+            return {name: store[rows].to(device, non_blocking=True) for name, store in self.layers.items()}
+        rows = index.cpu().numpy()
+        return {name: torch.from_numpy(np.ascontiguousarray(store[rows])).to(device) for name, store in self.layers.items()}
+
+    def lookup(self, index: Tensor, device: torch.device | str = "cpu") -> dict[str, Tensor] | None:
+        """Activations of the examples `index` (batch,) by layer, or None if any is not stored yet."""
+        if self.filled is None:
+            self._open_existing()
+        if self.filled is None:
+            return None
+        if not bool(self._filled(index).all()):
+            return None
+        return self._read(index, device)
+
+    def store(self, index: Tensor, activations: dict[str, Tensor]) -> None:
+        """Keep the activations (batch, ...) of the examples `index` (batch,)."""
+        if self.filled is None:
+            self._allocate(activations)
+        if self.storage == "memory":
+            rows = index.cpu()
+            for name, act in activations.items():
+                self.layers[name][rows] = act.detach().to("cpu", self.layers[name].dtype)
+            self.filled[rows] = True
+            return
+        rows = index.cpu().numpy()
+        for name, act in activations.items():
+            store = self.layers[name]
+            store[rows] = act.detach().float().cpu().numpy().astype(store.dtype, copy=False)
+        # Rows first, then the flags: a process killed in between leaves the
+        # rows marked missing, never garbage marked filled.
+        self.filled[rows] = True
+
+    def nbytes(self) -> int:
+        """Bytes the stored activations take (allocated size)."""
+        return sum(int(store.nbytes) for store in self.layers.values())
+
+    def _allocate(self, activations: dict[str, Tensor]) -> None:
+        if self.storage == "memory":
+            self.layers = {name: torch.empty((self.size, *act.shape[1:]), dtype=act.dtype) for name, act in activations.items()}
+            self.filled = torch.zeros(self.size, dtype=torch.bool)
+            return
+        assert self.folder is not None
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        manifest = []
+        for i, (name, act) in enumerate(activations.items()):
+            shape = (self.size, *act.shape[1:])
+            dtype = _numpy_dtype(act.dtype)
+            self.layers[name] = np.lib.format.open_memmap(self.folder / f"layer{i:03d}.npy", mode="w+", dtype=dtype, shape=shape)
+            manifest.append({"name": name, "file": f"layer{i:03d}.npy", "shape": list(shape), "dtype": dtype.str})
+        self.filled = np.lib.format.open_memmap(self.folder / "filled.npy", mode="w+", dtype=np.bool_, shape=(self.size,))
+        (self.folder / "manifest.json").write_text(json.dumps({"size": self.size, "layers": manifest}, indent=1) + "\n")
+
+    def _open_existing(self) -> None:
+        """Reopen a disk cache written by an earlier (interrupted) process of the same run."""
+        if self.storage != "disk" or self.folder is None or not (self.folder / "manifest.json").exists():
+            return
+        manifest = json.loads((self.folder / "manifest.json").read_text())
+        if manifest.get("size") != self.size:
+            return
+        self.layers = {entry["name"]: np.load(self.folder / entry["file"], mmap_mode="r+") for entry in manifest["layers"]}
+        self.filled = np.load(self.folder / "filled.npy", mmap_mode="r+")

@@ -1,0 +1,127 @@
+"""Kill -9 and resume, corrupted checkpoints, NaN and inf: a run never silently goes wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from untrainable.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights
+from untrainable.config import from_dict, RunConfig
+from untrainable.data.registry import DataSplits
+from untrainable.trainer import NonFiniteError, train
+
+CONFIG = {
+    "name": "crash",
+    "model": {"name": "fcn", "args": {"depth": 3, "width": 128, "batch_norm": True, "dropout": 0.1}},
+    "data": {"name": "mnist1d", "args": {"num_samples": 2000, "val_size": 100, "seed": 42}, "batch_size": 16, "train_eval_size": 50},
+    "guide": {"name": "cnn1d", "args": {"channels": 8, "depth": 2, "kernel": 5}, "seed": 1000},
+    "guidance": {"target_layers": ["layers.*.linear"], "guide_layers": ["blocks.*.conv"]},
+    "train": {"epochs": 2, "seed": 0, "progress": False, "checkpoint_every": 7},
+}
+
+
+def _start(config_path: Path, out: Path, resume: bool = False) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    command = [sys.executable, "-m", "untrainable", "train", "--config", str(config_path), "--out", str(out)]
+    return subprocess.Popen(command + (["--resume"] if resume else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _last_step(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
+    config_path = tmp_path / "crash.json"
+    config_path.write_text(json.dumps(CONFIG))
+    reference = _start(config_path, tmp_path / "reference")
+    killed_run = _start(config_path, tmp_path / "killed")
+    deadline = time.time() + 120
+    while _last_step(tmp_path / "killed") <= 30:  # two checkpoints written, mid first epoch (~112 steps)
+        assert killed_run.poll() is None, killed_run.stderr.read().decode()
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.01)
+    os.kill(killed_run.pid, signal.SIGKILL)
+    killed_run.wait()
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    assert CheckpointManager(tmp_path / "killed" / "checkpoints").paths()
+    resumed = _start(config_path, tmp_path / "killed", resume=True)
+    assert resumed.wait(timeout=240) == 0, resumed.stderr.read().decode()
+    assert reference.wait(timeout=240) == 0, reference.stderr.read().decode()
+    expected = load_weights(tmp_path / "reference" / "model.pt")
+    got = load_weights(tmp_path / "killed" / "model.pt")
+    for name, value in expected.items():
+        assert torch.allclose(got[name].float(), value.float(), atol=1e-6, rtol=0), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if "kind" not in line]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats or skips steps after the resume"
+
+
+def _small_config(**train: object) -> RunConfig:
+    data = dict(CONFIG, train={**CONFIG["train"], "epochs": 1, **train})
+    data["data"] = dict(CONFIG["data"], args={"num_samples": 400, "val_size": 40, "seed": 42})
+    data["model"] = {"name": "fcn", "args": {"depth": 2, "width": 16, "batch_norm": False}}
+    return from_dict(RunConfig, data)
+
+
+def test_corrupted_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    train(_small_config(max_steps=10, checkpoint_every=3), tmp_path)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep=2)
+    older, newest = manager.paths()
+    assert [p.name for p in manager.paths()] == [older.name, newest.name]  # only the last 2 are kept
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        state, path = manager.load_latest()
+    assert path == older and state["step"] == 9
+    assert manager.paths() == [older] and newest.with_name(newest.name + ".corrupt").exists()
+    # A flipped byte is caught by the checksum too.
+    data = bytearray(older.read_bytes())
+    data[-10] ^= 0xFF
+    older.write_bytes(bytes(data))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no checkpoint"):
+        manager.load_latest()
+
+
+def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path):
+    config = _small_config(max_steps=9, checkpoint_every=3)
+    train(config, tmp_path)
+    newest = CheckpointManager(tmp_path / "checkpoints").paths()[-1]
+    newest.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        result = train(_small_config(max_steps=12, checkpoint_every=3), tmp_path, resume=True)
+    assert result.final["steps"] == 12
+
+
+def _splits(x_train: torch.Tensor) -> DataSplits:
+    y = torch.zeros(len(x_train), dtype=torch.long)
+    test = TensorDataset(torch.randn(8, 40), torch.zeros(8, dtype=torch.long))
+    return DataSplits(TensorDataset(x_train, y), test, test, (40,), 10)
+
+
+def test_nan_input_stops_the_run_naming_step_and_term(tmp_path):
+    x = torch.randn(64, 40)
+    x[37, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step \d+: input is not finite"):
+        train(_small_config(checkpoint_every=1), tmp_path, data=_splits(x))
+    for path in CheckpointManager(tmp_path / "checkpoints").paths():  # the last good ones stay loadable
+        assert torch.isfinite(load_checkpoint(path)["model"]["head.weight"]).all()
+
+
+def test_inf_loss_stops_the_run_naming_the_term(tmp_path):
+    x = torch.full((64, 40), 3e38)  # finite inputs whose forward overflows
+    with pytest.raises(NonFiniteError, match=r"step 1: (task_loss|guidance_loss) is not finite"):
+        train(_small_config(), tmp_path, data=_splits(x))

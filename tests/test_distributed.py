@@ -1,0 +1,116 @@
+"""Two CPU processes with half the batch each match one process with the whole batch (global-batch CKA)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from untrainable import distributed
+from untrainable.guidance import Guidance
+from untrainable.models import create_model
+
+BATCH = 16
+LAYERS = {"target_layers": ["layers.*.linear"], "guide_layers": ["layers.*.linear"]}
+
+
+def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    # No BatchNorm, no dropout: the only batch statistic left is the CKA.
+    torch.manual_seed(0)
+    target = create_model("fcn", input_shape=(12,), num_classes=5, depth=3, width=16, batch_norm=False)
+    torch.manual_seed(1)
+    guide = create_model("fcn", input_shape=(12,), num_classes=5, depth=2, width=24, batch_norm=False)
+    return target, guide
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(BATCH, 12, generator=generator), torch.randint(0, 5, (BATCH,), generator=generator)
+
+
+def _step(target: torch.nn.Module, model: torch.nn.Module, guide: torch.nn.Module, x, y, gather) -> dict:
+    guidance = Guidance(model, guide, gather=gather, **LAYERS).train()
+    out = guidance(x)
+    task_loss = F.cross_entropy(out.output, y)
+    (task_loss + out.guidance_loss).backward()
+    return {
+        "task_loss": task_loss.detach(),
+        "guidance_loss": out.guidance_loss.detach(),
+        "grads": {name: p.grad.clone() for name, p in target.named_parameters()},
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = _batch()
+        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        results = {}
+        for scope, gather in (("global", distributed.gather_for_similarity), ("local", None)):
+            target, guide = _models()
+            model = torch.nn.parallel.DistributedDataParallel(target)
+            results[scope] = _step(target, model, guide, x[rows], y[rows], gather)
+        # A bool mask travels too (gloo has no bool all-gather).
+        mask = torch.tensor([rank % 2 == 0, True])
+        results["mask"] = distributed.gather_for_similarity(mask)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_worker, args=(2, os.path.join(folder, "store"), folder), nprocs=2, join=True)
+        return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    target, guide = _models()
+    x, y = _batch()
+    return _step(target, target, guide, x, y, None)
+
+
+@pytest.mark.slow
+def test_global_scope_matches_one_process_on_the_whole_batch(two_ranks, one_process):
+    for rank in two_ranks:
+        assert torch.allclose(rank["global"]["guidance_loss"], one_process["guidance_loss"], atol=1e-5)
+    # The global task loss is the mean of the per-rank means (equal shards).
+    mean_task = sum(r["global"]["task_loss"] for r in two_ranks) / 2
+    assert torch.allclose(mean_task, one_process["task_loss"], atol=1e-5)
+    for rank in two_ranks:
+        for name, grad in one_process["grads"].items():
+            assert torch.allclose(rank["global"]["grads"][name], grad, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_local_scope_is_a_different_estimator(two_ranks, one_process):
+    # Per-rank CKA on 8 examples is not CKA on 16: loss and gradients differ.
+    assert not torch.allclose(two_ranks[0]["local"]["guidance_loss"], one_process["guidance_loss"], atol=1e-4)
+    differences = [
+        (two_ranks[0]["local"]["grads"][name] - grad).abs().max().item() for name, grad in one_process["grads"].items()
+    ]
+    assert max(differences) > 1e-4
+
+
+@pytest.mark.slow
+def test_bool_masks_are_gathered(two_ranks):
+    expected = torch.tensor([True, True, False, True])
+    for rank in two_ranks:
+        assert rank["mask"].dtype == torch.bool
+        assert torch.equal(rank["mask"], expected)
+
+
+def test_single_process_gather_is_the_identity():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.gather_for_similarity(x) is x
+    info = distributed.setup("cpu")
+    assert info.world_size == 1
+    assert distributed.shard_indices(5, distributed.DistInfo(1, 2, 1, torch.device("cpu"))) == [1, 3]
