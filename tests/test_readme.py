@@ -1,0 +1,40 @@
+"""The README's commands and library example are the ones that work."""
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"^    (bash scripts/install\.sh && .+)$", README, flags=re.M)
+    assert commands[:2] == [
+        "bash scripts/install.sh && untrainable run mnist1d --quick",
+        "bash scripts/install.sh && python -m pytest -q",
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines()
+
+
+def test_library_example_runs():
+    code = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
+    from untrainable.models import create_model
+
+    torch.manual_seed(0)
+    target = create_model("fcn", input_shape=(40,), depth=3, width=32)
+    scope = {
+        "F": F,
+        "target": target,
+        "guide": create_model("cnn1d", input_shape=(40,), channels=8),
+        "x": torch.randn(16, 40),
+        "y": torch.randint(0, 10, (16,)),
+        "optimizer": torch.optim.Adam(target.parameters(), lr=1e-3),
+    }
+    before = [p.detach().clone() for p in target.parameters()]
+    exec(code, scope)
+    assert torch.isfinite(scope["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, target.parameters()))
