@@ -137,7 +137,7 @@ def summarise(experiment: Experiment, results: dict[str, list[RunResult]], seeds
         for extra in sorted({k for r in runs for k in r.final.get("extra_test", {})}):
             row[f"{extra}_{metric}"] = _mean_std([r.final["extra_test"].get(extra, {}).get(metric) for r in runs])
         rows.append(row)
-    return {"experiment": experiment.name, "metric": metric, "seeds": list(seeds), "rows": rows, "notes": experiment.notes}
+    return {"experiment": experiment.name, "metric": metric, "seeds": list(seeds), "rows": rows, "notes": list(experiment.notes)}
 
 
 def _fmt(pair: tuple[float, float], scale: float = 1.0) -> str:
@@ -160,8 +160,8 @@ def format_table(table: dict[str, Any]) -> str:
 
 def write_table(experiment: Experiment, table: dict[str, Any], out: Path) -> None:
     text = f"# {experiment.name}\n\n{experiment.description}\n\n{format_table(table)}\n"
-    if experiment.notes:
-        text += "\n" + "\n".join(f"- {note}" for note in experiment.notes) + "\n"
+    if table["notes"]:
+        text += "\n" + "\n".join(f"- {note}" for note in table["notes"]) + "\n"
     text += f"\nSeeds: {', '.join(map(str, table['seeds']))}. Wall time: {table['seconds']:.0f} s.\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -39,12 +39,15 @@ def sequence_similarity(
         raise ValueError(f"sequence mode {mode!r} is not one of {', '.join(SEQUENCE_MODES)}")
     if x.dim() != 3 or y.dim() != 3:
         raise ValueError(f"sequence similarity needs (batch, time, features) inputs, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if mode != "flatten" and x.shape[1] != y.shape[1]:
-        raise ValueError(f"mode {mode!r} needs equal lengths in time, got {x.shape[1]} and {y.shape[1]}")
     if mask is not None:
         mask = mask.to(device=x.device, dtype=torch.bool)
+        # A packed RNN's output stops at the batch's longest row; the positions
+        # after it are padding, so fill them in as zeros.
+        x, y = _pad_time(x, mask.shape[1]), _pad_time(y, mask.shape[1])
         if mask.shape != x.shape[:2]:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not match activations {tuple(x.shape[:2])}")
+    if mode != "flatten" and x.shape[1] != y.shape[1]:
+        raise ValueError(f"mode {mode!r} needs equal lengths in time, got {x.shape[1]} and {y.shape[1]}")
     if mode == "flatten":
         if mask is not None:
             x = x * mask[:, : x.shape[1], None]
@@ -63,3 +66,10 @@ def sequence_similarity(
     if not values:
         raise ValueError(f"no position has {min_rows} or more valid examples for token-wise similarity")
     return torch.stack(values).mean()
+
+
+def _pad_time(x: Tensor, length: int) -> Tensor:
+    """(batch, time, d) zero-padded at the end to `length` positions when shorter."""
+    if x.shape[1] >= length:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]))

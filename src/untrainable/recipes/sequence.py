@@ -1,0 +1,162 @@
+"""Sequence study: RNNs and Transformers guiding each other on copy-paste, parity and Shakespeare.
+
+Three experiments, each a shipped single-run config (`configs/sequence_*.toml`,
+the target guided by an untrained guide) varied into four arms:
+
+- copy-paste (accuracy on the copied symbols): RNN alone, RNN + untrained
+  Transformer, RNN + trained Transformer, Transformer alone for reference;
+- parity (accuracy; the `long` column holds longer, never-trained lengths):
+  Transformer encoder alone, + trained RNN, + untrained RNN, RNN alone;
+- character-level language modelling on Shakespeare (perplexity, lower is
+  better; bits per character in the notes): RNN alone, + trained
+  Transformer, + untrained Transformer, Transformer alone.
+
+RNN `layers.*` are paired with Transformer `blocks.*` (the residual stream),
+spread evenly as on images. Copy-paste and parity compare activations token by
+token (position t of one network with position t of the other, under the
+padding mask), since each position has its own role there; language modelling
+treats every token as a sample, since its positions are interchangeable and
+one CKA per pair is much cheaper than one per position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from untrainable.config import RunConfig, load_config
+from untrainable.experiment import Arm, Experiment, register_experiment
+from untrainable.trainer import RunResult
+
+
+def base_config(name: str) -> RunConfig:
+    """The shipped guided run of one experiment (`configs/sequence_NAME.toml`)."""
+    return load_config(resources.files("untrainable") / "configs" / f"sequence_{name}.toml")
+
+
+def _with(config: RunConfig, section: str, **changes: object) -> RunConfig:
+    return config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def _guide_alone(guided: RunConfig, lr: float) -> RunConfig:
+    """The guide's architecture trained alone on the task: the trained guide and the reference row."""
+    return _with(guided.replace(model=dataclasses.replace(guided.guide, seed=None), guide=None), "optim", lr=lr)
+
+
+def _quick(config: RunConfig, **data_args: Any) -> RunConfig:
+    data = dataclasses.replace(config.data, args={**config.data.args, **data_args}, train_eval_size=64)
+    return _with(config.replace(data=data), "train", epochs=1)
+
+
+# A quick run is a smoke test of the whole pipeline, not a result.
+QUICK_SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
+
+# Learning rates of the guide architectures when trained alone (the target's
+# own is in its config file): high enough that each learns within about 100
+# steps, checked on the validation split only.
+TRANSFORMER_LR = 3e-3
+RNN_LR = 3e-3
+
+
+def copy_paste(quick: bool = False) -> Experiment:
+    """Copy-paste: RNN alone; + untrained Transformer; + trained Transformer; Transformer alone."""
+    guided = base_config("copy_paste")
+    if quick:
+        guided = _quick(guided, train_size=192, val_size=64, test_size=64)
+    alone = guided.replace(guide=None)
+    transformer = _guide_alone(guided, TRANSFORMER_LR)
+    return Experiment(
+        name="copy-paste" + ("-quick" if quick else ""),
+        description=(
+            "Copy-paste (symbols 1-10, lengths 3-6, 1600 training rows): per-symbol accuracy of the copied half (mean ± std over seeds) "
+            "of a 2-layer tanh RNN alone and guided by a 2-block causal Transformer, untrained (seeded) or trained "
+            "(the transformer arm of the same seed); linear CKA token by token under the padding mask, alpha 1."
+        ),
+        arms=[
+            Arm("transformer", transformer),
+            Arm("rnn", alone),
+            Arm("rnn+untrained-transformer", guided),
+            Arm("rnn+trained-transformer", guided, guide_from="transformer"),
+        ],
+        seeds=QUICK_SEEDS if quick else SEEDS,
+    )
+
+
+def parity(quick: bool = False) -> Experiment:
+    """Parity: Transformer encoder alone; + trained RNN; + untrained RNN; RNN alone."""
+    guided = base_config("parity")
+    if quick:
+        guided = _quick(guided, train_size=192, val_size=64, test_size=64)
+    alone = guided.replace(guide=None)
+    rnn = _guide_alone(guided, RNN_LR)
+    return Experiment(
+        name="parity" + ("-quick" if quick else ""),
+        description=(
+            "Parity of bitstrings of lengths 2-10 (the `long` column: unseen lengths 11-16): accuracy (mean ± std "
+            "over seeds) of a 2-block Transformer encoder alone and guided by a 2-layer tanh RNN, trained (the rnn "
+            "arm of the same seed) or untrained (seeded); linear CKA token by token under the padding mask, alpha 1."
+        ),
+        arms=[
+            Arm("rnn", rnn),
+            Arm("transformer", alone),
+            Arm("transformer+trained-rnn", guided, guide_from="rnn"),
+            Arm("transformer+untrained-rnn", guided),
+        ],
+        seeds=QUICK_SEEDS if quick else SEEDS,
+    )
+
+
+def _bits_per_character(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
+    """Add test bits per character (mean ± std over seeds) to the table and its notes."""
+    lines = []
+    for row in table["rows"]:
+        bpc = [r.final["test"]["bpc"] for r in results[row["arm"]]]
+        mean, std = statistics.fmean(bpc), statistics.stdev(bpc) if len(bpc) > 1 else 0.0
+        row["test_bpc"] = (mean, std)
+        lines.append(f"{row['arm']} {mean:.3f} ± {std:.3f}")
+    # table["notes"] is the experiment's own list, so the note reaches table.md too.
+    table["notes"].append("test bits per character: " + "; ".join(lines))
+
+
+def language_model(quick: bool = False) -> Experiment:
+    """Shakespeare, character level: RNN alone; + trained Transformer; + untrained Transformer; Transformer alone."""
+    guided = base_config("lm")
+    if quick:
+        guided = _quick(guided, max_chars=6_000)
+    alone = guided.replace(guide=None)
+    transformer = _guide_alone(guided, TRANSFORMER_LR)
+    chars = guided.data.args.get("max_chars")
+    return Experiment(
+        name="lm" + ("-quick" if quick else ""),
+        description=(
+            f"Character-level Shakespeare (the first {chars} characters of each split; whole plays held out for "
+            "validation and test): test perplexity per character (mean ± std over seeds, lower is better) of a "
+            "2-layer tanh RNN alone and guided by a 2-block causal Transformer, trained (the transformer arm of the "
+            "same seed) or untrained (seeded); linear CKA over all tokens as samples, alpha 1."
+        ),
+        arms=[
+            Arm("transformer", transformer),
+            Arm("rnn", alone),
+            Arm("rnn+trained-transformer", guided, guide_from="transformer"),
+            Arm("rnn+untrained-transformer", guided),
+        ],
+        metric="perplexity",
+        higher_is_better=False,
+        seeds=QUICK_SEEDS if quick else SEEDS,
+        after=_bits_per_character,
+    )
+
+
+@register_experiment("sequence")
+def sequence(quick: bool = False) -> list[Experiment]:
+    """Sequences: copy-paste (RNN + Transformer guide), parity (Transformer + RNN guide), Shakespeare LM."""
+    return [copy_paste(quick), parity(quick), language_model(quick)]
+
+
+register_experiment("sequence-copy-paste")(copy_paste)
+register_experiment("sequence-parity")(parity)
+register_experiment("sequence-lm")(language_model)
