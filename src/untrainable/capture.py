@@ -194,15 +194,15 @@ class LayerCapture:
     def clear(self) -> None:
         self.activations = {}
 
+    def missing(self) -> list[str]:
+        """Layers that did not run in the last recorded forward."""
+        return [name for name in self.names if name not in self.activations]
+
     def remove(self) -> None:
         """Take the hooks off the model."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    def missing(self) -> list[str]:
-        """Layers that did not run in the last recorded forward."""
-        return [name for name in self.names if name not in self.activations]
 
 
 class _Recording:
@@ -216,14 +216,3 @@ class _Recording:
 
     def __exit__(self, *exc: object) -> None:
         self.capture.active = False
-
-
-def layer_shapes(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[int, ...]]:
-    """Output shape of each named layer on the input x, without keeping a capture."""
-    capture = LayerCapture(model, list(names))
-    try:
-        with torch.no_grad(), capture.recording():
-            model(x)
-        return {name: tuple(act.shape) for name, act in capture.activations.items()}
-    finally:
-        capture.remove()

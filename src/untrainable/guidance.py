@@ -178,9 +178,9 @@ class Guidance(nn.Module):
             return GuidanceOutput(output, torch.zeros((), device=_device_of(output, x)), 0.0)
         with self.target_capture.recording():
             output = self.target(x)
+        missing = self.target_capture.missing()
         target_acts = self.target_capture.activations
         self.target_capture.clear()
-        missing = [name for name in self.target_capture.names if name not in target_acts]
         if missing:
             raise RuntimeError(f"target layers {missing} did not run in the forward; choose layers that do")
         if guide_activations is None:

@@ -42,7 +42,3 @@ class AlphaSchedule:
         if self.kind == "linear":
             return self.alpha * (1.0 - progress)
         return self.alpha * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def ends_at(self) -> int | None:
-        """The first step from which alpha is 0 for good, or None if never."""
-        return None if self.kind == "constant" else self.steps
