@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Iterable, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
