@@ -1,0 +1,191 @@
+"""Analyses of finished runs: layer-by-layer similarity maps and error consistency between models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from untrainable.capture import LayerCapture, resolve_layers
+from untrainable.metrics import error_consistency_matrix
+from untrainable.similarity import Similarity, get_similarity
+
+PREDICTIONS_FILE = "test_predictions.npy"  # written by every classification run (trainer._finish)
+
+
+def _capture(model: nn.Module, layers: Sequence[str] | None, x: Tensor) -> tuple[list[str], dict[str, Tensor]]:
+    """Activations of `layers` of `model` on x, in eval mode and without gradients; hooks removed after."""
+    capture = LayerCapture(model, layers)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture.recording():
+            model(x)
+        missing = capture.missing()
+        if missing:
+            raise RuntimeError(f"layers {missing} of {type(model).__name__} did not run in the forward")
+        return list(capture.names), dict(capture.activations)
+    finally:
+        capture.remove()
+        model.train(was_training)
+
+
+def similarity_matrix(
+    target: nn.Module,
+    guide: nn.Module,
+    x: Tensor,
+    target_layers: Sequence[str] | None = None,
+    guide_layers: Sequence[str] | None = None,
+    similarity: str | Similarity = "cka",
+) -> np.ndarray:
+    """Similarity of every guide layer to every target layer on one batch.
+
+    Args:
+        target, guide: models taking x; both are run in eval mode without
+            gradients and are left in the mode they were in.
+        x: the inputs, (n, ...); n is the number of examples the measure sees.
+        target_layers, guide_layers: module paths or globs (as in
+            `LayerCapture`); default `capture.default_layers` of each model.
+        similarity: a name from `similarity.list_similarities()` or a callable
+            (n, d1), (n, d2) -> scalar.
+    Returns:
+        float64 array (len(guide layers), len(target layers)): entry [i, j] is
+        the similarity of guide layer i and target layer j, activations
+        flattened to (n, features). Rows and columns follow the resolved layer
+        order (`capture.resolve_layers`).
+
+    With `similarity="cka"` each layer's centred Gram matrix is formed once
+    and reused for all its pairs (the same biased linear CKA as
+    `similarity.linear_cka`, computed in float64).
+    """
+    target_names, target_acts = _capture(target, target_layers, x)
+    guide_names, guide_acts = _capture(guide, guide_layers, x)
+    if similarity == "cka":
+        # Every layer takes part in many pairs: form its centred Gram matrix once.
+        target_grams = {name: _centred_gram(act) for name, act in target_acts.items()}
+        guide_grams = {name: _centred_gram(act) for name, act in guide_acts.items()}
+        return np.array([[_gram_cka(guide_grams[g], target_grams[t]) for t in target_names] for g in guide_names])
+    measure = get_similarity(similarity)
+    matrix = np.empty((len(guide_names), len(target_names)))
+    for i, g in enumerate(guide_names):
+        for j, t in enumerate(target_names):
+            matrix[i, j] = float(measure(target_acts[t].flatten(1).double(), guide_acts[g].flatten(1).double()))
+    return matrix
+
+
+def _centred_gram(act: Tensor) -> Tensor:
+    """(n, ...) activations -> the (n, n) float64 Gram matrix of their column-centred flattening."""
+    x = act.flatten(1).double()
+    x = x - x.mean(dim=0, keepdim=True)
+    x = x / x.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)  # scale-free; avoids overflow
+    return x @ x.T
+
+
+def _gram_cka(k: Tensor, l: Tensor) -> float:
+    """Linear CKA (biased estimator, as `similarity.linear_cka`) from two centred Gram matrices; 0 for a constant layer."""
+    norms = float((k * k).sum().sqrt() * (l * l).sum().sqrt())
+    return float((k * l).sum()) / norms if norms > 0 else 0.0
+
+
+def layer_names(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:
+    """The module paths `similarity_matrix` uses for rows or columns of `model`."""
+    return resolve_layers(model, layers)
+
+
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """The labels of a data set of (x, y) items as an int64 array (n,)."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        return tensors[1].cpu().numpy().astype(np.int64)
+    return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def load_predictions(folder: str | Path) -> np.ndarray:
+    """A run folder's argmax predictions on the test set, (n,)."""
+    path = Path(folder) / PREDICTIONS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; only finished classification runs write it")
+    return np.load(path)
+
+
+def error_consistency_summary(runs: Mapping[str, Sequence[str | Path]], labels: Any) -> dict[str, Any]:
+    """Error consistency (Cohen's kappa, Geirhos et al. 2020) between models, over seeds.
+
+    Args:
+        runs: model name -> its run folders, one per seed, each holding
+            `test_predictions.npy`. Seed k of every model is compared with
+            seed k of every other, so all models need the same number of runs.
+        labels: the test labels (n,).
+    Returns:
+        A JSON-ready dict: `names`; `mean` and `std` (m, m) over seeds (std 0
+        with one seed); `per_seed` (seeds, m, m); `accuracy` name -> mean test
+        accuracy; `seeds`, the number of runs per model.
+    """
+    labels = np.asarray(labels)
+    names = list(runs)
+    counts = {name: len(folders) for name, folders in runs.items()}
+    if not names or len(set(counts.values())) != 1 or not next(iter(counts.values())):
+        raise ValueError(f"every model needs the same, non-zero number of runs; got {counts}")
+    seeds = counts[names[0]]
+    matrices, accuracy = [], {name: [] for name in names}
+    for k in range(seeds):
+        correct = {}
+        for name in names:
+            predictions = load_predictions(runs[name][k])
+            if predictions.shape != labels.shape:
+                raise ValueError(f"{runs[name][k]}: predictions {predictions.shape} do not match labels {labels.shape}")
+            correct[name] = predictions == labels
+            accuracy[name].append(float(correct[name].mean()))
+        matrices.append(error_consistency_matrix(correct)[1])
+    stacked = np.stack(matrices)
+    return {
+        "names": names,
+        "seeds": seeds,
+        "mean": stacked.mean(axis=0).tolist(),
+        "std": (stacked.std(axis=0, ddof=1) if seeds > 1 else np.zeros_like(stacked[0])).tolist(),
+        "per_seed": stacked.tolist(),
+        "accuracy": {name: float(np.mean(values)) for name, values in accuracy.items()},
+    }
+
+
+def plot_loss_curves(histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str | Path, title: str = "") -> Path:
+    """Train and validation loss per epoch, one panel per arm: mean over seeds, band from min to max.
+
+    `plots.plot_curves` draws every arm in one panel; with many arms the
+    train/validation gap of each row is easier to read in a panel of its own.
+    """
+    import matplotlib.pyplot as plt
+
+    from untrainable import plots  # noqa: F401  (selects the file-only backend)
+
+    arms = list(histories)
+    cols = min(4, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax, arm in zip(axes.flat, arms):
+        for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+            runs = [[entry[f"{split}_loss"] for entry in h] for h in histories[arm] if h and f"{split}_loss" in h[0]]
+            if not runs:
+                continue
+            length = min(len(r) for r in runs)
+            values = np.array([r[:length] for r in runs], dtype=float)
+            epochs = np.arange(1, length + 1)
+            ax.plot(epochs, values.mean(axis=0), color=colour, label=split)
+            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.2)
+        ax.set_title(arm, fontsize=8)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("loss", fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

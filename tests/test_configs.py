@@ -1,0 +1,51 @@
+"""Every shipped config loads, validates, says how to run it, and names layers its models have."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from untrainable.capture import resolve_layers
+from untrainable.config import RunConfig, load_config
+from untrainable.data import DataSplits
+from untrainable.trainer import build_model
+
+CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
+# Input shapes of the data sets the configs use, so the models can be built
+# without reading the data.
+INPUT_SHAPES = {"mnist1d": (40,), "fashion_mnist": (1, 28, 28)}
+
+
+def test_configs_are_shipped():
+    names = {path.name for path in CONFIGS}
+    assert "mnist1d.toml" in names
+    assert {"vision_deep_fcn.toml", "vision_deep_fcn_vit.toml", "vision_wide_fcn.toml", "vision_convnet.toml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.validate() is config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_header_gives_the_command(path):
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("untrainable " in line and path.name in line for line in header), f"{path.name}: no run command in its header"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_layers_exist(path):
+    config = load_config(path)
+    if config.data.name not in INPUT_SHAPES:
+        pytest.skip(f"no input shape recorded for {config.data.name}")
+    data = DataSplits(train=None, val=None, test=None, input_shape=INPUT_SHAPES[config.data.name], num_classes=10)
+    target = build_model(config.model, data, seed=0)
+    assert resolve_layers(target, config.guidance.target_layers)
+    if config.guide is not None:
+        guide = build_model(config.guide, data, seed=0)
+        assert resolve_layers(guide, config.guidance.guide_layers)
