@@ -9,14 +9,11 @@ import pytest
 
 from untrainable.capture import resolve_layers
 from untrainable.config import RunConfig, load_config
-from untrainable.data import DataSplits
+from untrainable.data import load_data
 from untrainable.trainer import build_model
 
 CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
-# Input shapes of the data sets the configs use, so the models can be built
-# without reading the data.
-INPUT_SHAPES = {"mnist1d": (40,), "fashion_mnist": (1, 28, 28)}
 
 
 def test_configs_are_shipped():
@@ -41,9 +38,7 @@ def test_config_header_gives_the_command(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_layers_exist(path):
     config = load_config(path)
-    if config.data.name not in INPUT_SHAPES:
-        pytest.skip(f"no input shape recorded for {config.data.name}")
-    data = DataSplits(train=None, val=None, test=None, input_shape=INPUT_SHAPES[config.data.name], num_classes=10)
+    data = load_data(config.data.name, **config.data.args)
     target = build_model(config.model, data, seed=0)
     assert resolve_layers(target, config.guidance.target_layers)
     if config.guide is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from untrainable.config import RunConfig
+from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
 from untrainable.trainer import RunResult, train
 
@@ -86,6 +87,7 @@ def run_experiment(
         if arm.guide_from is not None and arm.guide_from not in names[: names.index(arm.name)]:
             raise ValueError(f"arm {arm.name!r}: guide_from {arm.guide_from!r} must name an earlier arm")
     started = time.time()
+    data_sets: dict[str, DataSplits] = {}
     results: dict[str, list[RunResult]] = {}
     for arm in experiment.arms:
         for seed in seeds:
@@ -96,7 +98,8 @@ def run_experiment(
             else:
                 log(f"[{arm.name} seed {seed}] training")
                 resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
-                result = train(_arm_config(arm, seed, out), folder, resume=resume)
+                config = _arm_config(arm, seed, out)
+                result = train(config, folder, resume=resume, data=_data(config, data_sets))
             results.setdefault(arm.name, []).append(result)
     table = summarise(experiment, results, seeds)
     if experiment.after is not None:
@@ -107,6 +110,14 @@ def run_experiment(
 
     plot_curves({name: [r.history for r in runs] for name, runs in results.items()}, out / "curves.png", experiment.metric, title=experiment.name)
     return table
+
+
+def _data(config: RunConfig, data_sets: dict[str, DataSplits]) -> DataSplits:
+    """The config's data, built once per experiment: arms that share a data set reuse it."""
+    key = json.dumps([config.data.name, config.data.args], sort_keys=True)
+    if key not in data_sets:
+        data_sets[key] = load_data(config.data.name, **config.data.args)
+    return data_sets[key]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
