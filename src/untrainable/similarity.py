@@ -61,7 +61,8 @@ def _centre(x: Tensor) -> Tensor:
     """
     with torch.no_grad():
         mean = x.mean(dim=0, keepdim=True)
-        lo, hi = torch.aminmax(x, dim=0, keepdim=True)
+        # amin and amax apart: torch.aminmax over dim 0 is several times slower on CPU.
+        lo, hi = x.amin(dim=0, keepdim=True), x.amax(dim=0, keepdim=True)
         varies = lo != hi
         # Largest |x - mean| over the whole matrix, from per-column statistics.
         spread = torch.maximum(hi - mean, mean - lo) * varies
