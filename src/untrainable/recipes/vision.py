@@ -38,7 +38,7 @@ from untrainable.pairing import spread_pairs
 from untrainable.plots import plot_matrix
 from untrainable.trainer import RunResult, build_model
 
-FIRST_STEPS = 150  # "guidance as initialisation": the paper's ~150 steps (here 150 of 372)
+FIRST_STEPS = 150  # "guidance as initialisation": the paper's ~150 steps (here 150 of 1240)
 SIMILARITY_EXAMPLES = 500  # validation images behind each layer-similarity map
 SEEDS = (0, 1, 2)
 # `--quick` checks the pipeline, not the results: one seed, and these arms
