@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -67,5 +67,44 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_loss_curves(histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str | Path, title: str = "") -> Path:
+    """Train and validation loss per epoch, one panel per arm: mean over seeds, band from min to max.
+
+    `plots.plot_curves` draws every arm in one panel; with many arms the
+    train/validation gap of each row is easier to read in a panel of its own.
+    """
+
+    from untrainable import plots  # noqa: F401  (selects the file-only backend)
+
+    arms = list(histories)
+    cols = min(4, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax, arm in zip(axes.flat, arms):
+        for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+            runs = [[entry[f"{split}_loss"] for entry in h] for h in histories[arm] if h and f"{split}_loss" in h[0]]
+            if not runs:
+                continue
+            length = min(len(r) for r in runs)
+            values = np.array([r[:length] for r in runs], dtype=float)
+            epochs = np.arange(1, length + 1)
+            ax.plot(epochs, values.mean(axis=0), color=colour, label=split)
+            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.2)
+        ax.set_title(arm, fontsize=8)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("loss", fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

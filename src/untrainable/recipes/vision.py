@@ -27,7 +27,6 @@ from untrainable.analysis import (
     dataset_labels,
     error_consistency_summary,
     layer_names,
-    plot_loss_curves,
     similarity_matrix,
 )
 from untrainable.checkpoint import load_weights
@@ -35,7 +34,7 @@ from untrainable.config import RunConfig, load_config
 from untrainable.data import load_data
 from untrainable.experiment import Arm, Experiment, register_experiment
 from untrainable.pairing import spread_pairs
-from untrainable.plots import plot_matrix
+from untrainable.plots import plot_loss_curves, plot_matrix
 from untrainable.trainer import RunResult, build_model
 
 FIRST_STEPS = 150  # "guidance as initialisation": the paper's ~150 steps (here 150 of 1240)
