@@ -120,6 +120,11 @@ def _data(config: RunConfig, data_sets: dict[str, DataSplits]) -> DataSplits:
     return data_sets[key]
 
 
+def _gap(final: dict[str, Any], metric: str) -> float | None:
+    train, test = final.get("train", {}).get(metric), final["test"].get(metric)
+    return None if train is None or test is None else train - test
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None]
     if not values:
@@ -135,7 +140,8 @@ def summarise(experiment: Experiment, results: dict[str, list[RunResult]], seeds
         test = _mean_std([r.final["test"].get(metric) for r in runs])
         val = _mean_std([r.final.get("val", {}).get(metric) for r in runs])
         train = _mean_std([r.final.get("train", {}).get(metric) for r in runs])
-        gap = _mean_std([r.final.get("gap") for r in runs])
+        # The gap in the experiment's own metric (a run's "gap" is in accuracy when it has one).
+        gap = _mean_std([_gap(r.final, metric) for r in runs])
         row: dict[str, Any] = {
             "arm": name,
             "seeds": len(runs),
