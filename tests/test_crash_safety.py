@@ -65,8 +65,10 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     got = load_weights(tmp_path / "killed" / "model.pt")
     for name, value in expected.items():
         assert torch.allclose(got[name].float(), value.float(), atol=1e-6, rtol=0), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if "kind" not in line]
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "kind" not in r]
     assert steps == sorted(set(steps)), "metrics.jsonl repeats or skips steps after the resume"
+    assert [r for r in records if r.get("kind") == "resume"], "the second run continued from a checkpoint"
 
 
 def _small_config(**train: object) -> RunConfig:

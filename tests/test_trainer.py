@@ -96,5 +96,8 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, where):
     w_full, w_resumed = load_weights(tmp_path / "full" / "model.pt"), load_weights(tmp_path / "resumed" / "model.pt")
     for key in w_full:
         assert torch.allclose(w_full[key].float(), w_resumed[key].float(), atol=1e-6), key
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"kind"' not in l]
+    records = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "kind" not in r]
     assert steps == list(range(1, total + 1))  # no step lost, none logged twice
+    resumed_at = [r["step"] for r in records if r.get("kind") == "resume"]
+    assert len(resumed_at) == 1 and 0 < resumed_at[0] <= kill_after_steps  # it continued, not restarted

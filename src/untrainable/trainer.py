@@ -335,7 +335,7 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     if not resume and checkpoints.paths():
         raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
     if loaded is not None:
-        state, _ = loaded
+        state, resumed_from = loaded
         target.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -350,6 +350,8 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     if is_main:
         write_run_files(folder, config)
     logger = _Logger(folder, is_main, step if loaded is not None else None)
+    if loaded is not None:
+        logger.log({"kind": "resume", "step": step, "checkpoint": resumed_from.name}, prefix="resume")
 
     def checkpoint(epoch: int, batch: int) -> None:
         rng = distributed.gather_objects(_rng_state(), dist_info)
