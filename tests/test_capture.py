@@ -125,3 +125,24 @@ def test_ddp_and_compile_prefixes_resolve():
 def test_default_layers_skip_output_layer_and_nested():
     assert default_layers(Nested()) == ["blocks.0.0", "blocks.1.0", "blocks.2.0", "inner.deep.0"]
     assert default_layers(Recurrent()) == ["rnn", "attn"]
+
+
+def test_time_first_modules_are_captured_batch_first():
+    class TimeFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 5)  # batch_first=False: (time, batch, features)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):  # x: (batch, time, 3)
+            seq, _ = self.rnn(x.transpose(0, 1))
+            return self.head(seq[-1])
+
+    model = TimeFirst()
+    capture = LayerCapture(model, ["rnn"])
+    x = torch.randn(4, 9, 3)
+    with capture.recording():
+        model(x)
+    expected, _ = model.rnn(x.transpose(0, 1))
+    assert capture.activations["rnn"].shape == (4, 9, 5)
+    assert torch.allclose(capture.activations["rnn"], expected.transpose(0, 1))

@@ -36,3 +36,7 @@ def test_check_pairs_lists_valid_layers():
         check_pairs([Pair("t9", "g0")], ["t0", "t1"], ["g0"])
     with pytest.raises(ValueError, match="given twice"):
         check_pairs([Pair("t0", "g0"), Pair("t0", "g0", 2.0)], ["t0"], ["g0"])
+
+
+def test_pair_names_drop_wrapper_prefixes():
+    assert make_pair(("module.layers.0", "_orig_mod.blocks.1")) == Pair("layers.0", "blocks.1")

@@ -143,6 +143,7 @@ def as_activation(output: object) -> Tensor:
     Tensors pass through; tuples and lists give their first element (RNNs
     return `(sequence, h)`, nn.MultiheadAttention `(output, weights)`); a
     PackedSequence is padded back to (batch, time, features) with zeros.
+    (LayerCapture also moves the batch first for time-first modules.)
     """
     if isinstance(output, PackedSequence):
         padded, _ = pad_packed_sequence(output, batch_first=True)
@@ -152,6 +153,12 @@ def as_activation(output: object) -> Tensor:
     if isinstance(output, Tensor):
         return output
     raise TypeError(f"cannot take an activation from a module output of type {type(output).__name__}")
+
+
+def _packed(output: object) -> bool:
+    if isinstance(output, (tuple, list)) and output:
+        return _packed(output[0])
+    return isinstance(output, PackedSequence)
 
 
 class LayerCapture:
@@ -182,7 +189,12 @@ class LayerCapture:
     def _hook(self, name: str):
         def record(module: nn.Module, inputs: tuple, output: object) -> None:
             if self.active:
-                self.activations[name] = as_activation(output)
+                act = as_activation(output)
+                # RNNs and nn.MultiheadAttention default to (time, batch, features):
+                # the examples must come first. A PackedSequence is padded batch-first.
+                if getattr(module, "batch_first", True) is False and act.dim() == 3 and not _packed(output):
+                    act = act.transpose(0, 1)
+                self.activations[name] = act
 
         return record
 

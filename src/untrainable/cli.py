@@ -42,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     built = EXPERIMENTS.create(args.experiment, quick=args.quick)
     experiments = built if isinstance(built, list) else [built]
-    root = Path(args.out) if args.out else Path("runs") / args.experiment
+    # Quick runs get their own folder: finished runs in a folder are reused.
+    root = Path(args.out) if args.out else Path("runs") / (args.experiment + ("-quick" if args.quick else ""))
     for experiment in experiments:
         out = root / experiment.name if len(experiments) > 1 else root
         table = run_experiment(experiment, out, seeds=tuple(args.seeds) if args.seeds else None)

@@ -300,3 +300,17 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def config_differences(saved: dict[str, Any], config: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between a saved config.json and `config` (keys in `ignore` skipped)."""
+    current = json.loads(json.dumps(config.to_dict()))
+
+    def walk(a: Any, b: Any, path: str) -> list[str]:
+        if path in ignore:
+            return []
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for key in sorted(set(a) | set(b)) for d in walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+        return [] if a == b else [path]
+
+    return walk(saved, current, "")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from untrainable.config import RunConfig
+from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
 from untrainable.trainer import RunResult, train
@@ -92,13 +92,20 @@ def run_experiment(
     for arm in experiment.arms:
         for seed in seeds:
             folder = out / arm.name / f"seed{seed}"
+            config = _arm_config(arm, seed, out)
+            if (folder / "config.json").exists():
+                changed = config_differences(json.loads((folder / "config.json").read_text()), config, ignore=("train.progress",))
+                if changed:
+                    raise ValueError(
+                        f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
+                        "choose another --out or remove the folder"
+                    )
             if (folder / "result.json").exists():
                 log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
                 result = RunResult(folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text()))
             else:
                 log(f"[{arm.name} seed {seed}] training")
                 resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
-                config = _arm_config(arm, seed, out)
                 result = train(config, folder, resume=resume, data=_data(config, data_sets))
             results.setdefault(arm.name, []).append(result)
     table = summarise(experiment, results, seeds)

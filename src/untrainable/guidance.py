@@ -141,6 +141,9 @@ class Guidance(nn.Module):
         freeze(self.guide)
         with torch.no_grad(), self.guide_capture.recording():
             self.guide(x)
+        missing = self.guide_capture.missing()
+        if missing:
+            raise RuntimeError(f"guide layers {missing} did not run in the guide's forward; choose layers that do")
         acts = self.guide_capture.activations
         self.guide_capture.clear()
         return acts

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence, Union
 
+from untrainable.capture import canonical_name
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -54,7 +56,15 @@ def spread_pairs(target_layers: Sequence[str], guide_layers: Sequence[str]) -> l
 
 
 def make_pair(spec: PairSpec) -> Pair:
-    """A Pair from a Pair, a (target, guide[, weight]) sequence, or a mapping with those keys."""
+    """A Pair from a Pair, a (target, guide[, weight]) sequence, or a mapping with those keys.
+
+    Layer names are exact module paths; DDP and torch.compile prefixes are stripped.
+    """
+    pair = _read_pair(spec)
+    return Pair(canonical_name(pair.target), canonical_name(pair.guide), pair.weight)
+
+
+def _read_pair(spec: PairSpec) -> Pair:
     if isinstance(spec, Pair):
         return spec
     if isinstance(spec, Mapping):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from untrainable import distributed
 from untrainable.checkpoint import CheckpointError, CheckpointManager, load_weights, save_checkpoint
-from untrainable.config import ModelSpec, RunConfig
+from untrainable.config import ModelSpec, RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.guidance import Guidance
 from untrainable.guide_cache import GuideCache, IndexedDataset
@@ -132,14 +132,14 @@ def _check_finite(step: int, info: distributed.DistInfo, **terms: Tensor) -> Non
     every rank learns that some rank failed, so none waits forever in the
     next collective; the message says which rank saw it first.
     """
-    bad = torch.tensor(
-        [torch.is_floating_point(v) and not bool(torch.isfinite(v).all()) for v in terms.values()], dtype=torch.int32
-    )
-    local = bad.clone()
+    flags = [torch.is_floating_point(v) and not bool(torch.isfinite(v).all()) for v in terms.values()]
+    # On the process group's device: nccl reduces CUDA tensors only.
+    bad = torch.tensor(flags, dtype=torch.int32, device=info.device)
+    local = flags
     if info.world_size > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     for i, (name, value) in enumerate(terms.items()):
-        if bad[i]:
+        if bad[i].item():
             where = f" (rank {info.rank})" if info.world_size > 1 else ""
             shown = value.detach().float().flatten()
             shown = shown[~torch.isfinite(shown)][:4].tolist() if local[i] else "on another rank"
@@ -332,6 +332,12 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
         distributed.barrier(dist_info)
         if not is_main:
             loaded = checkpoints.load_latest(map_location=device, quarantine=False)
+    saved_config = folder / "config.json"
+    if resume and saved_config.exists():
+        # The run length and the progress bar may change on resume; nothing else.
+        changed = config_differences(json.loads(saved_config.read_text()), config, ignore=("train.max_steps", "train.progress"))
+        if changed:
+            raise ValueError(f"{folder} holds a run with a different config (differs in {', '.join(changed)}); resume it with its own config.json or choose another folder")
     if not resume and checkpoints.paths():
         raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
     if loaded is not None:
@@ -410,6 +416,7 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
                 torch.nn.utils.clip_grad_norm_(target.parameters(), config.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         lr_schedule.step()
         record = {
             "step": step + 1,
@@ -418,7 +425,7 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             "task_loss": float(task_loss.detach()),
             "guidance_loss": float(guidance_loss.detach()),
             "alpha": alpha,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
         }
         if scaler.is_enabled() and scaler.get_scale() < scale_before:
             record["skipped_overflow"] = 1

@@ -1,0 +1,54 @@
+"""Experiments: arms over seeds, reused runs, tables."""
+
+import dataclasses
+import json
+
+import pytest
+
+from untrainable.config import DataSpec, ModelSpec, RunConfig, TrainSpec
+from untrainable.experiment import Arm, Experiment, format_table, run_experiment
+from untrainable.trainer import train
+
+
+def tiny(epochs: int = 1) -> RunConfig:
+    return RunConfig(
+        model=ModelSpec("fcn", {"depth": 2, "width": 16}),
+        data=DataSpec("mnist1d", {"num_samples": 400, "val_size": 50}, batch_size=50, train_eval_size=50),
+        guide=ModelSpec("cnn1d", {"channels": 4}),
+        train=TrainSpec(epochs=epochs, progress=False),
+    )
+
+
+def experiment(epochs: int = 1) -> Experiment:
+    guide = tiny(epochs).replace(model=ModelSpec("cnn1d", {"channels": 4}), guide=None)
+    return Experiment(
+        name="tiny",
+        description="two arms",
+        arms=[Arm("cnn", guide), Arm("fcn+trained-cnn", tiny(epochs), guide_from="cnn")],
+        seeds=(0, 1),
+    )
+
+
+def test_arms_seeds_table_and_reuse(tmp_path):
+    table = run_experiment(experiment(), tmp_path, log=lambda _: None)
+    assert [row["arm"] for row in table["rows"]] == ["cnn", "fcn+trained-cnn"]
+    assert all(row["seeds"] == 2 and len(row["per_seed_test"]) == 2 for row in table["rows"])
+    saved = json.loads((tmp_path / "fcn+trained-cnn" / "seed1" / "config.json").read_text())
+    assert saved["guide"]["checkpoint"].endswith("cnn/seed1/model.pt")  # the same seed's trained guide
+    assert "| fcn+trained-cnn | 2 |" in format_table(table)
+
+    messages = []
+    run_experiment(experiment(), tmp_path, log=messages.append)
+    assert all("reusing" in m for m in messages)
+
+    with pytest.raises(ValueError, match="train.epochs"):
+        run_experiment(experiment(epochs=2), tmp_path, log=lambda _: None)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    config = tiny(epochs=2)
+    train(dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=3)), tmp_path)
+    changed = config.replace(optim=dataclasses.replace(config.optim, lr=0.5))
+    with pytest.raises(ValueError, match="optim.lr"):
+        train(changed, tmp_path, resume=True)
+    assert train(config, tmp_path, resume=True).final["steps"] == 10  # 270 examples, batch 50, 2 epochs
