@@ -128,3 +128,18 @@ def test_packed_rnn_target_when_every_row_is_padded():
     x = tokens([min(n, T - 1) for n in LENGTHS])
     out = guidance(x, mask=padding_mask(x, 0))
     assert torch.isfinite(out.guidance_loss)
+
+
+def test_guide_cache_stores_packed_outputs_of_any_length():
+    from untrainable.guide_cache import GuideCache
+
+    target = create_model("rnn", vocab_size=V, num_classes=V, embed_dim=8, hidden=8, layers=1)
+    guide = create_model("rnn", vocab_size=V, num_classes=V, embed_dim=8, hidden=8, layers=1, pack=True)
+    guidance = Guidance(target, guide, target_layers=["layers.*"], guide_layers=["layers.*"])
+    cache = GuideCache(16, "memory")
+    short, long = tokens([3] * 8), tokens([T - 1] * 8)  # the first batch's packed output is the shorter
+    first = cache.activations(torch.arange(8), short, guidance.run_guide)
+    second = cache.activations(torch.arange(8, 16), long, guidance.run_guide)
+    assert first["layers.0"].shape == second["layers.0"].shape == (8, T, 8)
+    again = cache.activations(torch.arange(8, 16), long, guidance.run_guide)
+    assert torch.equal(again["layers.0"], second["layers.0"]) and cache.hits == 8

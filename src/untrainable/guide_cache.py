@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from untrainable.sequence import pad_time
+
 STORAGES = ("memory", "disk")
 
 
@@ -82,17 +84,25 @@ class GuideCache:
         depend on the rest of the batch, so running it on the unseen rows
         alone gives the same values.
         """
+        def guide_on(rows: Tensor) -> dict[str, Tensor]:
+            # A packed RNN's output stops at the batch's longest row: pad
+            # sequences to the input's length so every batch stores alike.
+            acts = run_guide(rows)
+            if rows.dim() == 2:
+                acts = {name: pad_time(act, rows.shape[1]) if act.dim() == 3 else act for name, act in acts.items()}
+            return acts
+
         if self.filled is None:
             self._open_existing()
         if self.filled is None:
-            acts = run_guide(x)
+            acts = guide_on(x)
             self.store(index, acts)
             self.misses += int(index.numel())
             return acts
         found = self._filled(index)
         if not bool(found.all()):
             missing = ~found
-            self.store(index[missing], run_guide(x[missing.to(x.device)]))
+            self.store(index[missing], guide_on(x[missing.to(x.device)]))
         self.misses += int((~found).sum())
         self.hits += int(found.sum())
         return self._read(index, x.device)

@@ -43,7 +43,7 @@ def sequence_similarity(
         mask = mask.to(device=x.device, dtype=torch.bool)
         # A packed RNN's output stops at the batch's longest row; the positions
         # after it are padding, so fill them in as zeros.
-        x, y = _pad_time(x, mask.shape[1]), _pad_time(y, mask.shape[1])
+        x, y = pad_time(x, mask.shape[1]), pad_time(y, mask.shape[1])
         if mask.shape != x.shape[:2]:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not match activations {tuple(x.shape[:2])}")
     if mode != "flatten" and x.shape[1] != y.shape[1]:
@@ -68,7 +68,7 @@ def sequence_similarity(
     return torch.stack(values).mean()
 
 
-def _pad_time(x: Tensor, length: int) -> Tensor:
+def pad_time(x: Tensor, length: int) -> Tensor:
     """(batch, time, d) zero-padded at the end to `length` positions when shorter."""
     if x.shape[1] >= length:
         return x
