@@ -201,6 +201,15 @@ class RunConfig:
         """A copy with top-level sections replaced, validated again."""
         return dataclasses.replace(self, **changes)
 
+    def with_section(self, section: str, **changes: Any) -> "RunConfig":
+        """A copy with fields of one section changed: `config.with_section("train", epochs=5)`."""
+        return self.replace(**{section: dataclasses.replace(getattr(self, section), **changes)})
+
+    def with_args(self, section: str, **args: Any) -> "RunConfig":
+        """A copy with keyword arguments of a model or data section added or changed."""
+        spec = getattr(self, section)
+        return self.with_section(section, args={**spec.args, **args})
+
 
 def _check_type(where: str, value: Any, hint: Any) -> Any:
     """Coerce a parsed value to a field's type hint, or raise ConfigError."""

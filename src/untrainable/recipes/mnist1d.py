@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from importlib import resources
 
 from untrainable.config import RunConfig, load_config
@@ -16,13 +15,9 @@ def base_config() -> RunConfig:
     return load_config(resources.files("untrainable") / "configs" / "mnist1d.toml")
 
 
-def _with(config: RunConfig, section: str, **changes: object) -> RunConfig:
-    return config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
-
 
 def _quick(config: RunConfig) -> RunConfig:
-    data = dataclasses.replace(config.data, args={**config.data.args, "num_samples": 2000, "val_size": 300})
-    return config.replace(data=data, train=dataclasses.replace(config.train, epochs=15))
+    return config.with_args("data", num_samples=2000, val_size=300).with_section("train", epochs=15)
 
 
 @register_experiment("mnist1d")
@@ -33,7 +28,7 @@ def mnist1d(quick: bool = False) -> Experiment:
         guided = _quick(guided)
     alone = guided.replace(guide=None)
     cnn = alone.replace(model=guided.guide)
-    first_steps = _with(guided, "guidance", schedule="first_steps", steps=FIRST_STEPS)
+    first_steps = guided.with_section("guidance", schedule="first_steps", steps=FIRST_STEPS)
     arms = [
         Arm("cnn-guide", cnn),
         Arm("fcn", alone),
@@ -60,19 +55,19 @@ def mnist1d_explore(quick: bool = False) -> Experiment:
     cnn = base.replace(model=base.guide, guide=None)
     arms = [Arm("cnn-guide", cnn)]
     for depth in (4, 12):
-        deep = _with(base, "model", args={**base.model.args, "depth": depth})
+        deep = base.with_args("model", depth=depth)
         prefix = f"fcn{depth}"
         arms += [
             Arm(f"{prefix}", deep.replace(guide=None)),
             Arm(f"{prefix}+untrained", deep),
-            Arm(f"{prefix}+untrained-post", _with(deep, "guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"])),
+            Arm(f"{prefix}+untrained-post", deep.with_section("guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"])),
         ]
         for alpha in (0.3, 1.0, 3.0):
-            arms.append(Arm(f"{prefix}+trained-a{alpha:g}", _with(deep, "guidance", alpha=alpha), guide_from="cnn-guide"))
+            arms.append(Arm(f"{prefix}+trained-a{alpha:g}", deep.with_section("guidance", alpha=alpha), guide_from="cnn-guide"))
         arms.append(
             Arm(
                 f"{prefix}+trained-post",
-                _with(deep, "guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"]),
+                deep.with_section("guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"]),
                 guide_from="cnn-guide",
             )
         )

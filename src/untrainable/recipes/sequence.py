@@ -37,18 +37,15 @@ def base_config(name: str) -> RunConfig:
     return load_config(resources.files("untrainable") / "configs" / f"sequence_{name}.toml")
 
 
-def _with(config: RunConfig, section: str, **changes: object) -> RunConfig:
-    return config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
-
 
 def _guide_alone(guided: RunConfig, lr: float) -> RunConfig:
     """The guide's architecture trained alone on the task: the trained guide and the reference row."""
-    return _with(guided.replace(model=dataclasses.replace(guided.guide, seed=None), guide=None), "optim", lr=lr)
+    return guided.replace(model=dataclasses.replace(guided.guide, seed=None), guide=None).with_section("optim", lr=lr)
 
 
 def _quick(config: RunConfig, **data_args: Any) -> RunConfig:
     data = dataclasses.replace(config.data, args={**config.data.args, **data_args}, train_eval_size=64)
-    return _with(config.replace(data=data), "train", epochs=1)
+    return config.replace(data=data).with_section("train", epochs=1)
 
 
 # A quick run is a smoke test of the whole pipeline, not a result.

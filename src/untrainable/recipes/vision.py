@@ -17,7 +17,6 @@ The arms' single-run configs are `configs/vision_*.toml`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -50,13 +49,6 @@ def base_config(name: str) -> RunConfig:
     return load_config(resources.files("untrainable") / "configs" / f"vision_{name}.toml")
 
 
-def _with(config: RunConfig, section: str, **changes: Any) -> RunConfig:
-    return config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
-
-
-def _with_args(config: RunConfig, section: str, **args: Any) -> RunConfig:
-    spec = getattr(config, section)
-    return config.replace(**{section: dataclasses.replace(spec, args={**spec.args, **args})})
 
 
 def _quick(config: RunConfig) -> RunConfig:
@@ -69,12 +61,12 @@ def _quick(config: RunConfig) -> RunConfig:
         "plain34": {"width": 4},
         "vit_tiny": {"dim": 16, "depth": 2, "heads": 2},
     }
-    config = _with_args(config, "data", train_size=128, val_size=64)
-    config = _with(config, "data", batch_size=32, train_eval_size=64)
-    config = _with(config, "train", epochs=1, progress=False)
-    config = _with_args(config, "model", **shrink.get(config.model.name, {}))
+    config = config.with_args("data", train_size=128, val_size=64)
+    config = config.with_section("data", batch_size=32, train_eval_size=64)
+    config = config.with_section("train", epochs=1, progress=False)
+    config = config.with_args("model", **shrink.get(config.model.name, {}))
     if config.guide is not None:
-        config = _with_args(config, "guide", **shrink.get(config.guide.name, {}))
+        config = config.with_args("guide", **shrink.get(config.guide.name, {}))
     return config
 
 
@@ -179,7 +171,7 @@ def fcn_experiment(quick: bool = False) -> Experiment:
     resnet = deep.replace(model=deep.guide, guide=None)
     vit = deep_vit.replace(model=deep_vit.guide, guide=None)
     first_steps = 2 if quick else FIRST_STEPS
-    first = _with(deep, "guidance", schedule="first_steps", steps=first_steps)
+    first = deep.with_section("guidance", schedule="first_steps", steps=first_steps)
     arms = [
         Arm("resnet18", resnet),
         Arm("vit", vit),
