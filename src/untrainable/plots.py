@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -55,7 +56,7 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: str | Pa
 def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, title: str = "", vmin: float | None = None, vmax: float | None = None, annotate: bool = True) -> Path:
     """A labelled heatmap (similarity of layers, error consistency of models)."""
     matrix = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(cols), 1.2 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.6 * len(cols)), 1.2 + 0.45 * len(rows)))
     image = ax.imshow(matrix, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -64,7 +65,7 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
             ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < np.nanmean(matrix) else "black")
     fig.colorbar(image, ax=ax)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title, 50)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
