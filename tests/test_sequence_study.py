@@ -39,3 +39,16 @@ def test_study_arms_and_guides():
         assert (source.name, source.args) == (trained[0].config.guide.name, trained[0].config.guide.args)
     lm = experiments[2]
     assert (lm.metric, lm.higher_is_better) == ("perplexity", False)
+
+
+def test_long_copy_paste_uses_the_papers_lengths():
+    from untrainable.experiment import EXPERIMENTS
+
+    experiment = EXPERIMENTS.create("sequence-copy-paste-long", quick=False)
+    assert [arm.name for arm in experiment.arms] == ["transformer", "rnn", "rnn+untrained-transformer", "rnn+trained-transformer"]
+    for arm in experiment.arms:
+        assert (arm.config.data.args["min_len"], arm.config.data.args["max_len"]) == (20, 40)
+        assert arm.config.train.epochs == 40
+        for spec in (arm.config.model, arm.config.guide):
+            if spec is not None and spec.name == "causal_transformer":
+                assert spec.args["max_len"] == 2 * 40 + 2  # sequence, COPY, blanks, END

@@ -148,6 +148,28 @@ def language_model(quick: bool = False) -> Experiment:
     )
 
 
+def copy_paste_long(quick: bool = False) -> Experiment:
+    """Copy-paste at the paper's lengths (20-40): RNN alone; + untrained Transformer; + trained; Transformer alone."""
+    short = copy_paste(quick)
+    arms = []
+    for arm in short.arms:
+        config = arm.config.with_args("data", min_len=20, max_len=40)
+        if not quick:
+            # Longer sequences need longer training: 2000 steps instead of 400.
+            config = config.with_section("train", epochs=40)
+        if config.guide is not None:
+            config = config.with_args("guide", max_len=82)
+        if config.model.name == "causal_transformer":
+            config = config.with_args("model", max_len=82)
+        arms.append(Arm(arm.name, config, guide_from=arm.guide_from))
+    return Experiment(
+        name="copy-paste-long" + ("-quick" if quick else ""),
+        description=short.description.replace("lengths 3-6", "lengths 20-40, as in the paper; 40 epochs"),
+        arms=arms,
+        seeds=short.seeds,
+    )
+
+
 @register_experiment("sequence")
 def sequence(quick: bool = False) -> list[Experiment]:
     """Sequences: copy-paste (RNN + Transformer guide), parity (Transformer + RNN guide), Shakespeare LM."""
@@ -155,5 +177,6 @@ def sequence(quick: bool = False) -> list[Experiment]:
 
 
 register_experiment("sequence-copy-paste")(copy_paste)
+register_experiment("sequence-copy-paste-long")(copy_paste_long)
 register_experiment("sequence-parity")(parity)
 register_experiment("sequence-lm")(language_model)
