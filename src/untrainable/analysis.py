@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from untrainable.capture import LayerCapture, resolve_layers
 from untrainable.metrics import error_consistency_matrix
-from untrainable.similarity import Similarity, get_similarity
+from untrainable.similarity import Similarity, centred_gram, get_similarity, gram_cka
 
 PREDICTIONS_FILE = "test_predictions.npy"  # written by every classification run (trainer._finish)
 
@@ -65,29 +65,15 @@ def similarity_matrix(
     guide_names, guide_acts = _capture(guide, guide_layers, x)
     if similarity == "cka":
         # Every layer takes part in many pairs: form its centred Gram matrix once.
-        target_grams = {name: _centred_gram(act) for name, act in target_acts.items()}
-        guide_grams = {name: _centred_gram(act) for name, act in guide_acts.items()}
-        return np.array([[_gram_cka(guide_grams[g], target_grams[t]) for t in target_names] for g in guide_names])
+        target_grams = {name: centred_gram(act.double()) for name, act in target_acts.items()}
+        guide_grams = {name: centred_gram(act.double()) for name, act in guide_acts.items()}
+        return np.array([[float(gram_cka(guide_grams[g], target_grams[t])) for t in target_names] for g in guide_names])
     measure = get_similarity(similarity)
     matrix = np.empty((len(guide_names), len(target_names)))
     for i, g in enumerate(guide_names):
         for j, t in enumerate(target_names):
             matrix[i, j] = float(measure(target_acts[t].flatten(1).double(), guide_acts[g].flatten(1).double()))
     return matrix
-
-
-def _centred_gram(act: Tensor) -> Tensor:
-    """(n, ...) activations -> the (n, n) float64 Gram matrix of their column-centred flattening."""
-    x = act.flatten(1).double()
-    x = x - x.mean(dim=0, keepdim=True)
-    x = x / x.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)  # scale-free; avoids overflow
-    return x @ x.T
-
-
-def _gram_cka(k: Tensor, l: Tensor) -> float:
-    """Linear CKA (biased estimator, as `similarity.linear_cka`) from two centred Gram matrices; 0 for a constant layer."""
-    norms = float((k * k).sum().sqrt() * (l * l).sum().sqrt())
-    return float((k * l).sum()) / norms if norms > 0 else 0.0
 
 
 def layer_names(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:

@@ -107,13 +107,27 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
         x, y = _centre(x), _centre(y)
         n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
         if _use_sample_space(n, d1, d2):
-            k, l = x @ x.T, y @ y.T
-            xy, xx, yy = (k * l).sum(), (k * k).sum(), (l * l).sum()
-        else:
-            xy = (y.T @ x).square().sum()
-            xx = (x.T @ x).square().sum()
-            yy = (y.T @ y).square().sum()
+            return gram_cka(x @ x.T, y @ y.T)
+        xy = (y.T @ x).square().sum()
+        xx = (x.T @ x).square().sum()
+        yy = (y.T @ y).square().sum()
         return _ratio(xy, xx, yy)
+
+
+def centred_gram(x: Tensor) -> Tensor:
+    """The (n, n) Gram matrix of x (n, ...) flattened, column-centred and scaled as `linear_cka` does.
+
+    For many pairs of layers: form each layer's Gram matrix once, then
+    `gram_cka(k, l)` equals `linear_cka` of the two layers.
+    """
+    (x,) = _prepare(x, x, min_n=2)[:1]
+    x = _centre(x)
+    return x @ x.T
+
+
+def gram_cka(k: Tensor, l: Tensor) -> Tensor:
+    """Biased linear CKA from two centred (n, n) Gram matrices; 0 for a constant layer."""
+    return _ratio((k * l).sum(), (k * k).sum(), (l * l).sum())
 
 
 def _unbiased_hsic(inner: Tensor, dk: Tensor, dl: Tensor, rk: Tensor, rl: Tensor, n: int) -> Tensor:
