@@ -38,16 +38,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a registered experiment and print its table."""
     import untrainable.recipes  # noqa: F401
-    from untrainable.experiment import EXPERIMENTS, format_table, run_experiment
+    from untrainable.experiment import EXPERIMENTS, format_table, run_study
 
     built = EXPERIMENTS.create(args.experiment, quick=args.quick)
-    experiments = built if isinstance(built, list) else [built]
     # Quick runs get their own folder: finished runs in a folder are reused.
     root = Path(args.out) if args.out else Path("runs") / (args.experiment + ("-quick" if args.quick else ""))
-    for experiment in experiments:
-        out = root / experiment.name if len(experiments) > 1 else root
-        table = run_experiment(experiment, out, seeds=tuple(args.seeds) if args.seeds else None)
+    seeds = tuple(args.seeds) if args.seeds else None
+    for experiment, out, table in run_study(built, root, seeds=seeds, jobs=args.jobs):
         print(f"\n## {experiment.name}\n\n{format_table(table)}")
+        for note in table.get("notes", []):
+            print(f"- {note}")
         print(f"\n{len(table['seeds'])} seeds, {table['seconds']:.0f} s. Table, curves and runs in {out}/")
     return 0
 
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small version that finishes in minutes on a CPU")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
     p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train one run from a TOML or JSON config file")

@@ -132,6 +132,7 @@ class OptimSpec:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     grad_clip: float | None = None
+    fused: bool = False  # one fused kernel for the Adam/AdamW update (same maths, faster on large models)
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.name", self.name, OPTIMIZERS)
@@ -141,6 +142,20 @@ class OptimSpec:
         _choice(f"{where}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive(f"{where}.grad_clip", self.grad_clip, optional=True)
+        if self.fused and self.name == "sgd":
+            raise ConfigError(f"{where}.fused: only adam and adamw have a fused update here; set fused = false for sgd")
+
+
+@dataclass
+class DistillSpec:
+    """Knowledge distillation from the `[guide]` model's logits (the paper's contrast to guidance); off at weight 0."""
+
+    weight: float = 0.0
+    temperature: float = 4.0
+
+    def validate(self, where: str) -> None:
+        _positive(f"{where}.weight", self.weight, allow_zero=True)
+        _positive(f"{where}.temperature", self.temperature)
 
 
 @dataclass
@@ -157,6 +172,7 @@ class TrainSpec:
     checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: each epoch only
     keep_checkpoints: int = 2
     progress: bool = True
+    grad_norm_steps: list[int] = field(default_factory=list)  # steps (from 1) at which per-layer gradient norms are logged
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.epochs", self.epochs)
@@ -167,6 +183,8 @@ class TrainSpec:
         _positive(f"{where}.max_steps", self.max_steps, optional=True)
         _positive(f"{where}.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive(f"{where}.keep_checkpoints", self.keep_checkpoints)
+        for i, step in enumerate(self.grad_norm_steps):
+            _positive(f"{where}.grad_norm_steps[{i}]", step)
 
 
 @dataclass
@@ -178,6 +196,7 @@ class RunConfig:
     guide: ModelSpec | None = None
     guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     name: str = "run"
 
@@ -191,6 +210,9 @@ class RunConfig:
             self.guide.validate("guide")
         self.guidance.validate("guidance")
         self.optim.validate("optim")
+        self.distill.validate("distill")
+        if self.distill.weight > 0 and self.guide is None:
+            raise ConfigError("distill.weight: distillation needs a teacher; name it in the [guide] section")
         self.train.validate("train")
         return self
 

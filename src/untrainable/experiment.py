@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
@@ -40,6 +41,9 @@ class Experiment:
     higher_is_better: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
     notes: list[str] = field(default_factory=list)
+    # The arm every other is compared with: the table then gives each row's
+    # test difference to it, in pooled seed standard deviations, and the per-seed numbers.
+    baseline: str | None = None
     # Analysis after the table (error consistency, similarity maps...):
     # called as after(out_folder, table, results) and may add keys to the table.
     after: Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None] | None = None
@@ -73,11 +77,14 @@ def run_experiment(
     out: str | Path,
     seeds: tuple[int, ...] | None = None,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train every arm for every seed (finished runs are reused, interrupted ones resumed) and write the table.
 
-    Writes into `out`: one run folder per arm and seed (`ARM/seedN/`),
-    `table.md`, `table.json` and `curves.png`.
+    With `jobs` > 1, runs go to that many worker processes (each with
+    cores / jobs threads), an arm's run starting once the run it takes its
+    guide from (same seed) has finished. Writes into `out`: one run folder per
+    arm and seed (`ARM/seedN/`), `table.md`, `table.json` and `curves.png`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,28 +93,20 @@ def run_experiment(
     for arm in experiment.arms:
         if arm.guide_from is not None and arm.guide_from not in names[: names.index(arm.name)]:
             raise ValueError(f"arm {arm.name!r}: guide_from {arm.guide_from!r} must name an earlier arm")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     started = time.time()
-    data_sets: dict[str, DataSplits] = {}
-    results: dict[str, list[RunResult]] = {}
-    for arm in experiment.arms:
-        for seed in seeds:
-            folder = out / arm.name / f"seed{seed}"
-            config = _arm_config(arm, seed, out)
-            if (folder / "config.json").exists():
-                changed = config_differences(json.loads((folder / "config.json").read_text()), config, ignore=("train.progress",))
-                if changed:
-                    raise ValueError(
-                        f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
-                        "choose another --out or remove the folder"
-                    )
-            if (folder / "result.json").exists():
-                log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
-                result = RunResult(folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text()))
-            else:
-                log(f"[{arm.name} seed {seed}] training")
-                resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
-                result = train(config, folder, resume=resume, data=_data(config, data_sets))
-            results.setdefault(arm.name, []).append(result)
+    tasks = [(arm, seed) for arm in experiment.arms for seed in seeds]
+    for arm, seed in tasks:  # refuse a folder of other runs before anything trains
+        folder = out / arm.name / f"seed{seed}"
+        if (folder / "config.json").exists():
+            _check_folder(folder, _arm_config(arm, seed, out))
+    if jobs == 1:
+        data_sets: dict[str, DataSplits] = {}
+        done = {(arm.name, seed): _run_arm(arm, seed, out, log, data_sets) for arm, seed in tasks}
+    else:
+        done = _run_parallel(tasks, out, jobs, log)
+    results = {arm.name: [done[arm.name, seed] for seed in seeds] for arm in experiment.arms}
     table = summarise(experiment, results, seeds)
     if experiment.after is not None:
         experiment.after(out, table, results)
@@ -119,8 +118,114 @@ def run_experiment(
     return table
 
 
+def _check_folder(folder: Path, config: RunConfig) -> None:
+    if (folder / "config.json").exists():
+        changed = config_differences(json.loads((folder / "config.json").read_text()), config, ignore=("train.progress",))
+        if changed:
+            raise ValueError(
+                f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
+                "choose another --out or remove the folder"
+            )
+
+
+def _run_arm(arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True) -> RunResult:
+    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
+    folder = out / arm.name / f"seed{seed}"
+    config = _arm_config(arm, seed, out)
+    _check_folder(folder, config)
+    if not progress:
+        config = config.with_section("train", progress=False)
+    if (folder / "result.json").exists():
+        log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
+        return RunResult(folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text()))
+    log(f"[{arm.name} seed {seed}] training")
+    resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
+    result = train(config, folder, resume=resume, data=_data(config, data_sets))
+    if not progress:
+        log(f"[{arm.name} seed {seed}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
+    return result
+
+
+def _headline(final: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in final["test"].items() if isinstance(v, (int, float)) and k != "loss")
+
+
+_WORKER_DATA: dict[str, DataSplits] = {}  # each worker process loads a data set once
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _worker_run(arm: Arm, seed: int, out: Path) -> RunResult:
+    return _run_arm(arm, seed, out, lambda line: print(line, flush=True), _WORKER_DATA, progress=False)
+
+
+def _run_parallel(tasks: list[tuple[Arm, int]], out: Path, jobs: int, log: Callable[[str], None]) -> dict[tuple[str, int], RunResult]:
+    """Run (arm, seed) tasks in `jobs` processes, in order, each after the run it takes its guide from."""
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // jobs)
+    log(f"{len(tasks)} runs in {jobs} processes of {threads} thread(s) each")
+    pending = list(tasks)
+    done: dict[tuple[str, int], RunResult] = {}
+    running: dict[Future, tuple[str, int]] = {}
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        try:
+            while pending or running:
+                for task in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    arm, seed = task
+                    if arm.guide_from is None or (arm.guide_from, seed) in done:
+                        pending.remove(task)
+                        running[pool.submit(_worker_run, arm, seed, out)] = (arm.name, seed)
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done[running.pop(future)] = future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return done
+
+
+StudyStep = Union[Experiment, Callable[[dict[str, dict[str, Any]]], Experiment]]
+
+
+def run_study(
+    steps: Experiment | list[StudyStep],
+    root: str | Path,
+    seeds: tuple[int, ...] | None = None,
+    log: Callable[[str], None] = print,
+    jobs: int = 1,
+) -> list[tuple[Experiment, Path, dict[str, Any]]]:
+    """Run one experiment into `root`, or a study of several into `root/NAME/`, one after another.
+
+    A step may be a function of the tables of the experiments before it
+    (name -> table): how a study builds an arm from a choice made on an
+    earlier experiment's validation split.
+    """
+    steps = steps if isinstance(steps, list) else [steps]
+    root = Path(root)
+    tables: dict[str, dict[str, Any]] = {}
+    done = []
+    for step in steps:
+        experiment = step if isinstance(step, Experiment) else step(tables)
+        out = root / experiment.name if len(steps) > 1 else root
+        table = run_experiment(experiment, out, seeds=seeds, log=log, jobs=jobs)
+        tables[experiment.name] = table
+        done.append((experiment, out, table))
+    return done
+
+
 def _data(config: RunConfig, data_sets: dict[str, DataSplits]) -> DataSplits:
-    """The config's data, built once per experiment: arms that share a data set reuse it."""
+    """The config's data, built once per process: arms that share a data set reuse it."""
     key = json.dumps([config.data.name, config.data.args], sort_keys=True)
     if key not in data_sets:
         data_sets[key] = load_data(config.data.name, **config.data.args)
@@ -161,7 +266,29 @@ def summarise(experiment: Experiment, results: dict[str, list[RunResult]], seeds
         for extra in sorted({k for r in runs for k in r.final.get("extra_test", {})}):
             row[f"{extra}_{metric}"] = _mean_std([r.final["extra_test"].get(extra, {}).get(metric) for r in runs])
         rows.append(row)
-    return {"experiment": experiment.name, "metric": metric, "seeds": list(seeds), "rows": rows, "notes": list(experiment.notes)}
+    table = {"experiment": experiment.name, "metric": metric, "seeds": list(seeds), "rows": rows, "notes": list(experiment.notes)}
+    if experiment.baseline is not None:
+        add_effects(table, experiment.baseline)
+    return table
+
+
+def effect(row: tuple[float, float], base: tuple[float, float]) -> tuple[float, float | None]:
+    """(difference of means, difference in pooled seed stds sqrt((s1^2 + s2^2) / 2)); None where both stds are 0."""
+    difference = row[0] - base[0]
+    pooled = math.sqrt((row[1] ** 2 + base[1] ** 2) / 2)
+    return difference, (difference / pooled if pooled > 0 else None)
+
+
+def add_effects(table: dict[str, Any], baseline: str) -> None:
+    """Give every row `vs_baseline`: its test difference to the baseline arm, raw and in seed stds."""
+    key = f"test_{table['metric']}"
+    base = next((row for row in table["rows"] if row["arm"] == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline arm {baseline!r} is not among the arms {[row['arm'] for row in table['rows']]}")
+    table["baseline"] = baseline
+    for row in table["rows"]:
+        difference, sds = effect(row[key], base[key])
+        row["vs_baseline"] = {"difference": difference, "sd": sds}
 
 
 def _fmt(pair: tuple[float, float], scale: float = 1.0) -> str:
@@ -174,10 +301,16 @@ def format_table(table: dict[str, Any]) -> str:
     metric = table["metric"]
     extras = [k for k in table["rows"][0] if k.endswith(f"_{metric}") and k.split("_")[0] not in ("test", "val", "train")] if table["rows"] else []
     header = ["arm", "seeds", f"test {metric}", f"val {metric}", f"train {metric}", "train − test"] + [e.replace("_", " ") for e in extras]
+    if "baseline" in table:
+        header += [f"Δ vs {table['baseline']}", "Δ / std", "per-seed test"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         cells = [row["arm"], str(row["seeds"]), _fmt(row[f"test_{metric}"]), _fmt(row[f"val_{metric}"]), _fmt(row[f"train_{metric}"]), _fmt(row["gap"])]
         cells += [_fmt(row[e]) for e in extras]
+        if "baseline" in table:
+            vs = row["vs_baseline"]
+            sds = "—" if vs["sd"] is None else f"{vs['sd']:+.1f}"
+            cells += [f"{vs['difference']:+.3f}", sds, " ".join(f"{v:.3f}" for v in row["per_seed_test"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -109,3 +109,80 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_by_step(
+    histories: dict[str, list[list[dict[str, Any]]]],
+    key: str,
+    path: str | Path,
+    marks: Mapping[str, float] | None = None,
+    title: str = "",
+) -> Path:
+    """One per-epoch metric against the training step, mean ± std band over seeds, one colour per arm.
+
+    `histories`: arm -> one per-epoch history per seed (dicts with `step` and
+    `key`); `marks`: label -> step, drawn as vertical dashed lines.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for arm, runs in histories.items():
+        runs = [h for h in runs if h and key in h[0]]
+        if not runs:
+            continue
+        length = min(len(h) for h in runs)
+        steps = np.array([entry["step"] for entry in runs[0][:length]], dtype=float)
+        values = np.array([[entry[key] for entry in h[:length]] for h in runs], dtype=float)
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=arm)
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for i, (label, step) in enumerate((marks or {}).items()):
+        ax.axvline(step, color="grey", linestyle=["--", ":", "-."][i % 3], label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_depth_map(depths: Sequence[int], curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, title: str = "") -> Path:
+    """Test accuracy (mean ± std over seeds) against depth, one line per arm kind."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        mean = np.array([p[0] for p in points], dtype=float)
+        std = np.array([p[1] for p in points], dtype=float)
+        ax.errorbar(depths, mean, yerr=std, marker="o", capsize=3, label=label)
+    ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("depth (blocks)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xticks(list(depths))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_grad_norms(norms: Mapping[str, Mapping[int, Sequence[float]]], path: str | Path, title: str = "") -> Path:
+    """Per-layer gradient norms (log scale) against layer index: one panel per kind, one line per step."""
+    fig, axes = plt.subplots(1, len(norms), figsize=(6 * len(norms), 4.2), sharey=True, squeeze=False)
+    for ax, (kind, steps) in zip(axes[0], norms.items()):
+        for step, values in steps.items():
+            ax.semilogy(range(len(values)), values, marker=".", label=f"step {step}")
+        ax.set_title(kind)
+        ax.set_xlabel("linear layer (input side = 0)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("gradient norm of the weight")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

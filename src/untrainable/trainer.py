@@ -25,6 +25,7 @@ from untrainable import distributed
 from untrainable.checkpoint import CheckpointError, CheckpointManager, load_weights, save_checkpoint
 from untrainable.config import ModelSpec, RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
+from untrainable.distillation import Distillation
 from untrainable.guidance import Guidance
 from untrainable.guide_cache import GuideCache, IndexedDataset
 from untrainable.models import create_model
@@ -89,7 +90,7 @@ def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter]) -> torch.o
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=o.fused or None)
 
 
 def make_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -151,6 +152,15 @@ def _grad_norm(parameters: list[nn.Parameter]) -> Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+
+
+def _layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    """`grad_norm/NAME` for every weight matrix or kernel (dim >= 2) of the model, before the update."""
+    return {
+        f"grad_norm/{name}": float(torch.linalg.vector_norm(p.grad.detach().float()))
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.dim() >= 2
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -280,7 +290,10 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     target = build_model(config.model, data, config.train.seed).to(device)
     guide = build_model(config.guide, data, config.train.seed).to(device) if config.guide else None
     model: nn.Module = distributed.wrap(target, dist_info)  # the guide is never wrapped
-    guidance = build_guidance(config, model, guide) if guide is not None else None
+    # alpha 0 under a constant schedule: the guide serves only as a distillation teacher.
+    guided = guide is not None and not (config.guidance.alpha == 0 and config.guidance.schedule == "constant")
+    guidance = build_guidance(config, model, guide) if guided else None
+    distillation = Distillation(guide, config.distill.weight, config.distill.temperature) if config.distill.weight > 0 else None
     optimizer = make_optimizer(config, target.parameters())
 
     guide_cache = None
@@ -396,10 +409,11 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             else:
                 output, guidance_loss, alpha = model(x), torch.zeros((), device=device), 0.0
             task_loss = task.loss(output, y)
+            distill_loss = distillation(x, output) if distillation is not None else torch.zeros((), device=device)
         # Checked before any weight changes, so the last checkpoint and the
         # weights in memory are both still good when the run stops.
-        _check_finite(step + 1, dist_info, input=raw_x, task_loss=task_loss, guidance_loss=guidance_loss)
-        loss = task_loss + guidance_loss
+        _check_finite(step + 1, dist_info, input=raw_x, task_loss=task_loss, guidance_loss=guidance_loss, distill_loss=distill_loss)
+        loss = task_loss + guidance_loss + distill_loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if scaler.is_enabled():
@@ -414,6 +428,8 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             _check_finite(step + 1, dist_info, gradient=grad_norm)
             if config.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(target.parameters(), config.optim.grad_clip)
+        # Before the update and after clipping (unscaled under fp16 only when clipping unscales).
+        layer_norms = _layer_grad_norms(target) if step + 1 in config.train.grad_norm_steps else {}
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used
@@ -427,6 +443,9 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             "alpha": alpha,
             "lr": lr,
         }
+        if distillation is not None:
+            record["distill_loss"] = float(distill_loss.detach())
+        record.update(layer_norms)
         if scaler.is_enabled() and scaler.get_scale() < scale_before:
             record["skipped_overflow"] = 1
         return record, similarities

@@ -1,0 +1,286 @@
+"""The untrainable regime: a 48-block Deep FCN that stays at chance alone, rescued by guidance.
+
+`untrainable run rescue` is a study of three experiments, run in order:
+
+- `rescue-lr`: the FCN alone (width 1024) under a small sweep of optimisers
+  and learning rates; the best final validation accuracy picks the baseline,
+  so the FCN "fails alone" only after its own training was tuned.
+- `rescue`: the headline, width 1024, 5 seeds: the FCN alone with the chosen
+  optimiser; + an untrained ResNet-18; + the same guide for the first 150
+  steps only ("guidance as initialisation"), then alone.
+- `rescue-controls`: width 256 (16x cheaper hidden layers), 5 seeds: the
+  same three arms and every control: a trained ResNet-18 guide, guidance for
+  a longer first stretch, the guide fed Gaussian noise, and knowledge
+  distillation from the untrained and the trained ResNet-18.
+
+`rescue-depth` maps where the FCN stops training alone and how far guidance
+moves that limit, with per-layer gradient norms from the same runs;
+`rescue-convnet` does the same for a plain (skip-less) ConvNet and its ResNet.
+The single-run config is `configs/rescue_deep_fcn.toml`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from untrainable.config import RunConfig, load_config
+from untrainable.experiment import Arm, Experiment, register_experiment
+from untrainable.trainer import RunResult
+
+SEEDS = (0, 1, 2, 3, 4)
+QUICK_SEEDS = (0, 1, 2)
+SWEEP_SEEDS = (0, 1)
+SWEEP_EPOCHS = 8
+# (optimiser, learning rate) tried for the FCN alone; SGD with momentum 0.9.
+SWEEP = (("adam", 1e-4), ("adam", 3e-4), ("adam", 1e-3), ("adam", 3e-3), ("sgd", 1e-2))
+FIRST_STEPS = (150, 300)  # guidance as initialisation: the paper's ~150 steps, and a longer stretch
+CONTROL_WIDTH = 256
+CONTROL_EPOCHS = 15
+DEPTHS = (8, 16, 24, 32, 48, 64)
+DEPTH_SEEDS = (0, 1, 2)
+GRAD_NORM_STEPS = [1, 10, 50]  # per-layer gradient norms: at initialisation and after a few steps
+
+
+def base_config() -> RunConfig:
+    """The shipped guided run: `configs/rescue_deep_fcn.toml`."""
+    return load_config(resources.files("untrainable") / "configs" / "rescue_deep_fcn.toml")
+
+
+def _sweep_name(optimiser: str, lr: float) -> str:
+    return f"deep-fcn-{optimiser}-lr{lr:g}"
+
+
+def _with_optimiser(config: RunConfig, optimiser: str, lr: float) -> RunConfig:
+    return config.with_section("optim", name=optimiser, lr=lr, fused=optimiser != "sgd")
+
+
+def _first(config: RunConfig, steps: int) -> RunConfig:
+    return config.with_section("guidance", schedule="first_steps", steps=steps)
+
+
+def _resnet(guided: RunConfig) -> RunConfig:
+    """The guide's architecture trained alone: the trained guide (Adam 1e-3, the FCN's data and length)."""
+    return guided.replace(model=guided.guide, guide=None).with_section("optim", name="adam", lr=1e-3, fused=False)
+
+
+def _kd(guided: RunConfig) -> RunConfig:
+    """Distillation from the guide's logits instead of guidance (alpha 0): the paper's contrast."""
+    return guided.with_section("guidance", alpha=0.0).with_section("distill", weight=1.0, temperature=4.0)
+
+
+def chosen_optimiser(sweep: dict[str, Any]) -> tuple[str, float, str]:
+    """(optimiser, lr, arm) of the sweep row with the best mean final validation accuracy (first wins ties)."""
+    best = max(sweep["rows"], key=lambda row: row["val_accuracy"][0])
+    for optimiser, lr in SWEEP:
+        if _sweep_name(optimiser, lr) == best["arm"]:
+            return optimiser, lr, best["arm"]
+    raise ValueError(f"sweep row {best['arm']!r} is not in the sweep {SWEEP}")
+
+
+def sweep_experiment() -> Experiment:
+    """The FCN alone (width 1024) under each optimiser and learning rate of SWEEP."""
+    alone = base_config().replace(guide=None).with_section("train", epochs=SWEEP_EPOCHS)
+    return Experiment(
+        name="rescue-lr",
+        description=(
+            f"Learning-rate sweep of the Deep FCN alone ({_shape(alone)}), {SWEEP_EPOCHS} epochs, seeds {SWEEP_SEEDS}; "
+            "Adam, and SGD with momentum 0.9, constant rate. The best mean final validation accuracy picks the baseline "
+            "of `rescue` and `rescue-controls`."
+        ),
+        arms=[Arm(_sweep_name(o, lr), _with_optimiser(alone, o, lr)) for o, lr in SWEEP],
+        seeds=SWEEP_SEEDS,
+    )
+
+
+def _shape(config: RunConfig) -> str:
+    a = config.model.args
+    return f"{a['depth']} blocks x {a['width']}"
+
+
+def _core_arms(guided: RunConfig, optimiser: str, lr: float, first: tuple[int, ...]) -> list[Arm]:
+    arms = [
+        Arm("deep-fcn", _with_optimiser(guided.replace(guide=None), optimiser, lr)),
+        Arm("deep-fcn+untrained-resnet18", guided),
+    ]
+    arms += [Arm(f"deep-fcn+untrained-resnet18-first{n}", _first(guided, n)) for n in first]
+    return arms
+
+
+def _describe(guided: RunConfig, optimiser: str, lr: float, chosen_by: str) -> str:
+    return (
+        f"Fashion-MNIST ({guided.data.args['train_size']} training images, batch {guided.data.batch_size}, "
+        f"{guided.train.epochs} epochs), test top-1 accuracy, mean ± std over seeds. Deep FCN {_shape(guided)} "
+        "(BatchNorm, dropout 0.1). `deep-fcn`: alone, "
+        f"{optimiser} lr {lr:g} ({chosen_by}). Guided arms: Adam lr 1e-3, ResNet-18 (width {guided.guide.args['width']}, "
+        f"small stem), linear CKA between the FCN's linear outputs and the ResNet's block outputs, even spread, "
+        f"alpha {guided.guidance.alpha:g}; `firstN`: guided for the first N steps, then alone. "
+        "Δ / std: difference to `deep-fcn` in pooled seed standard deviations (more than 2 counts as an effect)."
+    )
+
+
+def headline_experiment(sweep: dict[str, Any]) -> Experiment:
+    """Width 1024, 5 seeds: the FCN alone (best of the sweep), + untrained ResNet-18, + the same for 150 steps."""
+    optimiser, lr, arm = chosen_optimiser(sweep)
+    guided = base_config()
+    experiment = Experiment(
+        name="rescue",
+        description=_describe(guided, optimiser, lr, f"best validation accuracy of the sweep, `{arm}`"),
+        arms=_core_arms(guided, optimiser, lr, FIRST_STEPS[:1]),
+        seeds=SEEDS,
+        baseline="deep-fcn",
+    )
+    experiment.after = _curves_after(experiment.name, FIRST_STEPS[:1])
+    return experiment
+
+
+def controls_experiment(sweep: dict[str, Any]) -> Experiment:
+    """Width 256, 5 seeds: the core arms plus trained guide, longer first stretch, noise inputs, distillation."""
+    optimiser, lr, arm = chosen_optimiser(sweep)
+    guided = base_config().with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=CONTROL_EPOCHS)
+    arms = [Arm("resnet18", _resnet(guided))]
+    arms += _core_arms(guided, optimiser, lr, FIRST_STEPS)
+    arms += [
+        Arm("deep-fcn+trained-resnet18", guided, guide_from="resnet18"),
+        Arm("deep-fcn+noise-untrained-resnet18", guided.with_section("guidance", guide_input="noise", cache="none")),
+        Arm("deep-fcn+kd-untrained-resnet18", _kd(guided)),
+        Arm("deep-fcn+kd-trained-resnet18", _kd(guided), guide_from="resnet18"),
+    ]
+    experiment = Experiment(
+        name="rescue-controls",
+        description=_describe(guided, optimiser, lr, f"the sweep's choice at width 1024, `{arm}`")
+        + " `noise`: the guide sees Gaussian noise of the images' shape instead of the images. `kd`: no guidance; "
+        "distillation from the ResNet's logits (temperature 4, weight 1). `resnet18`: the guide trained alone (the trained guide).",
+        arms=arms,
+        seeds=SEEDS,
+        baseline="deep-fcn",
+    )
+    experiment.after = _curves_after(experiment.name, FIRST_STEPS)
+    return experiment
+
+
+def quick_experiment() -> Experiment:
+    """The main job: 48 x 256, 10 epochs, 3 seeds, Adam 1e-3 for every arm; about 2 minutes with 2 processes."""
+    guided = base_config().with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
+    experiment = Experiment(
+        name="rescue-quick",
+        description=_describe(guided, "adam", 1e-3, "fixed; `untrainable run rescue` tunes it"),
+        arms=_core_arms(guided, "adam", 1e-3, FIRST_STEPS[:1]),
+        seeds=QUICK_SEEDS,
+        baseline="deep-fcn",
+    )
+    experiment.after = _curves_after(experiment.name, FIRST_STEPS[:1])
+    return experiment
+
+
+def _curves_after(name: str, first: tuple[int, ...]) -> Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None]:
+    def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
+        from untrainable.plots import plot_by_step
+
+        fcn_arms = {arm: [r.history for r in runs] for arm, runs in results.items() if arm.startswith("deep-fcn")}
+        plot_by_step(
+            fcn_arms,
+            "val_accuracy",
+            out / "rescue_curves.png",
+            marks={f"guide disconnected (first{n})": n for n in first},
+            title=f"{name}: validation accuracy per epoch, mean ± std over seeds",
+        )
+        table.setdefault("notes", []).append("Validation curves with the step where each `firstN` guide is disconnected: rescue_curves.png.")
+
+    return after
+
+
+@register_experiment("rescue")
+def rescue(quick: bool = False) -> Experiment | list[Any]:
+    """The 48-block Deep FCN fails alone; an untrained ResNet-18 guide rescues it (LR sweep, headline, controls)."""
+    if quick:
+        return quick_experiment()
+    return [
+        sweep_experiment(),
+        lambda tables: headline_experiment(tables["rescue-lr"]),
+        lambda tables: controls_experiment(tables["rescue-lr"]),
+    ]
+
+
+def depth_experiment(quick: bool = False) -> Experiment:
+    """Depth 8 to 64 at width 256, alone vs + untrained ResNet-18, with per-layer gradient norms."""
+    guided = base_config().with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10, grad_norm_steps=GRAD_NORM_STEPS)
+    depths = DEPTHS
+    if quick:
+        guided = guided.with_args("model", width=32).with_args("data", train_size=256, val_size=128).with_section("train", epochs=1, progress=False)
+        guided = guided.with_args("guide", width=4)
+        depths = (4, 8)
+    arms = []
+    for depth in depths:
+        at_depth = guided.with_args("model", depth=depth)
+        arms += [Arm(f"deep-fcn-d{depth}", at_depth.replace(guide=None)), Arm(f"deep-fcn-d{depth}+untrained-resnet18", at_depth)]
+    experiment = Experiment(
+        name="rescue-depth" + ("-quick" if quick else ""),
+        description=(
+            f"Depth map: the Deep FCN (width {guided.model.args['width']}, BatchNorm, dropout 0.1) at depths "
+            f"{', '.join(map(str, depths))}, alone and with an untrained ResNet-18 guide (alpha 1), Adam lr 1e-3, "
+            f"{guided.train.epochs} epochs on {guided.data.args['train_size']} Fashion-MNIST images; test accuracy, mean ± std "
+            f"over seeds. Per-layer gradient norms logged at steps {', '.join(map(str, GRAD_NORM_STEPS))}."
+        ),
+        arms=arms,
+        seeds=(0,) if quick else DEPTH_SEEDS,
+    )
+    experiment.after = _depth_after(depths)
+    return experiment
+
+
+def _depth_after(depths: tuple[int, ...]) -> Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None]:
+    def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
+        from untrainable.plots import plot_depth_map, plot_grad_norms
+
+        by_arm = {row["arm"]: row for row in table["rows"]}
+        curve = {
+            kind: [by_arm[f"deep-fcn-d{d}{suffix}"]["test_accuracy"] for d in depths]
+            for kind, suffix in (("alone", ""), ("+ untrained ResNet-18", "+untrained-resnet18"))
+        }
+        plot_depth_map(list(depths), curve, out / "depth_map.png", title="Deep FCN test accuracy against depth")
+        deepest = max(depths)
+        norms = {
+            kind: grad_norms_by_layer([r.folder for r in results[f"deep-fcn-d{deepest}{suffix}"]])
+            for kind, suffix in (("alone", ""), ("guided", "+untrained-resnet18"))
+        }
+        plot_grad_norms(norms, out / "grad_norms.png", title=f"Depth {deepest}: gradient norm of each linear layer's weight, median over seeds")
+        summary = {kind: {str(step): _spread(values) for step, values in steps.items()} for kind, steps in norms.items()}
+        table["grad_norms"] = {"depth": deepest, "per_layer": norms, "first_over_last": summary}
+        cells = [
+            f"{kind} step {step}: {ratio:.3g}" for kind, steps in summary.items() for step, ratio in steps.items() if ratio is not None
+        ]
+        table.setdefault("notes", []).append(
+            f"Depth {deepest}, gradient norm of the first linear layer over the last's (median over seeds): "
+            + "; ".join(cells) + " (grad_norms.png; depth_map.png)."
+        )
+
+    return after
+
+
+def grad_norms_by_layer(folders: list[Path]) -> dict[int, list[float]]:
+    """step -> the median over runs of each linear layer's weight-gradient norm, in layer order (from metrics.jsonl)."""
+    per_step: dict[int, list[list[float]]] = {}
+    for folder in folders:
+        for line in (Path(folder) / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            keys = sorted(
+                (k for k in record if k.startswith("grad_norm/layers.") and k.endswith(".linear.weight")),
+                key=lambda k: int(k.split(".")[1]),
+            )
+            if keys:
+                per_step.setdefault(int(record["step"]), []).append([record[k] for k in keys])
+    return {step: [statistics.median(v) for v in zip(*runs)] for step, runs in sorted(per_step.items())}
+
+
+def _spread(values: list[float]) -> float | None:
+    return values[0] / values[-1] if values and values[-1] > 0 else None
+
+
+@register_experiment("rescue-depth")
+def rescue_depth(quick: bool = False) -> Experiment:
+    """Where the Deep FCN stops training alone, how far an untrained guide moves that limit, and gradient norms."""
+    return depth_experiment(quick)
