@@ -284,3 +284,37 @@ def _spread(values: list[float]) -> float | None:
 def rescue_depth(quick: bool = False) -> Experiment:
     """Where the Deep FCN stops training alone, how far an untrained guide moves that limit, and gradient norms."""
     return depth_experiment(quick)
+
+
+def convnet_experiment(quick: bool = False) -> Experiment:
+    """Plain-50 (no skips) alone and guided by ResNet-50, trained or untrained; ResNet-50 alone."""
+    guided = load_config(resources.files("untrainable") / "configs" / "rescue_convnet.toml")
+    if quick:
+        guided = guided.with_args("data", train_size=128, val_size=64).with_section("train", epochs=1, progress=False)
+        guided = guided.with_args("model", width=4).with_args("guide", width=4).with_section("data", train_eval_size=64)
+    resnet = guided.replace(model=guided.guide, guide=None)
+    experiment = Experiment(
+        name="rescue-convnet" + ("-quick" if quick else ""),
+        description=(
+            f"Fashion-MNIST ({guided.data.args['train_size']} training images, {guided.train.epochs} epochs, Adam lr 1e-3), "
+            f"test accuracy, mean ± std over seeds. Plain-50: ResNet-50 without skip connections (width {guided.model.args['width']}, "
+            f"ImageNet stem); guide: ResNet-50 of the same shape, untrained (the run's seed) or trained (its own arm, same seed). "
+            f"Linear CKA between block outputs, block i to block i (16 each), alpha {guided.guidance.alpha:g}. "
+            "Δ / std: difference to `plain50` in pooled seed standard deviations."
+        ),
+        arms=[
+            Arm("resnet50", resnet),
+            Arm("plain50", guided.replace(guide=None)),
+            Arm("plain50+trained-resnet50", guided, guide_from="resnet50"),
+            Arm("plain50+untrained-resnet50", guided),
+        ],
+        seeds=(0,) if quick else DEPTH_SEEDS,
+        baseline="plain50",
+    )
+    return experiment
+
+
+@register_experiment("rescue-convnet")
+def rescue_convnet(quick: bool = False) -> Experiment:
+    """A plain 50-layer ConvNet that trains worse than its ResNet, guided by a trained or untrained ResNet-50."""
+    return convnet_experiment(quick)
