@@ -40,7 +40,7 @@ SWEEP = (("adam", 1e-4), ("adam", 3e-4), ("adam", 1e-3), ("adam", 3e-3), ("sgd",
 FIRST_STEPS = (150, 300)  # guidance as initialisation: the paper's ~150 steps, and a longer stretch
 CONTROL_WIDTH = 256
 CONTROL_EPOCHS = 15
-DEPTHS = (8, 16, 24, 32, 48, 64)
+DEPTHS = (8, 16, 24, 32, 48)
 DEPTH_SEEDS = (0, 1, 2)
 GRAD_NORM_STEPS = [1, 10, 50]  # per-layer gradient norms: at initialisation and after a few steps
 

@@ -194,7 +194,6 @@ def _explore_settings(guided: RunConfig, quick: bool) -> dict[str, RunConfig]:
     return {
         "guided": guided,
         "alpha10": guided.with_section("guidance", alpha=10.0),
-        "alpha0.1": guided.with_section("guidance", alpha=0.1),
         "flatten": guided.with_section("guidance", sequence_mode="flatten"),
         "last-layer": guided.with_section("guidance", target_layers=None, guide_layers=None, pairs=[["layers.1", "blocks.1"]]),
         f"guide-width{wide}": guided.with_args("guide", dim=wide),
@@ -215,7 +214,7 @@ def copy_paste_explore(quick: bool = False) -> Experiment:
         description=(
             "Copy-paste at lengths 20-40 (where the RNN fails alone), one seed, read on the validation split: the 2-layer tanh RNN "
             "alone and guided by an untrained 2-block causal Transformer, changing one setting at a time from the long study's "
-            f"guided arm (alpha 1, token-wise CKA, layer i to block i, guide width 64, {guided.train.epochs} epochs): alpha 10 or 0.1, "
+            f"guided arm (alpha 1, token-wise CKA, layer i to block i, guide width 64, {guided.train.epochs} epochs): alpha 10, "
             "flattened sequences, only the last layer paired, a wider guide, longer training."
         ),
         arms=arms,
