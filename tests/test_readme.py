@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text()
 def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"^    (bash scripts/install\.sh && .+)$", README, flags=re.M)
     assert commands[:2] == [
-        "bash scripts/install.sh && untrainable run mnist1d --quick",
+        "bash scripts/install.sh && untrainable run rescue --quick --jobs 2",
         "bash scripts/install.sh && python -m pytest -q",
     ]
     ci = (ROOT / ".ci" / "run").read_text()
