@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,26 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         result = train(_small_config(max_steps=12, checkpoint_every=3), tmp_path, resume=True)
     assert result.final["steps"] == 12
+
+
+def test_resume_with_no_loadable_checkpoint_refuses_every_time_and_keeps_the_logs(tmp_path):
+    train(_small_config(max_steps=6, checkpoint_every=3), tmp_path)
+    for path in CheckpointManager(tmp_path / "checkpoints").paths():
+        path.write_bytes(b"garbage")
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    for _ in range(2):  # the first attempt sets the files aside as *.corrupt; the second must still refuse
+        with warnings.catch_warnings(), pytest.raises(CheckpointError, match="no checkpoint that loads|no checkpoint in"):
+            warnings.simplefilter("ignore")
+            train(_small_config(max_steps=9, checkpoint_every=3), tmp_path, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_leftover_temporary_checkpoint_files_are_removed(tmp_path):
+    train(_small_config(max_steps=3, checkpoint_every=3), tmp_path)
+    leftover = tmp_path / "checkpoints" / ".step-000000006.pt.tmp-12345"
+    leftover.write_bytes(b"half written")
+    train(_small_config(max_steps=6, checkpoint_every=3), tmp_path, resume=True)
+    assert not leftover.exists()
 
 
 def _splits(x_train: torch.Tensor) -> DataSplits:

@@ -79,6 +79,17 @@ class CheckpointManager:
         """Checkpoint files, oldest first."""
         return sorted(self.folder.glob("step-*.pt"))
 
+    def set_aside(self) -> list[Path]:
+        """Checkpoints renamed `*.corrupt` by an earlier load: their presence means the run did start."""
+        return sorted(self.folder.glob("step-*.pt.corrupt"))
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete temporary files left by a write that was killed before its rename."""
+        leftovers = sorted(self.folder.glob(".step-*.pt.tmp-*"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers
+
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = save_checkpoint(state, self.folder / f"step-{step:09d}.pt")
         for old in self.paths()[: -self.keep]:

@@ -353,6 +353,14 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             raise ValueError(f"{folder} holds a run with a different config (differs in {', '.join(changed)}); resume it with its own config.json or choose another folder")
     if not resume and checkpoints.paths():
         raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
+    if resume and loaded is None and (checkpoints.set_aside() or (folder / "metrics.jsonl").exists()):
+        # The run did start: starting over would silently throw its logs away.
+        raise CheckpointError(
+            f"{folder} holds a started run but no checkpoint that loads (set aside: "
+            f"{', '.join(p.name for p in checkpoints.set_aside()) or 'none'}); restore a checkpoint or choose another folder"
+        )
+    if is_main:
+        checkpoints.remove_leftovers()
     if loaded is not None:
         state, resumed_from = loaded
         target.load_state_dict(state["model"])
