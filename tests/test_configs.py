@@ -10,7 +10,7 @@ import pytest
 from untrainable.capture import resolve_layers
 from untrainable.config import RunConfig, load_config
 from untrainable.data import load_data
-from untrainable.trainer import build_model
+from untrainable.build import build_model
 
 CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))

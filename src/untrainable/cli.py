@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,14 +73,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_layers(args: argparse.Namespace) -> int:
     """Print the guide-target pairs with their shapes and similarity at initialisation."""
-    from untrainable.config import ModelSpec
+    from untrainable.build import build_data, build_model
+    from untrainable.config import DataSpec, ModelSpec
     from untrainable.guidance import describe_pairs
-    from untrainable.trainer import build_model
-    import untrainable.data as data_sets
 
-    data = data_sets.load_data(args.data, **json.loads(args.data_args))
-    target = build_model(ModelSpec(args.target, json.loads(args.target_args)), data, args.seed)
-    guide = build_model(ModelSpec(args.guide, json.loads(args.guide_args), checkpoint=args.guide_checkpoint), data, args.seed + 1)
+    data = build_data(DataSpec(args.data, json.loads(args.data_args)), where="--data")
+    target = build_model(ModelSpec(args.target, json.loads(args.target_args)), data, args.seed, where="--target")
+    guide_spec = ModelSpec(args.guide, json.loads(args.guide_args), checkpoint=args.guide_checkpoint)
+    guide = build_model(guide_spec, data, args.seed + 1, where="--guide")
     rows = describe_pairs(
         target,
         guide,
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
@@ -157,16 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    """False in the processes of a torchrun launch other than rank 0: only rank 0 prints."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(message).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted before or after the subcommand
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    debug = debug or os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0")
+    if not _is_main_process():
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.func(args)
-    except (ConfigError, KeyError, FileNotFoundError, FileExistsError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"untrainable {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        if _is_main_process():
+            print(f"untrainable {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, ValueError, TypeError, KeyError, OSError) as err:
+        if debug:
+            raise
+        if _is_main_process():
+            print(f"untrainable {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -17,11 +17,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
 from untrainable.schedule import SCHEDULES
 from untrainable.sequence import SEQUENCE_MODES
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "step")
 TASKS = ("classification", "tokens", "lm")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SIMILARITY_SCOPES = ("global", "local")
@@ -135,15 +134,15 @@ class OptimSpec:
     fused: bool = False  # one fused kernel for the Adam/AdamW update (same maths, faster on large models)
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.name", self.name, OPTIMIZERS)
+        _choice(f"{where}.name", self.name, tuple(OPTIMIZERS))
         _positive(f"{where}.lr", self.lr)
         _positive(f"{where}.weight_decay", self.weight_decay, allow_zero=True)
         _positive(f"{where}.momentum", self.momentum, allow_zero=True)
-        _choice(f"{where}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice(f"{where}.lr_schedule", self.lr_schedule, tuple(LR_SCHEDULES))
         _positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive(f"{where}.grad_clip", self.grad_clip, optional=True)
-        if self.fused and self.name == "sgd":
-            raise ConfigError(f"{where}.fused: only adam and adamw have a fused update here; set fused = false for sgd")
+        if self.fused and self.name not in FUSED_OPTIMIZERS:
+            raise ConfigError(f"{where}.fused: only {', '.join(FUSED_OPTIMIZERS)} have a fused update here; set fused = false for {self.name}")
 
 
 @dataclass
@@ -307,12 +306,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-    elif path.suffix == ".toml":
-        data = tomllib.loads(path.read_text())
-    else:
+    if path.suffix not in (".json", ".toml"):
         raise ConfigError(f"config file {path}: use a .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}; fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table of sections (model, data, ...), got {type(data).__name__}")
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return from_dict(RunConfig, data)

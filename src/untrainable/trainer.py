@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import json
-import math
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,16 +20,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from untrainable import distributed
-from untrainable.checkpoint import CheckpointError, CheckpointManager, load_weights, save_checkpoint
-from untrainable.config import ModelSpec, RunConfig, config_differences
-from untrainable.data import DataSplits, load_data
+from untrainable.build import build_data, build_guidance, build_lr_schedule, build_model, build_optimizer, pick_device
+from untrainable.checkpoint import CheckpointError, CheckpointManager, save_checkpoint
+from untrainable.config import RunConfig, config_differences
+from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
-from untrainable.guidance import Guidance
 from untrainable.guide_cache import GuideCache, IndexedDataset
-from untrainable.models import create_model
-from untrainable.models.registry import MODELS
 from untrainable.runs import seed_everything, write_run_files
-from untrainable.schedule import AlphaSchedule
 from untrainable.tasks import add_sums, get_task, padding_mask
 
 
@@ -46,77 +41,6 @@ class RunResult:
     folder: Path
     history: list[dict[str, float]]
     final: dict[str, Any]
-
-
-def build_model(spec: ModelSpec, data: DataSplits, seed: int) -> nn.Module:
-    """Create a registered model, filling `input_shape`, `num_classes` and `vocab_size` from the data.
-
-    The initialisation is seeded by `spec.seed` (or `seed`), and weights are
-    loaded from `spec.checkpoint` when given.
-    """
-    accepted = inspect.signature(MODELS.get(spec.name)).parameters
-    known = {"input_shape": data.input_shape, "num_classes": data.num_classes, "vocab_size": data.meta.get("vocab_size")}
-    kwargs = {k: v for k, v in known.items() if k in accepted and v is not None}
-    kwargs.update(spec.args)
-    if "input_shape" in kwargs:
-        kwargs["input_shape"] = tuple(kwargs["input_shape"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed if spec.seed is not None else seed)
-        model = create_model(spec.name, **kwargs)
-    if spec.checkpoint:
-        model.load_state_dict(load_weights(spec.checkpoint))
-    return model
-
-
-def build_guidance(config: RunConfig, target: nn.Module, guide: nn.Module) -> Guidance:
-    """The Guidance object a config describes."""
-    g = config.guidance
-    return Guidance(
-        target,
-        guide,
-        pairs=g.pairs,
-        target_layers=g.target_layers,
-        guide_layers=g.guide_layers,
-        similarity=g.similarity,
-        schedule=AlphaSchedule(alpha=g.alpha, kind=g.schedule, steps=g.steps),
-        guide_input=g.guide_input,
-        sequence_mode=g.sequence_mode,
-        gather=distributed.gather_for_similarity if g.scope == "global" else None,
-    )
-
-
-def make_optimizer(config: RunConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
-    o = config.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=o.fused or None)
-
-
-def make_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant, cosine to zero, or a step decay (x0.1 at 50% and 75%)."""
-    o = config.optim
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-        if o.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if o.lr_schedule == "step":
-            return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {name!r} but no CUDA device is available")
-    return device
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -283,18 +207,18 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
         raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
     is_main = dist_info.rank == 0
     seed_everything(config.train.seed + dist_info.rank, config.train.deterministic)
-    data = data if data is not None else load_data(config.data.name, **config.data.args)
+    data = data if data is not None else build_data(config.data)
     task = get_task(config.train.task)
     pad_id = data.meta.get("pad_id")
 
     target = build_model(config.model, data, config.train.seed).to(device)
-    guide = build_model(config.guide, data, config.train.seed).to(device) if config.guide else None
+    guide = build_model(config.guide, data, config.train.seed, where="guide").to(device) if config.guide else None
     model: nn.Module = distributed.wrap(target, dist_info)  # the guide is never wrapped
     # alpha 0 under a constant schedule: the guide serves only as a distillation teacher.
     guided = guide is not None and not (config.guidance.alpha == 0 and config.guidance.schedule == "constant")
     guidance = build_guidance(config, model, guide) if guided else None
     distillation = Distillation(guide, config.distill.weight, config.distill.temperature) if config.distill.weight > 0 else None
-    optimizer = make_optimizer(config, target.parameters())
+    optimizer = build_optimizer(config, target.parameters())
 
     guide_cache = None
     train_set: Dataset = data.train
@@ -332,7 +256,7 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     total_steps = config.train.epochs * steps_per_epoch
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
-    lr_schedule = make_lr_schedule(config, optimizer, total_steps)
+    lr_schedule = build_lr_schedule(config, optimizer, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=config.train.precision == "fp16")
 
     checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)

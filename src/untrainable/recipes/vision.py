@@ -28,13 +28,14 @@ from untrainable.analysis import (
     layer_names,
     similarity_matrix,
 )
+from untrainable.build import build_model
 from untrainable.checkpoint import load_weights
 from untrainable.config import RunConfig, load_config
 from untrainable.data import load_data
 from untrainable.experiment import Arm, Experiment, register_experiment
 from untrainable.pairing import spread_pairs
 from untrainable.plots import plot_loss_curves, plot_matrix
-from untrainable.trainer import RunResult, build_model
+from untrainable.trainer import RunResult
 
 FIRST_STEPS = 150  # "guidance as initialisation": the paper's ~150 steps (here 150 of 1240)
 SIMILARITY_EXAMPLES = 500  # validation images behind each layer-similarity map

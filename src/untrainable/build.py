@@ -1,0 +1,131 @@
+"""Building a run's parts from its config: data, models, guide weights, guidance, optimiser, device."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from untrainable import distributed
+from untrainable.checkpoint import _MAGIC, load_checkpoint
+from untrainable.config import ConfigError, DataSpec, ModelSpec, RunConfig
+from untrainable.data import DataSplits, load_data
+from untrainable.data.registry import DATASETS
+from untrainable.guidance import Guidance
+from untrainable.models import create_model
+from untrainable.models.registry import MODELS
+from untrainable.optim import make_lr_schedule, make_optimizer
+from untrainable.schedule import AlphaSchedule
+
+
+def check_args(where: str, builder: Callable[..., Any], args: dict[str, Any]) -> None:
+    """Raise ConfigError naming `where.args.KEY` when `builder` takes no argument KEY, listing those it takes."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in args:
+        if key not in params:
+            raise ConfigError(f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {', '.join(params)}")
+
+
+def build_data(spec: DataSpec, where: str = "data") -> DataSplits:
+    """The registered data set a `[data]` section names, its arguments checked first."""
+    check_args(where, DATASETS.get(spec.name), spec.args)
+    try:
+        return load_data(spec.name, **spec.args)
+    except TypeError as err:
+        raise ConfigError(f"{where}.args: {err}") from None
+
+
+def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "model") -> nn.Module:
+    """Create a registered model, filling `input_shape`, `num_classes` and `vocab_size` from the data.
+
+    The initialisation is seeded by `spec.seed` (or `seed`), and weights are
+    loaded from `spec.checkpoint` when given, after checking that they fit.
+    """
+    builder = MODELS.get(spec.name)
+    check_args(where, builder, spec.args)
+    accepted = inspect.signature(builder).parameters
+    known = {"input_shape": data.input_shape, "num_classes": data.num_classes, "vocab_size": data.meta.get("vocab_size")}
+    kwargs = {k: v for k, v in known.items() if k in accepted and v is not None}
+    kwargs.update(spec.args)
+    if "input_shape" in kwargs:
+        kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed if spec.seed is not None else seed)
+        try:
+            model = create_model(spec.name, **kwargs)
+        except TypeError as err:
+            raise ConfigError(f"{where}.args: {err}") from None
+    if spec.checkpoint:
+        model.load_state_dict(checked_weights(spec, model, f"{where}.checkpoint"))
+    return model
+
+
+def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, Any]:
+    """The state dict in `spec.checkpoint`, refused with a ConfigError naming what does not fit `model`."""
+    path = Path(spec.checkpoint).expanduser()
+    saved_name = None
+    try:
+        if path.read_bytes()[: len(_MAGIC)] == _MAGIC:
+            state = load_checkpoint(path)
+            saved_name = (state.get("config") or {}).get("model", {}).get("name")
+            state = state["model"]
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except Exception as err:  # torch's own message suggests unsafe loading: never pass it on
+        raise ConfigError(f"{where}: {path} is not a model checkpoint ({type(err).__name__}); give a run's model.pt or a saved state_dict") from None
+    if saved_name is not None and saved_name != spec.name:
+        raise ConfigError(f"{where}: {path} holds a {saved_name!r} model, not {spec.name!r}; set the model name to {saved_name!r} or give another file")
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where}: {path} holds a {type(state).__name__}, not a state_dict")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}" for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes (file vs model)", shapes)) if items]
+    if problems:
+        raise ConfigError(f"{where}: {path} does not fit a {spec.name!r} model with these args ({'; '.join(problems)})")
+    return state
+
+
+def build_guidance(config: RunConfig, target: nn.Module, guide: nn.Module) -> Guidance:
+    """The Guidance object a config describes."""
+    g = config.guidance
+    return Guidance(
+        target,
+        guide,
+        pairs=g.pairs,
+        target_layers=g.target_layers,
+        guide_layers=g.guide_layers,
+        similarity=g.similarity,
+        schedule=AlphaSchedule(alpha=g.alpha, kind=g.schedule, steps=g.steps),
+        guide_input=g.guide_input,
+        sequence_mode=g.sequence_mode,
+        gather=distributed.gather_for_similarity if g.scope == "global" else None,
+    )
+
+
+def build_optimizer(config: RunConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser `config.optim` describes, over `params`."""
+    o = config.optim
+    return make_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, fused=o.fused)
+
+
+def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule `config.optim` describes, over `total_steps`."""
+    return make_lr_schedule(config.optim.lr_schedule, optimizer, total_steps, config.optim.warmup_steps)
+
+
+def pick_device(name: str) -> torch.device:
+    """`train.device` as a torch device; `auto` is CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return device
