@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -177,10 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted before or after the subcommand
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     debug = debug or os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0")
-    if not _is_main_process():
-        sys.stdout = open(os.devnull, "w")
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as stack:
+            if not _is_main_process():
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return args.func(args)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -1,0 +1,94 @@
+"""User errors reach the command line as one line on stderr (exit 2); --debug shows the traceback."""
+
+import pytest
+import torch
+
+from untrainable.checkpoint import save_checkpoint
+from untrainable.cli import main
+from untrainable.models import create_model
+
+MODEL = '[model]\nname = "fcn"\nargs = { depth = 2, width = 16 }\n'
+DATA = '[data]\nname = "mnist1d"\nargs = { num_samples = 400, val_size = 50 }\nbatch_size = 64\n'
+TRAIN = "[train]\nepochs = 1\nmax_steps = 2\nprogress = false\n"
+
+
+def _error(capsys, *argv: str) -> str:
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_malformed_toml_and_json_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model\nname = "fcn"\n')
+    assert "bad.toml" in _error(capsys, "--config", str(bad))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": ')
+    assert "bad.json" in _error(capsys, "--config", str(bad))
+
+
+def test_unknown_model_or_data_argument_names_its_field_and_the_accepted_ones(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL.replace("depth", "depthh") + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert "model.args.depthh" in err and "depth" in err.split("accepted")[1]
+    config.write_text(MODEL + DATA.replace("num_samples", "num_sample") + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "b"))
+    assert "data.args.num_sample" in err and "num_samples" in err
+
+
+def test_guide_checkpoint_that_is_not_a_checkpoint(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + f'[guide]\nname = "fcn"\ncheckpoint = "{garbage}"\n' + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
+    assert "guide.checkpoint" in err and "garbage.pt" in err and "weights_only" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def test_guide_checkpoint_of_another_architecture(tmp_path, capsys):
+    cnn = create_model("cnn1d", input_shape=(40,), num_classes=10, channels=4)
+    ours = tmp_path / "model.pt"
+    save_checkpoint({"model": cnn.state_dict(), "config": {"model": {"name": "cnn1d"}}}, ours)
+    plain = tmp_path / "plain.pt"
+    torch.save(cnn.state_dict(), plain)
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + f'[guide]\nname = "fcn"\ncheckpoint = "{ours}"\n' + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert "guide.checkpoint" in err and "'cnn1d'" in err
+    config.write_text(MODEL + DATA + f'[guide]\nname = "fcn"\ncheckpoint = "{plain}"\n' + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "b"))
+    assert "guide.checkpoint" in err and "plain.pt" in err and "missing keys" in err
+
+
+def test_resume_with_a_different_config_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + TRAIN)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    capsys.readouterr()
+    err = _error(capsys, "--config", str(config), "--out", str(out), "--resume", "--set", "optim.lr=0.5")
+    assert "optim.lr" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ValueError):
+        main(["--debug", "train", "--config", str(bad)])
+    with pytest.raises(ValueError):
+        main(["train", "--config", str(bad), "--debug"])
+    monkeypatch.setenv("UNTRAINABLE_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(["train", "--config", str(bad)])
+
+
+def test_only_rank_zero_prints(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
