@@ -17,6 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from untrainable.guidance import GUIDE_INPUTS, MIN_EXAMPLES
 from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
 from untrainable.schedule import SCHEDULES
 from untrainable.sequence import SEQUENCE_MODES
@@ -25,7 +26,6 @@ TASKS = ("classification", "tokens", "lm")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SIMILARITY_SCOPES = ("global", "local")
 GUIDE_CACHES = ("none", "memory", "disk")
-GUIDE_INPUTS = ("same", "noise")
 
 
 class ConfigError(ValueError):
@@ -213,6 +213,13 @@ class RunConfig:
         if self.distill.weight > 0 and self.guide is None:
             raise ConfigError("distill.weight: distillation needs a teacher; name it in the [guide] section")
         self.train.validate("train")
+        least = MIN_EXAMPLES.get(self.guidance.similarity)
+        guided = self.guide is not None and self.guidance.alpha > 0
+        if guided and least is not None and self.data.batch_size < least:
+            raise ConfigError(
+                f"data.batch_size: {self.data.batch_size} is too small for guidance.similarity "
+                f"{self.guidance.similarity!r}, which needs at least {least} examples; use a larger batch"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,23 @@ from untrainable.similarity import Similarity, get_similarity
 GUIDE_INPUTS = ("same", "noise")
 
 
+# Fewest examples on which each measure says something: on 2 examples the
+# centred activations are rank 1, so biased CKA is identically 1; the unbiased
+# estimator (Song et al. 2012) divides by n - 3.
+MIN_EXAMPLES = {"cka": 3, "rsa": 3, "cka_unbiased": 4}
+
+
+def _check_not_shared(target: nn.Module, guide: nn.Module) -> None:
+    """Refuse a guide that shares parameters with the target: freezing it would freeze the target."""
+    target_params = {id(p) for p in target.parameters()}
+    shared = [name for name, p in guide.named_parameters() if id(p) in target_params]
+    if shared:
+        raise ValueError(
+            f"the guide shares {len(shared)} parameters with the target (e.g. {shared[0]!r}); "
+            "freezing the guide would freeze the target: give the guide its own copy (copy.deepcopy)"
+        )
+
+
 def freeze(guide: nn.Module) -> nn.Module:
     """Put the guide in eval mode with no gradients: the one place the guide is frozen."""
     guide.eval()
@@ -91,10 +108,12 @@ class Guidance(nn.Module):
             raise ValueError(f"guide_input {guide_input!r} is not one of {', '.join(GUIDE_INPUTS)}")
         if sequence_mode not in SEQUENCE_MODES:
             raise ValueError(f"sequence_mode {sequence_mode!r} is not one of {', '.join(SEQUENCE_MODES)}")
+        _check_not_shared(target, guide)
         self.target = target
         self.guide = freeze(guide)
         self.schedule = schedule if schedule is not None else AlphaSchedule(alpha=alpha)
         self.similarity = get_similarity(similarity)
+        self.min_examples = MIN_EXAMPLES.get(similarity) if isinstance(similarity, str) else None
         self.guide_input = guide_input
         self.sequence_mode = sequence_mode
         self.gather = gather
@@ -192,6 +211,7 @@ class Guidance(nn.Module):
             target_acts = {name: self.gather(act) for name, act in target_acts.items()}
             guide_activations = {name: self.gather(act) for name, act in guide_activations.items()}
             mask = self.gather(mask) if mask is not None else None
+        self._check_batch(next(iter(target_acts.values())).shape[0] if target_acts else None)
         terms, similarities = [], {}
         for pair in self.pairs:
             sim = self.pair_similarity(target_acts[pair.target], guide_activations[pair.guide], mask)
@@ -200,6 +220,13 @@ class Guidance(nn.Module):
         guidance_loss = alpha * torch.stack(terms).sum()
         self._advance()
         return GuidanceOutput(output, guidance_loss, alpha, similarities)
+
+    def _check_batch(self, n: int | None) -> None:
+        if n is not None and self.min_examples is not None and n < self.min_examples:
+            raise ValueError(
+                f"a batch of {n} is too small for similarity {self.similarity.__name__}: it needs at least "
+                f"{self.min_examples} examples (biased CKA is identically 1 on 2); use a larger batch"
+            )
 
     def _advance(self) -> None:
         if self.training:
