@@ -176,3 +176,44 @@ def test_image_folder_errors_name_path_and_layout(tmp_path):
         image_folder(str(tmp_path / "no_images"))
     assert str(tmp_path / "no_images") in str(error.value)
     assert "one sub-folder per class" in str(error.value)
+
+
+def test_image_folder_train_and_test_splits_are_recognised(tmp_path):
+    write_pngs(tmp_path / "train", per_class=5)
+    write_pngs(tmp_path / "test", per_class=2)
+    data = image_folder(str(tmp_path), image_size=6, val_fraction=0.2, augment=False)
+    assert data.meta["classes"] == ["cat", "dog"]  # not "test" vs "train"
+    assert (len(data.train), len(data.val), len(data.test)) == (8, 2, 4)
+    assert all("test" in str(path.parent.parent.name) for path in data.test.paths)
+
+
+def test_image_folder_train_val_and_test(tmp_path):
+    write_pngs(tmp_path / "train", per_class=5)
+    write_pngs(tmp_path / "val", per_class=1)
+    write_pngs(tmp_path / "test", per_class=2)
+    data = image_folder(str(tmp_path), image_size=6, augment=False)
+    assert (len(data.train), len(data.val), len(data.test)) == (10, 2, 4)
+    assert {p.parent.parent.name for p in data.val.paths} == {"val"}
+
+
+def test_image_folder_ignores_hidden_folders_and_files(tmp_path):
+    write_pngs(tmp_path)
+    write_pngs(tmp_path / ".ipynb_checkpoints", classes=("x",), per_class=2)
+    write_pngs(tmp_path / "cat" / ".thumbs", classes=("y",), per_class=2)
+    data = image_folder(str(tmp_path), image_size=8, val_fraction=0.25)
+    assert data.meta["classes"] == ["cat", "dog"] and data.num_classes == 2
+    assert len(data.train) + len(data.val) + len(data.test) == 12
+
+
+def test_unreadable_images_are_reported_by_path_at_set_up(tmp_path):
+    write_pngs(tmp_path)
+    truncated = tmp_path / "dog" / "1.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    (tmp_path / "cat" / "fake.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="2 unreadable") as error:
+        image_folder(str(tmp_path), image_size=8)
+    assert str(truncated) in str(error.value) and "skip_bad" in str(error.value)
+    with pytest.warns(UserWarning, match="skipping 2 unreadable image"):
+        data = image_folder(str(tmp_path), image_size=8, val_fraction=0.2, skip_bad=True)
+    kept = {str(p) for split in (data.train, data.val, data.test) for p in split.paths}
+    assert len(kept) == 11 and str(truncated) not in kept

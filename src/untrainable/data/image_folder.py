@@ -4,6 +4,10 @@ Expected layouts (class names are sub-folder names, sorted to give indices):
 
     root/<class>/<image>.png|jpg|jpeg                 one tree: val and test are carved from it
     root/train/<class>/...  root/val/<class>/...       ImageNet-style: val/ is the test set
+    root/train/...  root/test/...                      test/ is the test set
+    root/train/...  root/val/...  root/test/...        val/ validates, test/ tests
+
+Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -29,8 +34,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUT = (
     "expected one sub-folder per class with .png/.jpg/.jpeg images inside "
-    "(root/<class>/<image>), or root/train/<class>/... and root/val/<class>/..."
+    "(root/<class>/<image>), or root/train/<class>/... beside root/val/ or root/test/"
 )
+SPLITS = ("train", "val", "test")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def find_images(
@@ -44,7 +54,7 @@ def find_images(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist; {LAYOUT}")
-    found = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    found = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if classes is None:
         classes = found
     else:
@@ -56,12 +66,39 @@ def find_images(
     labels: list[int] = []
     for name in found:
         for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in EXTENSIONS and path.is_file():
+            if path.suffix.lower() in EXTENSIONS and path.is_file() and not _hidden(path, root):
                 paths.append(path)
                 labels.append(index[name])
     if not paths:
         raise ValueError(f"no images found under {root}; {LAYOUT}")
     return paths, labels, list(classes)
+
+
+def unreadable_images(paths: Sequence[Path], image_size: int) -> list[tuple[Path, str]]:
+    """(path, reason) for each file Pillow cannot decode; JPEGs decode at reduced size to keep the scan quick."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (image_size, image_size))
+                image.load()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            bad.append((path, str(err) or type(err).__name__))
+    return bad
+
+
+def _drop_unreadable(paths: list[Path], labels: list[int], image_size: int, skip_bad: bool) -> tuple[list[Path], list[int]]:
+    """Scan the files once at set-up: refuse unreadable ones by path, or skip them (with a count)."""
+    bad = unreadable_images(paths, image_size)
+    if not bad:
+        return paths, labels
+    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    if not skip_bad:
+        raise ValueError(f"{len(bad)} unreadable image(s): {listed}; fix or remove them, or set data.args.skip_bad = true")
+    warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(paths)}: {listed}", stacklevel=3)
+    dropped = {path for path, _ in bad}
+    kept = [(p, y) for p, y in zip(paths, labels) if p not in dropped]
+    return [p for p, _ in kept], [y for _, y in kept]
 
 
 def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB") -> Tensor:
@@ -198,12 +235,16 @@ def image_folder(
     augment: bool = True,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    skip_bad: bool = False,
 ) -> DataSplits:
     """RGB images in class sub-folders, resized and centre-cropped to image_size x image_size.
 
-    With root/train and root/val, val/ is the test set; otherwise the test set
-    is `test_root` or, without one, a seeded `val_fraction` carved from root.
-    Validation is always a seeded `val_fraction` of the training tree.
+    With root/train and root/val or root/test, that folder is the test set (with
+    both, val/ validates and test/ tests); otherwise the test set is `test_root`
+    or, without one, a seeded `val_fraction` carved from root. Validation is
+    otherwise a seeded `val_fraction` of the training tree. Every file is
+    decoded once here: unreadable ones are refused by path, or skipped with a
+    count when `skip_bad`.
     `mean`/`std` default to ImageNet's (pass 0 and 1 for none). `augment` sets
     `train_transform` to random-resized crop + horizontal flip on batches.
     """
@@ -217,26 +258,29 @@ def image_folder(
         raise ValueError(f"std must be positive, got {std!r}")
 
     root_path = Path(root)
-    imagenet_layout = (root_path / "train").is_dir() and (root_path / "val").is_dir()
-    train_tree = root_path / "train" if imagenet_layout else root_path
-    if test_root is None and imagenet_layout:
-        test_root = str(root_path / "val")
-    paths, labels, classes = find_images(train_tree)
-    if test_root is not None:
-        test_paths, test_labels, _ = find_images(test_root, classes)
-        val_idx, train_idx = carve(len(paths), [val_fraction], seed)
-    else:
-        val_idx, test_idx, train_idx = carve(len(paths), [val_fraction, val_fraction], seed)
-        test_paths, test_labels = [paths[i] for i in test_idx], [labels[i] for i in test_idx]
+    splits = {name: root_path / name for name in SPLITS if (root_path / name).is_dir()}
+    split_layout = "train" in splits and ("val" in splits or "test" in splits)
+    if test_root is None and split_layout:
+        test_root = str(splits.get("test", splits.get("val")))
+    val_root = splits["val"] if split_layout and "val" in splits and "test" in splits else None
 
-    def subset(indices: np.ndarray) -> ImageFolderDataset:
-        chosen_paths, chosen_labels = [paths[i] for i in indices], [labels[i] for i in indices]
+    def scan(tree: Path | str, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+        found, labels, classes = find_images(tree, classes)
+        return (*_drop_unreadable(found, labels, image_size, skip_bad), classes)
+
+    def dataset(chosen_paths: Sequence[Path], chosen_labels: Sequence[int]) -> ImageFolderDataset:
         return ImageFolderDataset(chosen_paths, chosen_labels, image_size, mean_c, std_c)
 
+    paths, labels, classes = scan(splits["train"] if split_layout else root_path)
+    held_out = [val_fraction] * ((val_root is None) + (test_root is None))
+    parts = carve(len(paths), held_out, seed) if held_out else [np.arange(len(paths))]
+    carved = [dataset([paths[i] for i in part], [labels[i] for i in part]) for part in parts]
+    val = dataset(*scan(val_root, classes)[:2]) if val_root is not None else carved.pop(0)
+    test = dataset(*scan(test_root, classes)[:2]) if test_root is not None else carved.pop(0)
     return DataSplits(
-        train=subset(train_idx),
-        val=subset(val_idx),
-        test=ImageFolderDataset(test_paths, test_labels, image_size, mean_c, std_c),
+        train=carved.pop(0),
+        val=val,
+        test=test,
         input_shape=(3, image_size, image_size),
         num_classes=len(classes),
         train_transform=train_augment if augment else None,
