@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from untrainable.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights
 from untrainable.config import from_dict, RunConfig
 from untrainable.data.registry import DataSplits
-from untrainable.trainer import NonFiniteError, train
+from untrainable.trainer import NonFiniteError, TrainingInterrupted, train
 
 CONFIG = {
     "name": "crash",
@@ -148,3 +148,34 @@ def test_inf_loss_stops_the_run_naming_the_term(tmp_path):
     x = torch.full((64, 40), 3e38)  # finite inputs whose forward overflows
     with pytest.raises(NonFiniteError, match=r"step 1: (task_loss|guidance_loss) is not finite"):
         train(_small_config(), tmp_path, data=_splits(x))
+
+
+class _SignalAt(torch.utils.data.Dataset):
+    """A data set that sends this process `signum` when example number `at` is fetched."""
+
+    def __init__(self, base, at: int, signum: int):
+        self.base, self.at, self.signum, self.fetched = base, at, signum, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.fetched == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.base[i]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_writes_a_checkpoint_of_the_last_step_then_resume_finishes(tmp_path, signum):
+    x = torch.randn(64, 40)
+    splits = _splits(x)
+    splits.train = _SignalAt(splits.train, at=16 + 5, signum=signum)  # while the 2nd batch (of 16) is read
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(_small_config(), tmp_path, data=splits)
+    newest = CheckpointManager(tmp_path / "checkpoints").paths()[-1]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert load_checkpoint(newest)["step"] == logged[-1] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    result = train(_small_config(), tmp_path, resume=True, data=_splits(x))
+    assert result.final["steps"] == 4  # one epoch of 64 / 16
