@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from untrainable.build import build_model
 from untrainable.capture import resolve_layers
 from untrainable.config import RunConfig, load_config
 from untrainable.data import load_data
-from untrainable.build import build_model
 
 CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
@@ -32,7 +32,9 @@ def test_config_loads_and_validates(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_header_gives_the_command(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any("untrainable " in line and path.name in line for line in header), f"{path.name}: no run command in its header"
+    assert any("untrainable " in line and path.name in line for line in header), (
+        f"{path.name}: no run command in its header"
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -16,14 +16,19 @@ import torch
 from torch.utils.data import TensorDataset
 
 from untrainable.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights
-from untrainable.config import from_dict, RunConfig
+from untrainable.config import RunConfig, from_dict
 from untrainable.data.registry import DataSplits
 from untrainable.trainer import NonFiniteError, TrainingInterrupted, train
 
 CONFIG = {
     "name": "crash",
     "model": {"name": "fcn", "args": {"depth": 3, "width": 128, "batch_norm": True, "dropout": 0.1}},
-    "data": {"name": "mnist1d", "args": {"num_samples": 2000, "val_size": 100, "seed": 42}, "batch_size": 16, "train_eval_size": 50},
+    "data": {
+        "name": "mnist1d",
+        "args": {"num_samples": 2000, "val_size": 100, "seed": 42},
+        "batch_size": 16,
+        "train_eval_size": 50,
+    },
     "guide": {"name": "cnn1d", "args": {"channels": 8, "depth": 2, "kernel": 5}, "seed": 1000},
     "guidance": {"target_layers": ["layers.*.linear"], "guide_layers": ["blocks.*.conv"]},
     "train": {"epochs": 2, "seed": 0, "progress": False, "checkpoint_every": 7},
@@ -33,7 +38,9 @@ CONFIG = {
 def _start(config_path: Path, out: Path, resume: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     command = [sys.executable, "-m", "untrainable", "train", "--config", str(config_path), "--out", str(out)]
-    return subprocess.Popen(command + (["--resume"] if resume else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        command + (["--resume"] if resume else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def _last_step(folder: Path) -> int:
@@ -115,7 +122,10 @@ def test_resume_with_no_loadable_checkpoint_refuses_every_time_and_keeps_the_log
         path.write_bytes(b"garbage")
     metrics = (tmp_path / "metrics.jsonl").read_text()
     for _ in range(2):  # the first attempt sets the files aside as *.corrupt; the second must still refuse
-        with warnings.catch_warnings(), pytest.raises(CheckpointError, match="no checkpoint that loads|no checkpoint in"):
+        with (
+            warnings.catch_warnings(),
+            pytest.raises(CheckpointError, match="no checkpoint that loads|no checkpoint in"),
+        ):
             warnings.simplefilter("ignore")
             train(_small_config(max_steps=9, checkpoint_every=3), tmp_path, resume=True)
     assert (tmp_path / "metrics.jsonl").read_text() == metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from untrainable.config import from_dict, RunConfig
+from untrainable.config import RunConfig, from_dict
 from untrainable.guidance import Guidance
 from untrainable.models import create_model
 from untrainable.similarity import linear_cka, linear_cka_unbiased, rsa
@@ -42,12 +42,20 @@ def test_guided_forward_in_bf16_runs_models_in_bf16_and_cka_in_float32():
 
 
 def _config(precision: str) -> RunConfig:
-    return from_dict(RunConfig, {
-        "model": {"name": "fcn", "args": {"depth": 2, "width": 16}},
-        "data": {"name": "mnist1d", "args": {"num_samples": 400, "val_size": 40}, "batch_size": 16, "train_eval_size": 20},
-        "guide": {"name": "cnn1d", "args": {"channels": 4, "depth": 2}},
-        "train": {"epochs": 1, "max_steps": 3, "precision": precision, "progress": False},
-    })
+    return from_dict(
+        RunConfig,
+        {
+            "model": {"name": "fcn", "args": {"depth": 2, "width": 16}},
+            "data": {
+                "name": "mnist1d",
+                "args": {"num_samples": 400, "val_size": 40},
+                "batch_size": 16,
+                "train_eval_size": 20,
+            },
+            "guide": {"name": "cnn1d", "args": {"channels": 4, "depth": 2}},
+            "train": {"epochs": 1, "max_steps": 3, "precision": precision, "progress": False},
+        },
+    )
 
 
 def test_bf16_training_run_on_cpu(tmp_path):

@@ -39,7 +39,11 @@ def test_the_sweep_choice_becomes_the_baseline_of_both_experiments():
         assert experiment.baseline == "deep-fcn" and experiment.seeds == rescue.SEEDS and len(rescue.SEEDS) >= 5
     assert {arm.config.model.args["width"] for arm in headline.arms} == {1024}
     assert {arm.config.model.args["depth"] for arm in headline.arms} == {48}
-    assert [arm.name for arm in headline.arms] == ["deep-fcn", "deep-fcn+untrained-resnet18", "deep-fcn+untrained-resnet18-first150"]
+    assert [arm.name for arm in headline.arms] == [
+        "deep-fcn",
+        "deep-fcn+untrained-resnet18",
+        "deep-fcn+untrained-resnet18-first150",
+    ]
 
 
 def test_controls_cover_trained_guide_longer_stretch_noise_and_distillation():

@@ -19,7 +19,9 @@ def activations(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Related float64 activations x (B, T, D1), y (B, T, D2): y is a noisy projection of x."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, D1, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(D1, D2, generator=g, dtype=torch.float64) + 0.5 * torch.randn(B, T, D2, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(D1, D2, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        B, T, D2, generator=g, dtype=torch.float64
+    )
     return x, y
 
 
@@ -79,7 +81,9 @@ def test_unmasked_modes_against_hand_written_reference():
     # An all-true mask changes nothing.
     full = torch.ones(B, T, dtype=torch.bool)
     for mode in ("flatten", "tokens", "tokenwise"):
-        assert torch.allclose(sequence_similarity(linear_cka, x, y, mode, full), sequence_similarity(linear_cka, x, y, mode), atol=1e-12)
+        assert torch.allclose(
+            sequence_similarity(linear_cka, x, y, mode, full), sequence_similarity(linear_cka, x, y, mode), atol=1e-12
+        )
 
 
 def tokens(lengths: list[int], seed: int = 0) -> torch.Tensor:
@@ -107,7 +111,9 @@ def test_guided_step_rnn_target_transformer_guide(pack, mode):
     guide_before = {k: v.clone() for k, v in guide.state_dict().items()}
     optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
     out = guidance(x, mask=padding_mask(x, 0))
-    loss = torch.nn.functional.cross_entropy(out.output.flatten(0, 1), y.flatten(), ignore_index=-100) + out.guidance_loss
+    loss = (
+        torch.nn.functional.cross_entropy(out.output.flatten(0, 1), y.flatten(), ignore_index=-100) + out.guidance_loss
+    )
     optimizer.zero_grad()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in target.layers.parameters())

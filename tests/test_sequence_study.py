@@ -45,7 +45,12 @@ def test_long_copy_paste_uses_the_papers_lengths():
     from untrainable.experiment import EXPERIMENTS
 
     experiment = EXPERIMENTS.create("sequence-copy-paste-long", quick=False)
-    assert [arm.name for arm in experiment.arms] == ["transformer", "rnn", "rnn+untrained-transformer", "rnn+trained-transformer"]
+    assert [arm.name for arm in experiment.arms] == [
+        "transformer",
+        "rnn",
+        "rnn+untrained-transformer",
+        "rnn+trained-transformer",
+    ]
     for arm in experiment.arms:
         assert (arm.config.data.args["min_len"], arm.config.data.args["max_len"]) == (20, 40)
         assert arm.config.train.epochs == 40

@@ -35,7 +35,17 @@ checkpoint_every = 3
 
 def torchrun(tmp_path, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "untrainable", "train", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "untrainable",
+        "train",
+        *args,
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -49,7 +59,7 @@ def test_two_processes_train_and_resume_like_one_unbroken_run(tmp_path):
     result = json.loads((full / "result.json").read_text())
     # 540 training examples (640 less 100 for validation), 2 ranks x batch 40: 6 steps an epoch.
     assert result["steps"] == 12
-    steps = [json.loads(l)["step"] for l in (full / "metrics.jsonl").read_text().splitlines() if '"kind"' not in l]
+    steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines() if '"kind"' not in line]
     assert steps == list(range(1, 13)), "one record per step: only rank 0 writes"
 
     # Stop after 8 steps (in the middle of the second epoch), then resume under torchrun.
@@ -57,7 +67,7 @@ def test_two_processes_train_and_resume_like_one_unbroken_run(tmp_path):
     torchrun(tmp_path, "--config", "run.toml", "--out", "resumed", "--resume")
     resumed = json.loads((tmp_path / "resumed" / "result.json").read_text())
     assert resumed["steps"] == 12
-    records = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("kind") == "resume"] == [8], "the second run continued from step 8"
     w_full, w_resumed = load_weights(full / "model.pt"), load_weights(tmp_path / "resumed" / "model.pt")
     for key in w_full:

@@ -45,7 +45,15 @@ class DiesAfter(Dataset):
 
 def test_run_folder_holds_everything(tmp_path):
     result = train(small_config(), tmp_path)
-    for name in ("config.json", "meta.json", "metrics.jsonl", "history.json", "result.json", "model.pt", "test_predictions.npy"):
+    for name in (
+        "config.json",
+        "meta.json",
+        "metrics.jsonl",
+        "history.json",
+        "result.json",
+        "model.pt",
+        "test_predictions.npy",
+    ):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((tmp_path / "checkpoints").glob("step-*.pt"))) == 2
@@ -96,7 +104,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, where):
     w_full, w_resumed = load_weights(tmp_path / "full" / "model.pt"), load_weights(tmp_path / "resumed" / "model.pt")
     for key in w_full:
         assert torch.allclose(w_full[key].float(), w_resumed[key].float(), atol=1e-6), key
-    records = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "kind" not in r]
     assert steps == list(range(1, total + 1))  # no step lost, none logged twice
     resumed_at = [r["step"] for r in records if r.get("kind") == "resume"]

@@ -79,8 +79,7 @@ def test_fashion_mnist_splits(tmp_path):
     assert x.dtype == torch.float32 and x.shape == (20, 1, 28, 28) and y.dtype == torch.int64
     assert 0.0 <= x.min() and x.max() <= 1.0
     train_ids, val_ids = (
-        set((split.tensors[0][:, 0, 0, 0] * 255).round().long().tolist())
-        for split in (data.train, data.val)
+        set((split.tensors[0][:, 0, 0, 0] * 255).round().long().tolist()) for split in (data.train, data.val)
     )
     assert len(train_ids) == 20 and len(val_ids) == 8 and not train_ids & val_ids
     # The validation set is the same whatever the training size.
@@ -140,9 +139,7 @@ def test_image_folder_single_tree(tmp_path):
 def test_image_folder_imagenet_layout(tmp_path):
     write_pngs(tmp_path / "train", per_class=5)
     write_pngs(tmp_path / "val", per_class=2)
-    data = image_folder(
-        str(tmp_path), image_size=6, val_fraction=0.2, mean=0.0, std=1.0, augment=False
-    )
+    data = image_folder(str(tmp_path), image_size=6, val_fraction=0.2, mean=0.0, std=1.0, augment=False)
     assert (len(data.train), len(data.val), len(data.test)) == (8, 2, 4)
     assert data.train_transform is None
     x, _ = data.test[0]

@@ -108,7 +108,12 @@ def test_vision_study_has_the_issues_arms():
     assert arms["deep-fcn+untrained-resnet18"].guide_from is None
     first = arms["deep-fcn+trained-resnet18-first150"].config.guidance
     assert (first.schedule, first.steps) == ("first_steps", 150)
-    assert {arm.name for arm in convnet.arms} == {"resnet50", "plain34", "plain34+trained-resnet50", "plain34+untrained-resnet50"}
+    assert {arm.name for arm in convnet.arms} == {
+        "resnet50",
+        "plain34",
+        "plain34+trained-resnet50",
+        "plain34+untrained-resnet50",
+    }
     assert len(fcn.seeds) >= 3 and len(convnet.seeds) >= 3
     assert fcn.after is not None and convnet.after is not None
 

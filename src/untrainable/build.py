@@ -28,7 +28,9 @@ def check_args(where: str, builder: Callable[..., Any], args: dict[str, Any]) ->
         return
     for key in args:
         if key not in params:
-            raise ConfigError(f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {', '.join(params)}")
+            raise ConfigError(
+                f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {', '.join(params)}"
+            )
 
 
 def build_data(spec: DataSpec, where: str = "data") -> DataSplits:
@@ -49,7 +51,11 @@ def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "mode
     builder = MODELS.get(spec.name)
     check_args(where, builder, spec.args)
     accepted = inspect.signature(builder).parameters
-    known = {"input_shape": data.input_shape, "num_classes": data.num_classes, "vocab_size": data.meta.get("vocab_size")}
+    known = {
+        "input_shape": data.input_shape,
+        "num_classes": data.num_classes,
+        "vocab_size": data.meta.get("vocab_size"),
+    }
     kwargs = {k: v for k, v in known.items() if k in accepted and v is not None}
     kwargs.update(spec.args)
     if "input_shape" in kwargs:
@@ -78,16 +84,32 @@ def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, 
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("model", state) if isinstance(state, dict) else state
     except Exception as err:  # torch's own message suggests unsafe loading: never pass it on
-        raise ConfigError(f"{where}: {path} is not a model checkpoint ({type(err).__name__}); give a run's model.pt or a saved state_dict") from None
+        raise ConfigError(
+            f"{where}: {path} is not a model checkpoint ({type(err).__name__}); give a run's model.pt or a saved state_dict"
+        ) from None
     if saved_name is not None and saved_name != spec.name:
-        raise ConfigError(f"{where}: {path} holds a {saved_name!r} model, not {spec.name!r}; set the model name to {saved_name!r} or give another file")
+        raise ConfigError(
+            f"{where}: {path} holds a {saved_name!r} model, not {spec.name!r}; set the model name to {saved_name!r} or give another file"
+        )
     if not isinstance(state, dict):
         raise ConfigError(f"{where}: {path} holds a {type(state).__name__}, not a state_dict")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
-    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}" for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes (file vs model)", shapes)) if items]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shapes (file vs model)", shapes),
+        )
+        if items
+    ]
     if problems:
         raise ConfigError(f"{where}: {path} does not fit a {spec.name!r} model with these args ({'; '.join(problems)})")
     return state
@@ -116,7 +138,9 @@ def build_optimizer(config: RunConfig, params: Iterable[nn.Parameter]) -> torch.
     return make_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, fused=o.fused)
 
 
-def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_schedule(
+    config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule `config.optim` describes, over `total_steps`."""
     return make_lr_schedule(config.optim.lr_schedule, optimizer, total_steps, config.optim.warmup_steps)
 

@@ -96,7 +96,9 @@ class CheckpointManager:
             old.unlink()
         return path
 
-    def load_latest(self, map_location: str | torch.device = "cpu", quarantine: bool = True) -> tuple[dict[str, Any], Path] | None:
+    def load_latest(
+        self, map_location: str | torch.device = "cpu", quarantine: bool = True
+    ) -> tuple[dict[str, Any], Path] | None:
         """The newest checkpoint that loads, or None when the folder holds none.
 
         A truncated or corrupted newer one is reported, renamed to

@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-EPILOG = "Examples:\n  untrainable list\n  untrainable run mnist1d --quick\n  untrainable train --config src/untrainable/configs/mnist1d.toml --out runs/one\n  untrainable layers fcn cnn1d --data mnist1d"
+EPILOG = (
+    "Examples:\n"
+    "  untrainable list\n"
+    "  untrainable run mnist1d --quick\n"
+    "  untrainable train --config src/untrainable/configs/mnist1d.toml --out runs/one\n"
+    "  untrainable layers fcn cnn1d --data mnist1d"
+)
 
 
 def _parse_value(text: str) -> Any:
@@ -115,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
@@ -133,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("layers", help="show guide/target layer pairs, shapes and similarity at initialisation")
@@ -183,11 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not _is_main_process():
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
         if _is_main_process():
-            print(f"untrainable {args.command}: interrupted", file=sys.stderr)
+            print(f"untrainable {args.command}: interrupted: {_one_line(err)}", file=sys.stderr)
         return 130
     except (ConfigError, CheckpointError, ValueError, TypeError, KeyError, OSError) as err:
         if debug:

@@ -113,11 +113,15 @@ class GuidanceSpec:
         _choice(f"{where}.scope", self.scope, SIMILARITY_SCOPES)
         _choice(f"{where}.cache", self.cache, GUIDE_CACHES)
         if self.cache != "none" and self.guide_input != "same":
-            raise ConfigError(f"{where}.cache: {self.cache!r} needs guide_input = 'same' (noise inputs change every step)")
+            raise ConfigError(
+                f"{where}.cache: {self.cache!r} needs guide_input = 'same' (noise inputs change every step)"
+            )
         _positive(f"{where}.log_every", self.log_every)
         for i, pair in enumerate(self.pairs or []):
             if not (isinstance(pair, list) and len(pair) in (2, 3)):
-                raise ConfigError(f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}")
+                raise ConfigError(
+                    f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}"
+                )
 
 
 @dataclass
@@ -142,7 +146,9 @@ class OptimSpec:
         _positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive(f"{where}.grad_clip", self.grad_clip, optional=True)
         if self.fused and self.name not in FUSED_OPTIMIZERS:
-            raise ConfigError(f"{where}.fused: only {', '.join(FUSED_OPTIMIZERS)} have a fused update here; set fused = false for {self.name}")
+            raise ConfigError(
+                f"{where}.fused: only {', '.join(FUSED_OPTIMIZERS)} have a fused update here; set fused = false for {self.name}"
+            )
 
 
 @dataclass
@@ -171,7 +177,9 @@ class TrainSpec:
     checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: each epoch only
     keep_checkpoints: int = 2
     progress: bool = True
-    grad_norm_steps: list[int] = field(default_factory=list)  # steps (from 1) at which per-layer gradient norms are logged
+    grad_norm_steps: list[int] = field(
+        default_factory=list
+    )  # steps (from 1) at which per-layer gradient norms are logged
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.epochs", self.epochs)
@@ -303,7 +311,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     ]
     if missing:
         raise ConfigError(f"{where or 'config'}: missing required key(s) {missing}")
-    kwargs = {name: _check_type(f"{where}.{name}" if where else name, value, hints[name]) for name, value in data.items()}
+    kwargs = {
+        name: _check_type(f"{where}.{name}" if where else name, value, hints[name]) for name, value in data.items()
+    }
     # Sections validate as part of RunConfig (in its __post_init__), where each field's path is known.
     return cls(**kwargs)
 
@@ -321,10 +331,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}; fix the file") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a table of sections (model, data, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path}: expected a table of sections (model, data, ...), got {type(data).__name__}"
+        )
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return from_dict(RunConfig, data)
+
+
+def shipped_config(name: str) -> RunConfig:
+    """A config shipped with the package: `untrainable/configs/NAME.toml`."""
+    from importlib import resources
+
+    return load_config(resources.files("untrainable") / "configs" / f"{name}.toml")
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -350,7 +369,11 @@ def config_differences(saved: dict[str, Any], config: RunConfig, ignore: tuple[s
         if path in ignore:
             return []
         if isinstance(a, dict) and isinstance(b, dict):
-            return [d for key in sorted(set(a) | set(b)) for d in walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+            return [
+                d
+                for key in sorted(set(a) | set(b))
+                for d in walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            ]
         return [] if a == b else [path]
 
     return walk(saved, current, "")

@@ -68,7 +68,9 @@ def _arm_config(arm: Arm, seed: int, out: Path) -> RunConfig:
     if arm.guide_from is not None:
         if config.guide is None:
             raise ValueError(f"arm {arm.name!r} takes its guide from {arm.guide_from!r} but has no guide model")
-        changes["guide"] = dataclasses.replace(config.guide, checkpoint=str(out / arm.guide_from / f"seed{seed}" / "model.pt"))
+        changes["guide"] = dataclasses.replace(
+            config.guide, checkpoint=str(out / arm.guide_from / f"seed{seed}" / "model.pt")
+        )
     return config.replace(**changes)
 
 
@@ -114,13 +116,20 @@ def run_experiment(
     write_table(experiment, table, out)
     from untrainable.plots import plot_curves
 
-    plot_curves({name: [r.history for r in runs] for name, runs in results.items()}, out / "curves.png", experiment.metric, title=experiment.name)
+    plot_curves(
+        {name: [r.history for r in runs] for name, runs in results.items()},
+        out / "curves.png",
+        experiment.metric,
+        title=experiment.name,
+    )
     return table
 
 
 def _check_folder(folder: Path, config: RunConfig) -> None:
     if (folder / "config.json").exists():
-        changed = config_differences(json.loads((folder / "config.json").read_text()), config, ignore=("train.progress",))
+        changed = config_differences(
+            json.loads((folder / "config.json").read_text()), config, ignore=("train.progress",)
+        )
         if changed:
             raise ValueError(
                 f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
@@ -128,7 +137,9 @@ def _check_folder(folder: Path, config: RunConfig) -> None:
             )
 
 
-def _run_arm(arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True) -> RunResult:
+def _run_arm(
+    arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True
+) -> RunResult:
     """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
     folder = out / arm.name / f"seed{seed}"
     config = _arm_config(arm, seed, out)
@@ -137,7 +148,9 @@ def _run_arm(arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_se
         config = config.with_section("train", progress=False)
     if (folder / "result.json").exists():
         log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
-        return RunResult(folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text()))
+        return RunResult(
+            folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text())
+        )
     log(f"[{arm.name} seed {seed}] training")
     resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
     result = train(config, folder, resume=resume, data=_data(config, data_sets))
@@ -163,7 +176,9 @@ def _worker_run(arm: Arm, seed: int, out: Path) -> RunResult:
     return _run_arm(arm, seed, out, lambda line: print(line, flush=True), _WORKER_DATA, progress=False)
 
 
-def _run_parallel(tasks: list[tuple[Arm, int]], out: Path, jobs: int, log: Callable[[str], None]) -> dict[tuple[str, int], RunResult]:
+def _run_parallel(
+    tasks: list[tuple[Arm, int]], out: Path, jobs: int, log: Callable[[str], None]
+) -> dict[tuple[str, int], RunResult]:
     """Run (arm, seed) tasks in `jobs` processes, in order, each after the run it takes its guide from."""
     import multiprocessing
     import os
@@ -176,7 +191,9 @@ def _run_parallel(tasks: list[tuple[Arm, int]], out: Path, jobs: int, log: Calla
     done: dict[tuple[str, int], RunResult] = {}
     running: dict[Future, tuple[str, int]] = {}
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)
+    ) as pool:
         try:
             while pending or running:
                 for task in list(pending):
@@ -266,7 +283,13 @@ def summarise(experiment: Experiment, results: dict[str, list[RunResult]], seeds
         for extra in sorted({k for r in runs for k in r.final.get("extra_test", {})}):
             row[f"{extra}_{metric}"] = _mean_std([r.final["extra_test"].get(extra, {}).get(metric) for r in runs])
         rows.append(row)
-    table = {"experiment": experiment.name, "metric": metric, "seeds": list(seeds), "rows": rows, "notes": list(experiment.notes)}
+    table = {
+        "experiment": experiment.name,
+        "metric": metric,
+        "seeds": list(seeds),
+        "rows": rows,
+        "notes": list(experiment.notes),
+    }
     if experiment.baseline is not None:
         add_effects(table, experiment.baseline)
     return table
@@ -299,13 +322,26 @@ def _fmt(pair: tuple[float, float], scale: float = 1.0) -> str:
 def format_table(table: dict[str, Any]) -> str:
     """The table in Markdown: mean ± std over seeds."""
     metric = table["metric"]
-    extras = [k for k in table["rows"][0] if k.endswith(f"_{metric}") and k.split("_")[0] not in ("test", "val", "train")] if table["rows"] else []
-    header = ["arm", "seeds", f"test {metric}", f"val {metric}", f"train {metric}", "train − test"] + [e.replace("_", " ") for e in extras]
+    extras = (
+        [k for k in table["rows"][0] if k.endswith(f"_{metric}") and k.split("_")[0] not in ("test", "val", "train")]
+        if table["rows"]
+        else []
+    )
+    header = ["arm", "seeds", f"test {metric}", f"val {metric}", f"train {metric}", "train − test"] + [
+        e.replace("_", " ") for e in extras
+    ]
     if "baseline" in table:
         header += [f"Δ vs {table['baseline']}", "Δ / std", "per-seed test"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
-        cells = [row["arm"], str(row["seeds"]), _fmt(row[f"test_{metric}"]), _fmt(row[f"val_{metric}"]), _fmt(row[f"train_{metric}"]), _fmt(row["gap"])]
+        cells = [
+            row["arm"],
+            str(row["seeds"]),
+            _fmt(row[f"test_{metric}"]),
+            _fmt(row[f"val_{metric}"]),
+            _fmt(row[f"train_{metric}"]),
+            _fmt(row["gap"]),
+        ]
         cells += [_fmt(row[e]) for e in extras]
         if "baseline" in table:
             vs = row["vs_baseline"]

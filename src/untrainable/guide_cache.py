@@ -77,13 +77,16 @@ class GuideCache:
         self.hits = 0  # examples served from the cache
         self.misses = 0  # examples the guide had to run on
 
-    def activations(self, index: Tensor, x: Tensor, run_guide: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+    def activations(
+        self, index: Tensor, x: Tensor, run_guide: Callable[[Tensor], dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
         """The guide's activations on the batch x of examples `index`, running the guide only on unseen ones.
 
         The guide runs in eval mode, where each example's activations do not
         depend on the rest of the batch, so running it on the unseen rows
         alone gives the same values.
         """
+
         def guide_on(rows: Tensor) -> dict[str, Tensor]:
             # A packed RNN's output stops at the batch's longest row: pad
             # sequences to the input's length so every batch stores alike.
@@ -117,17 +120,9 @@ class GuideCache:
             rows = index.cpu()
             return {name: store[rows].to(device, non_blocking=True) for name, store in self.layers.items()}
         rows = index.cpu().numpy()
-        return {name: torch.from_numpy(np.ascontiguousarray(store[rows])).to(device) for name, store in self.layers.items()}
-
-    def lookup(self, index: Tensor, device: torch.device | str = "cpu") -> dict[str, Tensor] | None:
-        """Activations of the examples `index` (batch,) by layer, or None if any is not stored yet."""
-        if self.filled is None:
-            self._open_existing()
-        if self.filled is None:
-            return None
-        if not bool(self._filled(index).all()):
-            return None
-        return self._read(index, device)
+        return {
+            name: torch.from_numpy(np.ascontiguousarray(store[rows])).to(device) for name, store in self.layers.items()
+        }
 
     def store(self, index: Tensor, activations: dict[str, Tensor]) -> None:
         """Keep the activations (batch, ...) of the examples `index` (batch,)."""
@@ -153,7 +148,9 @@ class GuideCache:
 
     def _allocate(self, activations: dict[str, Tensor]) -> None:
         if self.storage == "memory":
-            self.layers = {name: torch.empty((self.size, *act.shape[1:]), dtype=act.dtype) for name, act in activations.items()}
+            self.layers = {
+                name: torch.empty((self.size, *act.shape[1:]), dtype=act.dtype) for name, act in activations.items()
+            }
             self.filled = torch.zeros(self.size, dtype=torch.bool)
             return
         assert self.folder is not None
@@ -164,9 +161,13 @@ class GuideCache:
         for i, (name, act) in enumerate(activations.items()):
             shape = (self.size, *act.shape[1:])
             dtype = _numpy_dtype(act.dtype)
-            self.layers[name] = np.lib.format.open_memmap(self.folder / f"layer{i:03d}.npy", mode="w+", dtype=dtype, shape=shape)
+            self.layers[name] = np.lib.format.open_memmap(
+                self.folder / f"layer{i:03d}.npy", mode="w+", dtype=dtype, shape=shape
+            )
             manifest.append({"name": name, "file": f"layer{i:03d}.npy", "shape": list(shape), "dtype": dtype.str})
-        self.filled = np.lib.format.open_memmap(self.folder / "filled.npy", mode="w+", dtype=np.bool_, shape=(self.size,))
+        self.filled = np.lib.format.open_memmap(
+            self.folder / "filled.npy", mode="w+", dtype=np.bool_, shape=(self.size,)
+        )
         (self.folder / "manifest.json").write_text(json.dumps({"size": self.size, "layers": manifest}, indent=1) + "\n")
 
     def _open_existing(self) -> None:
@@ -176,5 +177,7 @@ class GuideCache:
         manifest = json.loads((self.folder / "manifest.json").read_text())
         if manifest.get("size") != self.size:
             return
-        self.layers = {entry["name"]: np.load(self.folder / entry["file"], mmap_mode="r+") for entry in manifest["layers"]}
+        self.layers = {
+            entry["name"]: np.load(self.folder / entry["file"], mmap_mode="r+") for entry in manifest["layers"]
+        }
         self.filled = np.load(self.folder / "filled.npy", mmap_mode="r+")

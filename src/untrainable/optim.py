@@ -9,15 +9,21 @@ import torch
 from torch import nn
 
 
-def _sgd(params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+def _sgd(
+    params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float, fused: bool
+) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+def _adam(
+    params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float, fused: bool
+) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def _adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+def _adamw(
+    params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float, fused: bool
+) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
@@ -38,12 +44,23 @@ def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
     return table[name]
 
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0, momentum: float = 0.9, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str,
+    params: Iterable[nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    fused: bool = False,
+) -> torch.optim.Optimizer:
     """The optimiser `name` (one of OPTIMIZERS) over `params`; `momentum` is SGD's, `fused` Adam's."""
-    return _lookup(OPTIMIZERS, "optimizer", name)(params, lr=lr, weight_decay=weight_decay, momentum=momentum, fused=fused)
+    return _lookup(OPTIMIZERS, "optimizer", name)(
+        params, lr=lr, weight_decay=weight_decay, momentum=momentum, fused=fused
+    )
 
 
-def make_lr_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_lr_schedule(
+    name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_steps`, then the decay `name` (one of LR_SCHEDULES) until `total_steps`."""
     decay = _lookup(LR_SCHEDULES, "learning-rate schedule", name)
 

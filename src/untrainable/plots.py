@@ -22,7 +22,9 @@ def _mean_curve(histories: list[list[dict[str, Any]]], key: str) -> tuple[np.nda
     return np.arange(1, length + 1), values.mean(axis=0)
 
 
-def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: str | Path, metric: str = "accuracy", title: str = "") -> Path:
+def plot_curves(
+    histories: dict[str, list[list[dict[str, Any]]]], path: str | Path, metric: str = "accuracy", title: str = ""
+) -> Path:
     """Train (solid) and validation (dashed) loss and `metric` per epoch, mean over seeds, one colour per arm.
 
     Args:
@@ -53,7 +55,16 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: str | Pa
     return Path(path)
 
 
-def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, title: str = "", vmin: float | None = None, vmax: float | None = None, annotate: bool = True) -> Path:
+def plot_matrix(
+    matrix: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    annotate: bool = True,
+) -> Path:
     """A labelled heatmap (similarity of layers, error consistency of models)."""
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.6 * len(cols)), 1.2 + 0.45 * len(rows)))
@@ -62,7 +73,15 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     if annotate and matrix.size <= 400:
         for (r, c), value in np.ndenumerate(matrix):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < np.nanmean(matrix) else "black")
+            ax.text(
+                c,
+                r,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if value < np.nanmean(matrix) else "black",
+            )
     fig.colorbar(image, ax=ax)
     if title:
         ax.set_title("\n".join(textwrap.wrap(title, 50)), fontsize=9)
@@ -72,7 +91,9 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
     return Path(path)
 
 
-def plot_loss_curves(histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str | Path, title: str = "") -> Path:
+def plot_loss_curves(
+    histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str | Path, title: str = ""
+) -> Path:
     """Train and validation loss per epoch, one panel per arm: mean over seeds, band from min to max.
 
     `plots.plot_curves` draws every arm in one panel; with many arms the
@@ -99,7 +120,7 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]
         ax.set_xlabel("epoch", fontsize=7)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(arms):]:
+    for ax in list(axes.flat)[len(arms) :]:
         ax.axis("off")
     axes[0, 0].set_ylabel("loss", fontsize=7)
     axes[0, 0].legend(fontsize=7)
@@ -148,7 +169,9 @@ def plot_by_step(
     return Path(path)
 
 
-def plot_depth_map(depths: Sequence[int], curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, title: str = "") -> Path:
+def plot_depth_map(
+    depths: Sequence[int], curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, title: str = ""
+) -> Path:
     """Test accuracy (mean ± std over seeds) against depth, one line per arm kind."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves.items():

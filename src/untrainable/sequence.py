@@ -38,7 +38,9 @@ def sequence_similarity(
     if mode not in SEQUENCE_MODES:
         raise ValueError(f"sequence mode {mode!r} is not one of {', '.join(SEQUENCE_MODES)}")
     if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(f"sequence similarity needs (batch, time, features) inputs, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"sequence similarity needs (batch, time, features) inputs, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if mask is not None:
         mask = mask.to(device=x.device, dtype=torch.bool)
         # A packed RNN's output stops at the batch's longest row; the positions

@@ -45,7 +45,9 @@ def check_finite(step: int, info: distributed.DistInfo, **terms: Tensor) -> None
             where = f" (rank {info.rank})" if info.world_size > 1 else ""
             shown = value.detach().float().flatten()
             shown = shown[~torch.isfinite(shown)][:4].tolist() if flags[i] else "on another rank"
-            raise NonFiniteError(f"step {step}: {name} is not finite{where}: {shown}; the run stops, its checkpoints are kept")
+            raise NonFiniteError(
+                f"step {step}: {name} is not finite{where}: {shown}; the run stops, its checkpoints are kept"
+            )
 
 
 def grad_norm(parameters: list[nn.Parameter]) -> Tensor:
@@ -91,7 +93,9 @@ class StepParts:
     pad_id: int | None = None
 
 
-def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dict[str, Tensor], float, dict[str, Tensor]]:
+def _losses(
+    parts: StepParts, batch: tuple[Tensor, ...], step: int
+) -> tuple[dict[str, Tensor], float, dict[str, Tensor]]:
     """Forward under autocast: the loss terms, alpha and the per-pair similarities, checked finite."""
     x, y = batch[0].to(parts.device, non_blocking=True), batch[1].to(parts.device, non_blocking=True)
     raw_x = x
@@ -116,7 +120,9 @@ def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dic
     return terms, alpha, similarities
 
 
-def train_step(parts: StepParts, batch: tuple[Tensor, ...], step: int, log_grad_norms: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def train_step(
+    parts: StepParts, batch: tuple[Tensor, ...], step: int, log_grad_norms: bool = False
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """One guided optimisation step on `batch` = (x, y[, index]), numbered `step` (the first is 1).
 
     Returns the step's record (`loss`, `task_loss`, `guidance_loss`, `alpha`,
@@ -145,7 +151,13 @@ def train_step(parts: StepParts, batch: tuple[Tensor, ...], step: int, log_grad_
     scaler.step(parts.optimizer)
     scaler.update()
     record: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "alpha": alpha, "lr": lr}
-    record.update({name: float(value.detach()) for name, value in terms.items() if name != "distill_loss" or parts.distillation is not None})
+    record.update(
+        {
+            name: float(value.detach())
+            for name, value in terms.items()
+            if name != "distill_loss" or parts.distillation is not None
+        }
+    )
     record.update(norms)
     if scaler.is_enabled() and scaler.get_scale() < scale_before:
         record["skipped_overflow"] = 1

@@ -42,7 +42,9 @@ class Tokens(Classification):
 
     def sums(self, output: Tensor, y: Tensor) -> dict[str, float]:
         scored = y != IGNORE_INDEX
-        loss_sum = F.cross_entropy(output.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = F.cross_entropy(
+            output.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return {
             "loss_sum": float(loss_sum),
             "correct": float(((output.argmax(-1) == y) & scored).sum()),

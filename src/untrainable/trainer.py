@@ -121,7 +121,11 @@ class _Logger:
             return
         if resume_step is not None and self.path.exists():
             # Drop records written after the checkpoint we resume from: those steps run again.
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -199,7 +203,12 @@ class _Run:
         p.scaler.load_state_dict(state["scaler"])
         if p.guidance is not None:
             p.guidance.set_extra_state(state["guidance"])
-        self.step, self.epoch, self.batches_done, self.history = state["step"], state["epoch"], state["batch"], state["history"]
+        self.step, self.epoch, self.batches_done, self.history = (
+            state["step"],
+            state["epoch"],
+            state["batch"],
+            state["history"],
+        )
         rng = state["rng"]
         if isinstance(rng, list):  # one state per rank of the run that saved it
             rng = rng[p.dist_info.rank] if len(rng) == p.dist_info.world_size else rng[0]
@@ -210,7 +219,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped the run after a checkpoint of its last finished step."""
 
 
-def _build_parts(config: RunConfig, folder: Path, resume: bool, data: DataSplits, dist_info: distributed.DistInfo, device: torch.device) -> tuple[StepParts, Dataset]:
+def _build_parts(
+    config: RunConfig,
+    folder: Path,
+    resume: bool,
+    data: DataSplits,
+    dist_info: distributed.DistInfo,
+    device: torch.device,
+) -> tuple[StepParts, Dataset]:
     """The models, losses and optimiser of a run, and the training set the loader reads."""
     target = build_model(config.model, data, config.train.seed).to(device)
     guide = build_model(config.guide, data, config.train.seed, where="guide").to(device) if config.guide else None
@@ -218,7 +234,9 @@ def _build_parts(config: RunConfig, folder: Path, resume: bool, data: DataSplits
     # alpha 0 under a constant schedule: the guide serves only as a distillation teacher.
     guided = guide is not None and not (config.guidance.alpha == 0 and config.guidance.schedule == "constant")
     guidance = build_guidance(config, model, guide) if guided else None
-    distillation = Distillation(guide, config.distill.weight, config.distill.temperature) if config.distill.weight > 0 else None
+    distillation = (
+        Distillation(guide, config.distill.weight, config.distill.temperature) if config.distill.weight > 0 else None
+    )
     guide_cache = None
     train_set: Dataset = data.train
     if guidance is not None and config.guidance.cache != "none":
@@ -264,7 +282,14 @@ def _set_up(config: RunConfig, folder: Path, resume: bool, data: DataSplits | No
     parts, train_set = _build_parts(config, folder, resume, data, dist_info, device)
     # The sampler shards the training set over ranks (one shard in a single
     # process); data.batch_size is per process.
-    sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=config.train.seed, drop_last=True)
+    sampler = DistributedSampler(
+        train_set,
+        num_replicas=dist_info.world_size,
+        rank=dist_info.rank,
+        shuffle=True,
+        seed=config.train.seed,
+        drop_last=True,
+    )
     # A generator of its own: starting an epoch's iterator must not draw from
     # the global RNG, or a run resumed in the middle of an epoch would see
     # different dropout masks than the uninterrupted run.
@@ -277,7 +302,9 @@ def _set_up(config: RunConfig, folder: Path, resume: bool, data: DataSplits | No
         generator=torch.Generator().manual_seed(config.train.seed),
     )
     if len(loader) == 0:
-        raise ValueError(f"data.batch_size {config.data.batch_size} is larger than the training shard ({len(sampler)} examples)")
+        raise ValueError(
+            f"data.batch_size {config.data.batch_size} is larger than the training shard ({len(sampler)} examples)"
+        )
     total_steps = config.train.epochs * len(loader)
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
@@ -302,9 +329,13 @@ def _check_folder(run: _Run, resume: bool) -> None:
     saved_config = folder / "config.json"
     if resume and saved_config.exists():
         # The run length and the progress bar may change on resume; nothing else.
-        changed = config_differences(json.loads(saved_config.read_text()), run.config, ignore=("train.max_steps", "train.progress"))
+        changed = config_differences(
+            json.loads(saved_config.read_text()), run.config, ignore=("train.max_steps", "train.progress")
+        )
         if changed:
-            raise ValueError(f"{folder} holds a run with a different config (differs in {', '.join(changed)}); resume it with its own config.json or choose another folder")
+            raise ValueError(
+                f"{folder} holds a run with a different config (differs in {', '.join(changed)}); resume it with its own config.json or choose another folder"
+            )
     if not resume and checkpoints.paths():
         raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
     if resume and loaded is None and (checkpoints.set_aside() or (folder / "metrics.jsonl").exists()):
@@ -332,7 +363,9 @@ def _train_epoch(run: _Run, logger: _Logger) -> None:
         leave=False,
     )
     for batch in bar:
-        record, similarities = train_step(parts, batch, run.step + 1, log_grad_norms=run.step + 1 in config.train.grad_norm_steps)
+        record, similarities = train_step(
+            parts, batch, run.step + 1, log_grad_norms=run.step + 1 in config.train.grad_norm_steps
+        )
         run.lr_schedule.step()
         run.step += 1
         run.batches_done += 1
@@ -365,7 +398,9 @@ def _end_epoch(run: _Run, logger: _Logger, started: float) -> None:
     rng_eval = torch.Generator().manual_seed(config.train.seed)
     train_eval_idx = torch.randperm(len(run.data.train), generator=rng_eval)[: config.data.train_eval_size].tolist()
     train_eval = Subset(run.data.train, train_eval_idx)
-    train_metrics = evaluate(parts.target, train_eval, config, parts.device, dist_info=parts.dist_info) if len(train_eval) else {}
+    train_metrics = (
+        evaluate(parts.target, train_eval, config, parts.device, dist_info=parts.dist_info) if len(train_eval) else {}
+    )
     val_metrics = evaluate(parts.target, run.data.val, config, parts.device, dist_info=parts.dist_info)
     entry = {"epoch": run.epoch + 1, "step": run.step, "seconds": time.time() - started}
     entry.update({f"train_{k}": v for k, v in train_metrics.items()})
@@ -429,7 +464,9 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
             if _stop_requested(run):
                 run.checkpoint()
                 logger.close()
-                raise TrainingInterrupted(f"stopped at step {run.step}; checkpoint written to {run.checkpoints.folder}; continue with --resume")
+                raise TrainingInterrupted(
+                    f"stopped at step {run.step}; checkpoint written to {run.checkpoints.folder}; continue with --resume"
+                )
             _end_epoch(run, logger, started)
     return _finish(run, logger, time.time() - started)
 
@@ -439,17 +476,31 @@ def _finish(run: _Run, logger: _Logger, seconds: float) -> RunResult:
     config, parts, data = run.config, run.parts, run.data
     if parts.guide_cache is not None and run.is_main:
         cache = parts.guide_cache
-        logger.log({"kind": "guide_cache", "step": run.step, "hits": cache.hits, "misses": cache.misses, "bytes": cache.nbytes()}, prefix="guide_cache")
+        logger.log(
+            {
+                "kind": "guide_cache",
+                "step": run.step,
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "bytes": cache.nbytes(),
+            },
+            prefix="guide_cache",
+        )
     distributed.broadcast_buffers(parts.target, parts.dist_info)
     classification = config.train.task == "classification"
-    test = evaluate(parts.target, data.test, config, parts.device, keep_predictions=classification, dist_info=parts.dist_info)
+    test = evaluate(
+        parts.target, data.test, config, parts.device, keep_predictions=classification, dist_info=parts.dist_info
+    )
     predictions = test.pop("predictions", None)
     final: dict[str, Any] = {"steps": run.step, "seconds": seconds, "test": test}
-    final["extra_test"] = {name: evaluate(parts.target, ds, config, parts.device, dist_info=parts.dist_info) for name, ds in data.extra_test.items()}
+    final["extra_test"] = {
+        name: evaluate(parts.target, ds, config, parts.device, dist_info=parts.dist_info)
+        for name, ds in data.extra_test.items()
+    }
     if run.history:
         last = run.history[-1]
-        final["train"] = {k[len("train_"):]: v for k, v in last.items() if k.startswith("train_")}
-        final["val"] = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_")}
+        final["train"] = {k[len("train_") :]: v for k, v in last.items() if k.startswith("train_")}
+        final["val"] = {k[len("val_") :]: v for k, v in last.items() if k.startswith("val_")}
         metric = "accuracy" if "accuracy" in test else "loss"
         if metric in final["train"]:
             final["gap"] = final["train"][metric] - test[metric]

@@ -55,9 +55,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         )
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
-        raise ValueError(
-            f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions declared)"
-        )
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions declared)")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(IDX_DTYPES[type_code])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -90,15 +88,12 @@ def _read_pair(root: Path, images: str, labels: str) -> tuple[np.ndarray, np.nda
     x, y = read_idx(root / FILES[images]), read_idx(root / FILES[labels])
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise ValueError(
-            f"{root}: {FILES[images]} {x.shape} and {FILES[labels]} {y.shape} "
-            "must be (N, H, W) images and (N,) labels"
+            f"{root}: {FILES[images]} {x.shape} and {FILES[labels]} {y.shape} must be (N, H, W) images and (N,) labels"
         )
     return x, y
 
 
-def split_indices(
-    n: int, val_size: int, train_size: int | None, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint (train, val) index arrays into range(n) from one seeded permutation.
 
     Validation takes the first `val_size` of the permutation, so it does not
@@ -108,10 +103,7 @@ def split_indices(
         raise ValueError(f"val_size must be in [0, {n}) ({n} training images), got {val_size}")
     rest = n - val_size
     if train_size is not None and not 1 <= train_size <= rest:
-        raise ValueError(
-            f"train_size must be in [1, {rest}] (after {val_size} validation images), "
-            f"got {train_size}"
-        )
+        raise ValueError(f"train_size must be in [1, {rest}] (after {val_size} validation images), got {train_size}")
     order = np.random.default_rng(seed).permutation(n)
     val, train = order[:val_size], order[val_size:]
     return (train if train_size is None else train[:train_size]), val
@@ -153,9 +145,7 @@ def fashion_mnist(
         std = std if std > 0 else 1.0  # constant images (toy data only) have no scale to remove
         splits = {k: ((x - mean) / std, y) for k, (x, y) in splits.items()}
         meta.update(mean=mean, std=std)
-    datasets = {
-        k: TensorDataset(x, torch.from_numpy(y.astype(np.int64))) for k, (x, y) in splits.items()
-    }
+    datasets = {k: TensorDataset(x, torch.from_numpy(y.astype(np.int64))) for k, (x, y) in splits.items()}
     return DataSplits(
         train=datasets["train"],
         val=datasets["val"],

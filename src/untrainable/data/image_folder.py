@@ -87,14 +87,18 @@ def unreadable_images(paths: Sequence[Path], image_size: int) -> list[tuple[Path
     return bad
 
 
-def _drop_unreadable(paths: list[Path], labels: list[int], image_size: int, skip_bad: bool) -> tuple[list[Path], list[int]]:
+def _drop_unreadable(
+    paths: list[Path], labels: list[int], image_size: int, skip_bad: bool
+) -> tuple[list[Path], list[int]]:
     """Scan the files once at set-up: refuse unreadable ones by path, or skip them (with a count)."""
     bad = unreadable_images(paths, image_size)
     if not bad:
         return paths, labels
     listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:5]) + (" ..." if len(bad) > 5 else "")
     if not skip_bad:
-        raise ValueError(f"{len(bad)} unreadable image(s): {listed}; fix or remove them, or set data.args.skip_bad = true")
+        raise ValueError(
+            f"{len(bad)} unreadable image(s): {listed}; fix or remove them, or set data.args.skip_bad = true"
+        )
     warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(paths)}: {listed}", stacklevel=3)
     dropped = {path for path, _ in bad}
     kept = [(p, y) for p, y in zip(paths, labels) if p not in dropped]
@@ -209,12 +213,10 @@ def carve(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     if sum(sizes) >= n:
         raise ValueError(f"cannot carve {sizes} held-out images from {n} and keep any for training")
     bounds = np.cumsum([0, *sizes])
-    return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] + [order[bounds[-1]:]]
+    return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] + [order[bounds[-1] :]]
 
 
-def _channel_stats(
-    value: float | Sequence[float] | None, default: Sequence[float], name: str
-) -> tuple[float, ...]:
+def _channel_stats(value: float | Sequence[float] | None, default: Sequence[float], name: str) -> tuple[float, ...]:
     if value is None:
         return tuple(default)
     if isinstance(value, (int, float)):

@@ -29,8 +29,7 @@ def make_parity(
     width = max_len if pad_to is None else pad_to
     if not 1 <= min_len <= max_len <= width:
         raise ValueError(
-            f"need 1 <= min_len <= max_len <= pad_to, got min_len={min_len}, "
-            f"max_len={max_len}, pad_to={pad_to}"
+            f"need 1 <= min_len <= max_len <= pad_to, got min_len={min_len}, max_len={max_len}, pad_to={pad_to}"
         )
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_len, max_len + 1, size=(n, 1))
@@ -66,16 +65,12 @@ def parity(
         )
     # Every split shares one width so a single model sees the long set unchanged.
     width = long_max
-    train_seed, val_seed, test_seed, long_seed = (
-        int(s) for s in np.random.SeedSequence(seed).generate_state(4)
-    )
+    train_seed, val_seed, test_seed, long_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(4))
     return DataSplits(
         train=TensorDataset(*make_parity(train_size, min_len, max_len, train_seed, width)),
         val=TensorDataset(*make_parity(val_size, min_len, max_len, val_seed, width)),
         test=TensorDataset(*make_parity(test_size, min_len, max_len, test_seed, width)),
-        extra_test={
-            "long": TensorDataset(*make_parity(test_size, long_min, long_max, long_seed, width))
-        },
+        extra_test={"long": TensorDataset(*make_parity(test_size, long_min, long_max, long_seed, width))},
         input_shape=(width,),
         num_classes=2,
         meta={

@@ -15,13 +15,13 @@ from untrainable.registry import Registry
 class DataSplits:
     """Train, validation and test sets of one task.
 
-    `train_transform`, when set, is applied to each training batch of inputs
-    (random augmentation written with torch ops); evaluation batches are not
-    transformed. `extra_test` holds further held-out sets reported beside the test
-set (for example longer sequences). `input_shape` excludes the batch
-dimension; for token data it is `(max_len,)` and `num_classes` is the size of
-the output vocabulary. `meta` carries anything else a recipe needs
-(`vocab_size`, `pad_id`, ...).
+        `train_transform`, when set, is applied to each training batch of inputs
+        (random augmentation written with torch ops); evaluation batches are not
+        transformed. `extra_test` holds further held-out sets reported beside the test
+    set (for example longer sequences). `input_shape` excludes the batch
+    dimension; for token data it is `(max_len,)` and `num_classes` is the size of
+    the output vocabulary. `meta` carries anything else a recipe needs
+    (`vocab_size`, `pad_id`, ...).
     """
 
     train: Dataset

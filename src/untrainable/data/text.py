@@ -92,8 +92,7 @@ def split_plays(
     val, test = groups
     if not val or not test or not pool:
         raise ValueError(
-            f"train, val and test each need at least one play; got {len(pool)}, "
-            f"{len(val)}, {len(test)} of {len(names)}"
+            f"train, val and test each need at least one play; got {len(pool)}, {len(val)}, {len(test)} of {len(names)}"
         )
     return sorted(pool), sorted(val), sorted(test)
 
@@ -135,9 +134,7 @@ def windows(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def char_splits(
-    texts: dict[str, str], seq_len: int, max_chars: int | None, meta: dict
-) -> DataSplits:
+def char_splits(texts: dict[str, str], seq_len: int, max_chars: int | None, meta: dict) -> DataSplits:
     """Windowed train/val/test sets from the raw text of each split.
 
     The vocabulary comes from the whole training text, before `max_chars`
@@ -178,9 +175,7 @@ def shakespeare(
     train, val, test = split_plays(list(plays), val_plays, test_plays, seed)
     groups = {"train": train, "val": val, "test": test}
     texts = {
-        split: "\n".join(
-            markdown_to_text(plays[name].read_text(encoding="utf-8")) for name in names
-        )
+        split: "\n".join(markdown_to_text(plays[name].read_text(encoding="utf-8")) for name in names)
         for split, names in groups.items()
     }
     return char_splits(texts, seq_len, max_chars, {"plays": groups})

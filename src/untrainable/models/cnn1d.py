@@ -29,7 +29,9 @@ class CNN1d(nn.Module):
     (batch, length) or (batch, channels, length) -> (batch, num_classes).
     """
 
-    def __init__(self, in_channels: int, length: int, num_classes: int, channels: int, depth: int, kernel: int, batch_norm: bool) -> None:
+    def __init__(
+        self, in_channels: int, length: int, num_classes: int, channels: int, depth: int, kernel: int, batch_norm: bool
+    ) -> None:
         super().__init__()
         if depth < 1 or channels < 1 or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"CNN1d needs depth, channels >= 1 and an odd kernel; got {depth}, {channels}, {kernel}")
@@ -37,7 +39,9 @@ class CNN1d(nn.Module):
         for i in range(depth):
             stride = 1 if i == 0 else 2
             parts: OrderedDict[str, nn.Module] = OrderedDict(
-                conv=nn.Conv1d(in_channels if i == 0 else channels, channels, kernel, stride=stride, padding=kernel // 2)
+                conv=nn.Conv1d(
+                    in_channels if i == 0 else channels, channels, kernel, stride=stride, padding=kernel // 2
+                )
             )
             if batch_norm:
                 parts["norm"] = nn.BatchNorm1d(channels)
@@ -65,7 +69,9 @@ class BasicBlock1d(nn.Module):
         self.bn2 = nn.BatchNorm1d(channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv1d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm1d(channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv1d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm1d(channels)
+            )
         self.act = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -83,7 +89,9 @@ class ResNet1d(nn.Module):
         super().__init__()
         if depth < 1 or channels < 1:
             raise ValueError(f"ResNet1d needs depth and channels >= 1, got {depth}, {channels}")
-        self.stem = nn.Sequential(nn.Conv1d(in_channels, channels, 5, padding=2, bias=False), nn.BatchNorm1d(channels), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv1d(in_channels, channels, 5, padding=2, bias=False), nn.BatchNorm1d(channels), nn.ReLU()
+        )
         self.blocks = nn.ModuleList(BasicBlock1d(channels, channels, 1 if i == 0 else 2) for i in range(depth))
         self.pool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(channels, num_classes)
@@ -110,7 +118,9 @@ def cnn1d(
 
 
 @register_model("resnet1d")
-def resnet1d(input_shape: tuple[int, ...] = (40,), num_classes: int = 10, channels: int = 32, depth: int = 3) -> ResNet1d:
+def resnet1d(
+    input_shape: tuple[int, ...] = (40,), num_classes: int = 10, channels: int = 32, depth: int = 3
+) -> ResNet1d:
     """A small 1-D ResNet for MNIST-1D."""
     in_channels, _ = _in_channels(input_shape)
     return ResNet1d(in_channels, num_classes, channels, depth)

@@ -29,7 +29,9 @@ class FCN(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1 or in_features < 1 or num_classes < 1:
-            raise ValueError(f"FCN needs depth, width, in_features, num_classes >= 1; got {depth}, {width}, {in_features}, {num_classes}")
+            raise ValueError(
+                f"FCN needs depth, width, in_features, num_classes >= 1; got {depth}, {width}, {in_features}, {num_classes}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         blocks = []

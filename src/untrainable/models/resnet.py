@@ -150,9 +150,7 @@ class ResNet(nn.Module):
 
 def _validate(input_shape: tuple[int, ...], num_classes: int, width: int, stem: str) -> None:
     if len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
-        raise ValueError(
-            f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}"
-        )
+        raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if width < 1:

@@ -70,9 +70,7 @@ class RecurrentNet(nn.Module):
         if self.pack:
             # pack_padded_sequence rejects empty sequences; an all-pad row is
             # run for one step and its outputs are never scored.
-            h = pack_padded_sequence(
-                h, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-            )
+            h = pack_padded_sequence(h, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         for layer in self.layers:
             h, _ = layer(h)
         if self.pack:

@@ -109,14 +109,9 @@ def vit_tiny(
     """Small ViT: conv patch embedding, class token, learned positions, pre-norm blocks."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(
-            f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}"
-        )
+        raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
     if patch_size < 1 or input_shape[1] % patch_size or input_shape[2] % patch_size:
-        raise ValueError(
-            f"patch_size must be >= 1 and divide height and width {input_shape[1:]}, "
-            f"got {patch_size}"
-        )
+        raise ValueError(f"patch_size must be >= 1 and divide height and width {input_shape[1:]}, got {patch_size}")
     sizes = {"num_classes": num_classes, "dim": dim, "depth": depth, "heads": heads}
     for name, value in sizes.items():
         if value < 1:

@@ -1,6 +1,8 @@
 """The paper's studies as experiments. Importing this package registers them."""
 
-from untrainable.recipes import mnist1d  # noqa: F401  (registration)
-from untrainable.recipes import rescue  # noqa: F401  (registration)
-from untrainable.recipes import sequence  # noqa: F401  (registration)
-from untrainable.recipes import vision  # noqa: F401  (registration)
+from untrainable.recipes import (
+    mnist1d,  # noqa: F401  (registration)
+    rescue,  # noqa: F401  (registration)
+    sequence,  # noqa: F401  (registration)
+    vision,  # noqa: F401  (registration)
+)

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
-from untrainable.config import RunConfig, load_config
+from untrainable.config import RunConfig, shipped_config
 from untrainable.experiment import Arm, Experiment, register_experiment
 
 FIRST_STEPS = 150  # "guidance as initialisation": the paper's ~150 steps
-
-
-def base_config() -> RunConfig:
-    """The shipped single-run config the study varies (`configs/mnist1d.toml`)."""
-    return load_config(resources.files("untrainable") / "configs" / "mnist1d.toml")
-
 
 
 def _quick(config: RunConfig) -> RunConfig:
@@ -23,7 +15,7 @@ def _quick(config: RunConfig) -> RunConfig:
 @register_experiment("mnist1d")
 def mnist1d(quick: bool = False) -> Experiment:
     """MNIST-1D: CNN guide; FCN alone; FCN + untrained CNN; FCN + trained CNN; FCN + trained CNN for 150 steps."""
-    guided = base_config()
+    guided = shipped_config("mnist1d")
     if quick:
         guided = _quick(guided)
     alone = guided.replace(guide=None)
@@ -49,7 +41,7 @@ def mnist1d(quick: bool = False) -> Experiment:
 @register_experiment("mnist1d-explore")
 def mnist1d_explore(quick: bool = False) -> Experiment:
     """MNIST-1D sweep on the validation split: alpha, pre/post-activation pairing, FCN depth, trained vs untrained guide."""
-    base = base_config()
+    base = shipped_config("mnist1d")
     if quick:
         base = _quick(base)
     cnn = base.replace(model=base.guide, guide=None)
@@ -60,10 +52,15 @@ def mnist1d_explore(quick: bool = False) -> Experiment:
         arms += [
             Arm(f"{prefix}", deep.replace(guide=None)),
             Arm(f"{prefix}+untrained", deep),
-            Arm(f"{prefix}+untrained-post", deep.with_section("guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"])),
+            Arm(
+                f"{prefix}+untrained-post",
+                deep.with_section("guidance", target_layers=["layers.*.act"], guide_layers=["blocks.*.act"]),
+            ),
         ]
         for alpha in (0.3, 1.0, 3.0):
-            arms.append(Arm(f"{prefix}+trained-a{alpha:g}", deep.with_section("guidance", alpha=alpha), guide_from="cnn-guide"))
+            arms.append(
+                Arm(f"{prefix}+trained-a{alpha:g}", deep.with_section("guidance", alpha=alpha), guide_from="cnn-guide")
+            )
         arms.append(
             Arm(
                 f"{prefix}+trained-post",

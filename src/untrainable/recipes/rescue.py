@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 import statistics
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from untrainable.config import RunConfig, load_config
+from untrainable.config import RunConfig, shipped_config
 from untrainable.experiment import Arm, Experiment, register_experiment
 from untrainable.trainer import RunResult
 
@@ -43,11 +42,6 @@ CONTROL_EPOCHS = 15
 DEPTHS = (8, 16, 24, 32, 48)
 DEPTH_SEEDS = (0, 1, 2)
 GRAD_NORM_STEPS = [1, 10, 50]  # per-layer gradient norms: at initialisation and after a few steps
-
-
-def base_config() -> RunConfig:
-    """The shipped guided run: `configs/rescue_deep_fcn.toml`."""
-    return load_config(resources.files("untrainable") / "configs" / "rescue_deep_fcn.toml")
 
 
 def _sweep_name(optimiser: str, lr: float) -> str:
@@ -83,7 +77,7 @@ def chosen_optimiser(sweep: dict[str, Any]) -> tuple[str, float, str]:
 
 def sweep_experiment() -> Experiment:
     """The FCN alone (width 1024) under each optimiser and learning rate of SWEEP."""
-    alone = base_config().replace(guide=None).with_section("train", epochs=SWEEP_EPOCHS)
+    alone = shipped_config("rescue_deep_fcn").replace(guide=None).with_section("train", epochs=SWEEP_EPOCHS)
     return Experiment(
         name="rescue-lr",
         description=(
@@ -125,7 +119,7 @@ def _describe(guided: RunConfig, optimiser: str, lr: float, chosen_by: str) -> s
 def headline_experiment(sweep: dict[str, Any]) -> Experiment:
     """Width 1024, 5 seeds: the FCN alone (best of the sweep), + untrained ResNet-18, + the same for 150 steps."""
     optimiser, lr, arm = chosen_optimiser(sweep)
-    guided = base_config()
+    guided = shipped_config("rescue_deep_fcn")
     experiment = Experiment(
         name="rescue",
         description=_describe(guided, optimiser, lr, f"best validation accuracy of the sweep, `{arm}`"),
@@ -140,7 +134,11 @@ def headline_experiment(sweep: dict[str, Any]) -> Experiment:
 def controls_experiment(sweep: dict[str, Any]) -> Experiment:
     """Width 256, 5 seeds: the core arms plus trained guide, longer first stretch, noise inputs, distillation."""
     optimiser, lr, arm = chosen_optimiser(sweep)
-    guided = base_config().with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=CONTROL_EPOCHS)
+    guided = (
+        shipped_config("rescue_deep_fcn")
+        .with_args("model", width=CONTROL_WIDTH)
+        .with_section("train", epochs=CONTROL_EPOCHS)
+    )
     arms = [Arm("resnet18", _resnet(guided))]
     arms += _core_arms(guided, optimiser, lr, FIRST_STEPS)
     arms += [
@@ -164,7 +162,7 @@ def controls_experiment(sweep: dict[str, Any]) -> Experiment:
 
 def quick_experiment() -> Experiment:
     """The main job: 48 x 256, 10 epochs, 3 seeds, Adam 1e-3 for every arm; about 2 minutes with 2 processes."""
-    guided = base_config().with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
+    guided = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
     experiment = Experiment(
         name="rescue-quick",
         description=_describe(guided, "adam", 1e-3, "fixed; `untrainable run rescue` tunes it"),
@@ -176,7 +174,9 @@ def quick_experiment() -> Experiment:
     return experiment
 
 
-def _curves_after(name: str, first: tuple[int, ...]) -> Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None]:
+def _curves_after(
+    name: str, first: tuple[int, ...]
+) -> Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None]:
     def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
         from untrainable.plots import plot_by_step
 
@@ -188,7 +188,9 @@ def _curves_after(name: str, first: tuple[int, ...]) -> Callable[[Path, dict[str
             marks={f"guide disconnected (first{n})": n for n in first},
             title=f"{name}: validation accuracy per epoch, mean ± std over seeds",
         )
-        table.setdefault("notes", []).append("Validation curves with the step where each `firstN` guide is disconnected: rescue_curves.png.")
+        table.setdefault("notes", []).append(
+            "Validation curves with the step where each `firstN` guide is disconnected: rescue_curves.png."
+        )
 
     return after
 
@@ -207,16 +209,27 @@ def rescue(quick: bool = False) -> Experiment | list[Any]:
 
 def depth_experiment(quick: bool = False) -> Experiment:
     """Depth 8 to 64 at width 256, alone vs + untrained ResNet-18, with per-layer gradient norms."""
-    guided = base_config().with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10, grad_norm_steps=GRAD_NORM_STEPS)
+    guided = (
+        shipped_config("rescue_deep_fcn")
+        .with_args("model", width=CONTROL_WIDTH)
+        .with_section("train", epochs=10, grad_norm_steps=GRAD_NORM_STEPS)
+    )
     depths = DEPTHS
     if quick:
-        guided = guided.with_args("model", width=32).with_args("data", train_size=256, val_size=128).with_section("train", epochs=1, progress=False)
+        guided = (
+            guided.with_args("model", width=32)
+            .with_args("data", train_size=256, val_size=128)
+            .with_section("train", epochs=1, progress=False)
+        )
         guided = guided.with_args("guide", width=4)
         depths = (4, 8)
     arms = []
     for depth in depths:
         at_depth = guided.with_args("model", depth=depth)
-        arms += [Arm(f"deep-fcn-d{depth}", at_depth.replace(guide=None)), Arm(f"deep-fcn-d{depth}+untrained-resnet18", at_depth)]
+        arms += [
+            Arm(f"deep-fcn-d{depth}", at_depth.replace(guide=None)),
+            Arm(f"deep-fcn-d{depth}+untrained-resnet18", at_depth),
+        ]
     experiment = Experiment(
         name="rescue-depth" + ("-quick" if quick else ""),
         description=(
@@ -247,15 +260,25 @@ def _depth_after(depths: tuple[int, ...]) -> Callable[[Path, dict[str, Any], dic
             kind: grad_norms_by_layer([r.folder for r in results[f"deep-fcn-d{deepest}{suffix}"]])
             for kind, suffix in (("alone", ""), ("guided", "+untrained-resnet18"))
         }
-        plot_grad_norms(norms, out / "grad_norms.png", title=f"Depth {deepest}: gradient norm of each linear layer's weight, median over seeds")
-        summary = {kind: {str(step): _spread(values) for step, values in steps.items()} for kind, steps in norms.items()}
+        plot_grad_norms(
+            norms,
+            out / "grad_norms.png",
+            title=f"Depth {deepest}: gradient norm of each linear layer's weight, median over seeds",
+        )
+        summary = {
+            kind: {str(step): _spread(values) for step, values in steps.items()} for kind, steps in norms.items()
+        }
         table["grad_norms"] = {"depth": deepest, "per_layer": norms, "first_over_last": summary}
         cells = [
-            f"{kind} step {step}: {ratio:.3g}" for kind, steps in summary.items() for step, ratio in steps.items() if ratio is not None
+            f"{kind} step {step}: {ratio:.3g}"
+            for kind, steps in summary.items()
+            for step, ratio in steps.items()
+            if ratio is not None
         ]
         table.setdefault("notes", []).append(
             f"Depth {deepest}, gradient norm of the first linear layer over the last's (median over seeds): "
-            + "; ".join(cells) + " (grad_norms.png; depth_map.png)."
+            + "; ".join(cells)
+            + " (grad_norms.png; depth_map.png)."
         )
 
     return after
@@ -288,7 +311,7 @@ def rescue_depth(quick: bool = False) -> Experiment:
 
 def convnet_experiment(quick: bool = False) -> Experiment:
     """Plain-50 (no skips) alone and guided by ResNet-50, trained or untrained; ResNet-50 alone."""
-    guided = load_config(resources.files("untrainable") / "configs" / "rescue_convnet.toml")
+    guided = shipped_config("rescue_convnet")
     if quick:
         guided = guided.with_args("data", train_size=128, val_size=64).with_section("train", epochs=1, progress=False)
         guided = guided.with_args("model", width=4).with_args("guide", width=4).with_section("data", train_eval_size=64)

@@ -23,19 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from untrainable.config import RunConfig, load_config
+from untrainable.config import RunConfig, shipped_config
 from untrainable.experiment import Arm, Experiment, register_experiment
 from untrainable.trainer import RunResult
-
-
-def base_config(name: str) -> RunConfig:
-    """The shipped guided run of one experiment (`configs/sequence_NAME.toml`)."""
-    return load_config(resources.files("untrainable") / "configs" / f"sequence_{name}.toml")
-
 
 
 def _guide_alone(guided: RunConfig, lr: float) -> RunConfig:
@@ -61,7 +54,7 @@ RNN_LR = 3e-3
 
 def copy_paste(quick: bool = False) -> Experiment:
     """Copy-paste: RNN alone; + untrained Transformer; + trained Transformer; Transformer alone."""
-    guided = base_config("copy_paste")
+    guided = shipped_config("sequence_copy_paste")
     if quick:
         guided = _quick(guided, train_size=192, val_size=64, test_size=64)
     alone = guided.replace(guide=None)
@@ -85,7 +78,7 @@ def copy_paste(quick: bool = False) -> Experiment:
 
 def parity(quick: bool = False) -> Experiment:
     """Parity: Transformer encoder alone; + trained RNN; + untrained RNN; RNN alone."""
-    guided = base_config("parity")
+    guided = shipped_config("sequence_parity")
     if quick:
         guided = _quick(guided, train_size=192, val_size=64, test_size=64)
     alone = guided.replace(guide=None)
@@ -121,7 +114,7 @@ def _bits_per_character(out: Path, table: dict[str, Any], results: dict[str, lis
 
 def language_model(quick: bool = False) -> Experiment:
     """Shakespeare, character level: RNN alone; + trained Transformer; + untrained Transformer; Transformer alone."""
-    guided = base_config("lm")
+    guided = shipped_config("sequence_lm")
     if quick:
         guided = _quick(guided, max_chars=6_000)
     alone = guided.replace(guide=None)
@@ -195,7 +188,9 @@ def _explore_settings(guided: RunConfig, quick: bool) -> dict[str, RunConfig]:
         "guided": guided,
         "alpha10": guided.with_section("guidance", alpha=10.0),
         "flatten": guided.with_section("guidance", sequence_mode="flatten"),
-        "last-layer": guided.with_section("guidance", target_layers=None, guide_layers=None, pairs=[["layers.1", "blocks.1"]]),
+        "last-layer": guided.with_section(
+            "guidance", target_layers=None, guide_layers=None, pairs=[["layers.1", "blocks.1"]]
+        ),
         f"guide-width{wide}": guided.with_args("guide", dim=wide),
         f"epochs{longer}": guided.with_section("train", epochs=longer),
     }

@@ -18,7 +18,6 @@ The arms' single-run configs are `configs/vision_*.toml`.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +29,7 @@ from untrainable.analysis import (
 )
 from untrainable.build import build_model
 from untrainable.checkpoint import load_weights
-from untrainable.config import RunConfig, load_config
+from untrainable.config import RunConfig, load_config, shipped_config
 from untrainable.data import load_data
 from untrainable.experiment import Arm, Experiment, register_experiment
 from untrainable.pairing import spread_pairs
@@ -43,13 +42,6 @@ SEEDS = (0, 1, 2)
 # `--quick` checks the pipeline, not the results: one seed, and these arms
 # left out because they only repeat code paths the other arms already take.
 QUICK_SKIPS = ("deep-fcn+untrained-resnet18", "wide-fcn", "wide-fcn+trained-resnet18", "plain34+untrained-resnet50")
-
-
-def base_config(name: str) -> RunConfig:
-    """A shipped single-run config of the study: `configs/vision_{name}.toml`."""
-    return load_config(resources.files("untrainable") / "configs" / f"vision_{name}.toml")
-
-
 
 
 def _quick(config: RunConfig) -> RunConfig:
@@ -72,7 +64,7 @@ def _quick(config: RunConfig) -> RunConfig:
 
 
 def _load(name: str, quick: bool) -> RunConfig:
-    config = base_config(name)
+    config = shipped_config(f"vision_{name}")
     return _quick(config) if quick else config
 
 
@@ -136,10 +128,18 @@ def _after(
     """The experiment's analysis after its table: loss curves per arm, similarity maps, error consistency."""
 
     def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
-        plot_loss_curves({name: [r.history for r in runs] for name, runs in results.items()}, out / "loss_curves.png", title=experiment.name)
+        plot_loss_curves(
+            {name: [r.history for r in runs] for name, runs in results.items()},
+            out / "loss_curves.png",
+            title=experiment.name,
+        )
         maps = _similarity_maps(out, results, similarity_arm)
         paired = _mean_paired(maps)
-        table["layer_similarity"] = {"arm": similarity_arm, "mean_paired_start": paired[0], "mean_paired_end": paired[1]}
+        table["layer_similarity"] = {
+            "arm": similarity_arm,
+            "mean_paired_start": paired[0],
+            "mean_paired_end": paired[1],
+        }
         table.setdefault("notes", []).append(
             f"Layer similarity ({similarity_arm}, seed {maps['seed']}, {maps['examples']} validation images): mean CKA over "
             f"the guided layer pairs {paired[0]:.2f} at the start, {paired[1]:.2f} at the end "
@@ -149,8 +149,16 @@ def _after(
             summary = _error_consistency(out, results, consistency_arms)
             table["error_consistency"] = {k: summary[k] for k in ("names", "mean", "std", "seeds")}
             names, mean, std = summary["names"], summary["mean"], summary["std"]
-            cells = [f"{names[i]} vs {names[j]} {mean[i][j]:.2f} ± {std[i][j]:.2f}" for i in range(len(names)) for j in range(i + 1, len(names))]
-            table.setdefault("notes", []).append("Error consistency (Cohen's kappa, test set, mean ± std over seeds): " + "; ".join(cells) + " (error_consistency.png).")
+            cells = [
+                f"{names[i]} vs {names[j]} {mean[i][j]:.2f} ± {std[i][j]:.2f}"
+                for i in range(len(names))
+                for j in range(i + 1, len(names))
+            ]
+            table.setdefault("notes", []).append(
+                "Error consistency (Cohen's kappa, test set, mean ± std over seeds): "
+                + "; ".join(cells)
+                + " (error_consistency.png)."
+            )
 
     return after
 
@@ -160,7 +168,8 @@ def _mean_paired(maps: dict[str, Any]) -> tuple[float, float]:
     rows, cols = maps["guide_layers"], maps["target_layers"]
     pairs = spread_pairs(cols, rows)
     return tuple(  # type: ignore[return-value]
-        sum(maps[when][rows.index(p.guide)][cols.index(p.target)] for p in pairs) / len(pairs) for when in ("start", "end")
+        sum(maps[when][rows.index(p.guide)][cols.index(p.target)] for p in pairs) / len(pairs)
+        for when in ("start", "end")
     )
 
 
