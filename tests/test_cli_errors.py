@@ -92,3 +92,22 @@ def test_only_rank_zero_prints(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", str(bad)]) == 2
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_binary_file_for_text_data_is_one_clear_line(tmp_path, capsys):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[model]\nname = "rnn"\n[data]\nname = "text_file"\nargs = {{ path = "{binary}" }}\n[train]\ntask = "lm"\n'
+    )
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
+    assert "weights.bin" in err and "not UTF-8 text" in err
+
+
+def test_a_repeated_pair_is_one_clear_line(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    pairs = '[guidance]\npairs = [["layers.0.linear", "blocks.0.conv"], ["layers.0.linear", "blocks.0.conv", 2.0]]\n'
+    config.write_text(MODEL + DATA + '[guide]\nname = "cnn1d"\n' + pairs + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
+    assert "guidance.pairs[1]" in err and "given twice" in err

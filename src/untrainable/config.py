@@ -122,6 +122,10 @@ class GuidanceSpec:
                 raise ConfigError(
                     f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}"
                 )
+            if any(other[:2] == pair[:2] for other in (self.pairs or [])[:i]):
+                raise ConfigError(
+                    f"{where}.pairs[{i}]: {pair[:2]!r} is given twice; use one pair with a weight instead"
+                )
 
 
 @dataclass

@@ -195,7 +195,13 @@ def text_file(
             "val_fraction and test_fraction must be positive and sum to less than 1, "
             f"got {val_fraction} and {test_fraction}"
         )
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data.args.path: {path} is not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); "
+            "text_file models the characters of a text file, give one"
+        ) from None
     val_start = round(len(text) * (1 - val_fraction - test_fraction))
     test_start = round(len(text) * (1 - test_fraction))
     texts = {
