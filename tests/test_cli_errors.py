@@ -111,3 +111,9 @@ def test_a_repeated_pair_is_one_clear_line(tmp_path, capsys):
     config.write_text(MODEL + DATA + '[guide]\nname = "cnn1d"\n' + pairs + TRAIN)
     err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
     assert "guidance.pairs[1]" in err and "given twice" in err
+
+
+def test_malformed_override_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + TRAIN)
+    assert "KEY=VALUE" in _error(capsys, "--config", str(config), "--set", "train.epochs")

@@ -62,14 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run from a config file."""
-    from untrainable.config import load_config
+    from untrainable.config import ConfigError, load_config
     from untrainable.trainer import train
 
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.epochs=5; got {item!r}")
         overrides[key] = _parse_value(value)
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / config.name
