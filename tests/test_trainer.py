@@ -69,6 +69,7 @@ def test_run_folder_holds_everything(tmp_path):
     assert "gap" in result.final and 0.0 <= result.final["test"]["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tmp_path):
     a = train(small_config(max_steps=12), tmp_path / "a")
     b = train(small_config(max_steps=12), tmp_path / "b")
@@ -82,7 +83,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
         train(small_config(max_steps=3), tmp_path)
 
 
-@pytest.mark.parametrize("where", ["epoch-boundary", "mid-epoch"])
+@pytest.mark.parametrize("where", [pytest.param("epoch-boundary", marks=pytest.mark.slow), "mid-epoch"])
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, where):
     config = small_config(checkpoint_every=1)
     data = load_data("mnist1d", num_samples=600, val_size=100)
