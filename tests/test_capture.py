@@ -146,3 +146,21 @@ def test_time_first_modules_are_captured_batch_first():
     expected, _ = model.rnn(x.transpose(0, 1))
     assert capture.activations["rnn"].shape == (4, 9, 5)
     assert torch.allclose(capture.activations["rnn"], expected.transpose(0, 1))
+
+
+def test_run_returns_output_and_activations_and_names_missing_layers():
+    model = Nested()
+    capture = LayerCapture(model, ["blocks.*.1", "inner.deep.0"])
+    x = torch.randn(5, 4)
+    output, acts = capture.run(x)
+    assert torch.allclose(output, model(x)) and list(acts) == capture.names
+    assert capture.activations == {}  # nothing kept on the capture after the call
+    _, sums = capture.run(x, transform=lambda name, act: act.sum())
+    assert all(sums[name].dim() == 0 and torch.allclose(sums[name], acts[name].sum()) for name in acts)
+
+    class Skips(Nested):
+        def forward(self, x):
+            return self.head(self.inner.deep(x))
+
+    with pytest.raises(RuntimeError, match=r"blocks.0.1.*of Skips did not run"):
+        LayerCapture(Skips(), ["blocks.0.1"]).run(x)

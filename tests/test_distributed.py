@@ -21,10 +21,12 @@ LAYERS = {"target_layers": ["layers.*.linear"], "guide_layers": ["layers.*.linea
 
 def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
     # No BatchNorm, no dropout: the only batch statistic left is the CKA.
+    # Layers wider than the batch: one process compares in sample space from
+    # the guide's Gram matrices, the gathered batch from its activations.
     torch.manual_seed(0)
-    target = create_model("fcn", input_shape=(12,), num_classes=5, depth=3, width=16, batch_norm=False)
+    target = create_model("fcn", input_shape=(12,), num_classes=5, depth=3, width=64, batch_norm=False)
     torch.manual_seed(1)
-    guide = create_model("fcn", input_shape=(12,), num_classes=5, depth=2, width=24, batch_norm=False)
+    guide = create_model("fcn", input_shape=(12,), num_classes=5, depth=2, width=96, batch_norm=False)
     return target, guide
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from untrainable import AlphaSchedule, Guidance
+from untrainable.guidance import GuideGram
 from untrainable.models import create_model
 
 
@@ -92,7 +93,11 @@ def test_decay_schedules():
 
 def test_explicit_pairs_many_to_one_and_weights():
     target, guide = models()
-    pairs = [("layers.0.linear", "blocks.0.conv", 1.0), ("layers.0.linear", "blocks.1.conv", 0.5), ("layers.3.linear", "blocks.2.conv", 0.0)]
+    pairs = [
+        ("layers.0.linear", "blocks.0.conv", 1.0),
+        ("layers.0.linear", "blocks.1.conv", 0.5),
+        ("layers.3.linear", "blocks.2.conv", 0.0),
+    ]
     guidance = Guidance(target, guide, pairs=pairs)
     out = guidance(batch()[0])
     assert len(out.similarities) == 3
@@ -132,3 +137,92 @@ def test_constant_target_layer_gives_finite_loss():
     out.guidance_loss.backward()
     assert torch.isfinite(out.guidance_loss)
     assert all(torch.isfinite(p.grad).all() for p in guidance.target.parameters() if p.grad is not None)
+
+
+def wide_models(seed: int = 0):
+    """Layers wider than the batch, so CKA compares in sample space and the guide's layers become Gram matrices."""
+    torch.manual_seed(seed)
+    target = create_model("fcn", input_shape=(40,), depth=3, width=96, dropout=0.0)
+    guide = create_model("cnn1d", input_shape=(40,), channels=8, batch_norm=True)
+    return target, guide
+
+
+def loss_and_grads(guidance, x, y, **kwargs):
+    out = guidance(x, **kwargs)
+    loss = F.cross_entropy(out.output, y) + out.guidance_loss
+    grads = torch.autograd.grad(loss, list(guidance.target.parameters()))
+    return out, grads
+
+
+def test_guide_grams_match_the_activation_path():
+    # gather=identity makes Guidance keep the guide's activations (the path
+    # used for a batch gathered over processes); without it the guide's layers
+    # are reduced to centred Gram matrices in their hooks.
+    target, guide = wide_models()
+    x, y = batch(24)
+    with_grams = Guidance(target, guide)
+    with_acts = Guidance(target, guide, gather=lambda t: t)
+    reduce = with_grams.guide_grams(with_grams.target_capture.run(x)[1], None)
+    assert reduce is not None and with_acts.guide_grams({}, None) is None
+    reduced = with_grams.run_guide(x, reduce)
+    assert all(isinstance(value, GuideGram) and value.matrix.shape == (24, 24) for value in reduced.values())
+    out_g, grads_g = loss_and_grads(with_grams, x, y)
+    out_a, grads_a = loss_and_grads(with_acts, x, y)
+    assert torch.allclose(out_g.guidance_loss, out_a.guidance_loss, atol=1e-5)
+    for key in out_a.similarities:
+        assert torch.allclose(out_g.similarities[key], out_a.similarities[key], atol=1e-6), key
+    for grad_g, grad_a in zip(grads_g, grads_a):
+        assert torch.allclose(grad_g, grad_a, rtol=1e-4, atol=1e-6)
+
+
+def test_guide_grams_from_cached_activations_and_noise_input():
+    target, guide = wide_models()
+    x, y = batch(24)
+    guidance = Guidance(target, guide)
+    acts = guidance.run_guide(x)
+    from_cache, grads_cache = loss_and_grads(guidance, x, y, guide_activations=acts)
+    fresh, grads_fresh = loss_and_grads(guidance, x, y)
+    assert torch.allclose(from_cache.guidance_loss, fresh.guidance_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_cache, grads_fresh))
+    noisy, noisy_acts = (
+        Guidance(target, guide, guide_input="noise"),
+        Guidance(target, guide, guide_input="noise", gather=lambda t: t),
+    )
+    torch.manual_seed(3)
+    out_noisy, _ = loss_and_grads(noisy, x, y)
+    torch.manual_seed(3)
+    out_noisy_acts, _ = loss_and_grads(noisy_acts, x, y)
+    assert torch.allclose(out_noisy.guidance_loss, out_noisy_acts.guidance_loss, atol=1e-5)
+
+
+def test_constant_guide_layer_scores_zero_with_grams():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(40, 64)
+            self.head = nn.Linear(64, 10)
+            nn.init.zeros_(self.body.weight)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    target, _ = wide_models()
+    guidance = Guidance(target, Flat(), guide_layers=["body"])
+    out = guidance(batch(24)[0])
+    out.guidance_loss.backward()
+    assert all(float(s) == 0.0 for s in out.similarities.values())
+    assert all(torch.isfinite(p.grad).all() for p in target.parameters() if p.grad is not None)
+
+
+def test_sequences_with_masks_keep_the_guide_activations():
+    torch.manual_seed(0)
+    target = create_model("rnn", vocab_size=9, num_classes=9, hidden=32, embed_dim=8, layers=1)
+    guide = create_model("causal_transformer", vocab_size=9, num_classes=9, dim=32, depth=1, heads=2, max_len=12)
+    tokens = torch.randint(1, 9, (6, 12))
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    mask[3:, 8:] = False
+    guidance = Guidance(target, guide, sequence_mode="tokens")
+    target_acts = guidance.target_capture.run(tokens)[1]
+    assert guidance.guide_grams(target_acts, mask) is None
+    assert Guidance(target, guide).guide_grams(target_acts, None) is not None  # flatten, no mask
+    assert torch.isfinite(guidance(tokens, mask=mask).guidance_loss)

@@ -22,12 +22,9 @@ def _capture(model: nn.Module, layers: Sequence[str] | None, x: Tensor) -> tuple
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), capture.recording():
-            model(x)
-        missing = capture.missing()
-        if missing:
-            raise RuntimeError(f"layers {missing} of {type(model).__name__} did not run in the forward")
-        return list(capture.names), dict(capture.activations)
+        with torch.no_grad():
+            _, activations = capture.run(x)
+        return list(capture.names), activations
     finally:
         capture.remove()
         model.train(was_training)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -115,8 +115,7 @@ def resolve_layers(
             hits = [pattern] if pattern in available else []
         if not hits:
             raise KeyError(
-                f"no layer of {type(model).__name__} matches {pattern!r}; valid layers: "
-                + ", ".join(available)
+                f"no layer of {type(model).__name__} matches {pattern!r}; valid layers: " + ", ".join(available)
             )
         chosen.extend(hit for hit in hits if hit not in chosen)
     if types is not None:
@@ -169,9 +168,8 @@ class LayerCapture:
     plain forwards (evaluation, other code) keep nothing alive.
 
         capture = LayerCapture(model, ["blocks.*.fc"])
-        with capture.recording():
-            model(x)
-        capture.activations["blocks.0.fc"]  # (batch, ...)
+        output, activations = capture.run(x)
+        activations["blocks.0.fc"]  # (batch, ...)
     """
 
     def __init__(
@@ -180,9 +178,11 @@ class LayerCapture:
         layers: Sequence[str] | None = None,
         types: Iterable[type[nn.Module] | str] | None = None,
     ) -> None:
+        self.model = model
         self.names = resolve_layers(model, layers, types)
-        self.activations: dict[str, Tensor] = {}
+        self.activations: dict[str, Any] = {}
         self.active = False
+        self._transform: Callable[[str, Tensor], Any] | None = None
         modules = named_layers(model)
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.names]
 
@@ -194,9 +194,32 @@ class LayerCapture:
                 # the examples must come first. A PackedSequence is padded batch-first.
                 if getattr(module, "batch_first", True) is False and act.dim() == 3 and not _packed(output):
                     act = act.transpose(0, 1)
-                self.activations[name] = act
+                self.activations[name] = act if self._transform is None else self._transform(name, act)
 
         return record
+
+    def run(self, *inputs: Any, transform: Callable[[str, Tensor], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The model's output on `inputs` and the captured layers' activations, (batch, ...) each, by name.
+
+        Gradients follow the caller's mode (wrap in torch.no_grad() for a
+        frozen model). `transform(name, activation)`, when given, is applied
+        in the hook as each layer finishes and its result kept instead, so a
+        large activation can be reduced and freed before the next layer runs.
+        Raises RuntimeError naming the layers that did not run.
+        """
+        self._transform = transform
+        try:
+            with self.recording():
+                output = self.model(*inputs)
+        finally:
+            self._transform = None
+        activations, self.activations = self.activations, {}
+        missing = [name for name in self.names if name not in activations]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing} of {type(self.model).__name__} did not run in its forward; choose layers that do"
+            )
+        return output, activations
 
     def recording(self) -> "_Recording":
         """Context manager: clear, record during the block, keep the results."""

@@ -9,10 +9,18 @@ import torch
 from torch import Tensor, nn
 
 from untrainable.capture import LayerCapture
+from untrainable.distributed import gather_for_similarity, is_distributed
 from untrainable.pairing import Pair, PairSpec, check_pairs, make_pair, spread_pairs
 from untrainable.schedule import AlphaSchedule
 from untrainable.sequence import SEQUENCE_MODES, sequence_similarity
-from untrainable.similarity import Similarity, get_similarity
+from untrainable.similarity import (
+    Similarity,
+    centred_gram,
+    get_similarity,
+    linear_cka,
+    linear_cka_to_gram,
+    sample_space_is_cheaper,
+)
 
 GUIDE_INPUTS = ("same", "noise")
 
@@ -39,6 +47,13 @@ def freeze(guide: nn.Module) -> nn.Module:
     guide.eval()
     guide.requires_grad_(False)
     return guide
+
+
+@dataclass(frozen=True)
+class GuideGram:
+    """A guide layer reduced to what sample-space CKA needs: its `similarity.centred_gram`, (n, n)."""
+
+    matrix: Tensor
 
 
 @dataclass
@@ -87,6 +102,15 @@ class Guidance(nn.Module):
         gather: applied to every activation (and mask) before the similarity;
             `distributed.gather_for_similarity` computes it on the global
             batch under DDP. Default: each process's own batch.
+        gram_dtype: dtype of CKA's sample-space Gram products; `torch.bfloat16`
+            forms them from centred activations in bfloat16 (see
+            `similarity.linear_cka` for its measured error). Default: float32.
+
+    With `cka`, a guide layer whose pairs compare in sample space is kept only
+    as its centred (n, n) Gram matrix, formed as the layer finishes under
+    no_grad so that its activation is freed before the next layer runs.
+    Sequence modes or masks on (batch, time, features) pairs, other measures
+    and a batch gathered over processes keep the guide's activations instead.
     """
 
     def __init__(
@@ -102,6 +126,7 @@ class Guidance(nn.Module):
         guide_input: str = "same",
         sequence_mode: str = "flatten",
         gather: Callable[[Tensor], Tensor] | None = None,
+        gram_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if guide_input not in GUIDE_INPUTS:
@@ -117,6 +142,7 @@ class Guidance(nn.Module):
         self.guide_input = guide_input
         self.sequence_mode = sequence_mode
         self.gather = gather
+        self.gram_dtype = gram_dtype
         if pairs is not None:
             pair_list = [make_pair(spec) for spec in pairs]
             target_layers = target_layers or list(dict.fromkeys(p.target for p in pair_list))
@@ -155,22 +181,51 @@ class Guidance(nn.Module):
             return torch.randn_like(x)
         return x
 
-    def run_guide(self, x: Tensor) -> dict[str, Tensor]:
-        """The guide's activations on x, frozen and without gradients."""
+    def run_guide(self, x: Tensor, reduce: Callable[[str, Tensor], Any] | None = None) -> dict[str, Any]:
+        """The guide's activations on x (batch, ...) by layer, frozen and without gradients.
+
+        `reduce(layer, activation)`, when given, runs as each guide layer
+        finishes and its result is kept instead of the activation.
+        """
         freeze(self.guide)
-        with torch.no_grad(), self.guide_capture.recording():
-            self.guide(x)
-        missing = self.guide_capture.missing()
-        if missing:
-            raise RuntimeError(f"guide layers {missing} did not run in the guide's forward; choose layers that do")
-        acts = self.guide_capture.activations
-        self.guide_capture.clear()
-        return acts
+        with torch.no_grad():
+            return self.guide_capture.run(x, transform=reduce)[1]
+
+    def guide_grams(self, target_acts: dict[str, Tensor], mask: Tensor | None) -> Callable[[str, Tensor], Any] | None:
+        """How each guide layer is reduced as it finishes, or None where the activations themselves are needed.
+
+        With biased CKA on each process's own batch, a guide layer whose pairs
+        all compare in sample space becomes a `GuideGram`; other layers stay
+        activations. None for other measures, a batch gathered over
+        processes, or masks and sequence modes on (batch, time, features) pairs.
+        """
+        if self.similarity is not linear_cka or not self._local_batch():
+            return None
+        sequences = any(act.dim() == 3 for act in target_acts.values())
+        if sequences and (mask is not None or self.sequence_mode != "flatten"):
+            return None
+        widths: dict[str, list[int]] = {}
+        for pair in self.pairs:
+            widths.setdefault(pair.guide, []).append(target_acts[pair.target][0].numel())
+
+        def reduce(layer: str, act: Tensor) -> Any:
+            n, d = act.shape[0], act[0].numel()
+            if layer in widths and all(sample_space_is_cheaper(n, width, d) for width in widths[layer]):
+                return GuideGram(centred_gram(act, self.gram_dtype))
+            return act
+
+        return reduce
+
+    def _local_batch(self) -> bool:
+        """True when the similarity sees this process's batch as it is (no gather, or one process)."""
+        return self.gather is None or (self.gather is gather_for_similarity and not is_distributed())
 
     def pair_similarity(self, target_act: Tensor, guide_act: Tensor, mask: Tensor | None) -> Tensor:
         """Similarity of one pair's activations, (batch, ...) each."""
         if target_act.dim() == 3 and guide_act.dim() == 3 and (mask is not None or self.sequence_mode != "flatten"):
             return sequence_similarity(self.similarity, target_act, guide_act, self.sequence_mode, mask)
+        if self.similarity is linear_cka:
+            return linear_cka(target_act.flatten(1), guide_act.flatten(1), self.gram_dtype)
         return self.similarity(target_act.flatten(1), guide_act.flatten(1))
 
     def forward(
@@ -198,23 +253,29 @@ class Guidance(nn.Module):
             output = self.target(x)
             self._advance()
             return GuidanceOutput(output, torch.zeros((), device=_device_of(output, x)), 0.0)
-        with self.target_capture.recording():
-            output = self.target(x)
-        missing = self.target_capture.missing()
-        target_acts = self.target_capture.activations
-        self.target_capture.clear()
-        if missing:
-            raise RuntimeError(f"target layers {missing} did not run in the forward; choose layers that do")
+        output, target_acts = self.target_capture.run(x)
+        reduce = self.guide_grams(target_acts, mask)
+        if reduce is not None:
+            self._check_batch(next(iter(target_acts.values())).shape[0] if target_acts else None)
         if guide_activations is None:
-            guide_activations = self.run_guide(self._guide_input(x, guide_x))
-        if self.gather is not None:
+            guide_side = self.run_guide(self._guide_input(x, guide_x), reduce)
+        elif reduce is not None:
+            with torch.no_grad():
+                guide_side = {name: reduce(name, act) for name, act in guide_activations.items()}
+        else:
+            guide_side = guide_activations
+        if reduce is None and self.gather is not None:
             target_acts = {name: self.gather(act) for name, act in target_acts.items()}
-            guide_activations = {name: self.gather(act) for name, act in guide_activations.items()}
+            guide_side = {name: self.gather(act) for name, act in guide_side.items()}
             mask = self.gather(mask) if mask is not None else None
         self._check_batch(next(iter(target_acts.values())).shape[0] if target_acts else None)
         terms, similarities = [], {}
         for pair in self.pairs:
-            sim = self.pair_similarity(target_acts[pair.target], guide_activations[pair.guide], mask)
+            target_act, guide_value = target_acts[pair.target], guide_side[pair.guide]
+            if isinstance(guide_value, GuideGram):
+                sim = linear_cka_to_gram(target_act.flatten(1), guide_value.matrix, self.gram_dtype)
+            else:
+                sim = self.pair_similarity(target_act, guide_value, mask)
             terms.append(pair.weight * (1.0 - sim))
             similarities[pair.key] = sim.detach()
         guidance_loss = alpha * torch.stack(terms).sum()
@@ -242,7 +303,9 @@ def _device_of(output: Any, x: Tensor) -> torch.device:
     return output.device if isinstance(output, Tensor) else x.device
 
 
-def describe_pairs(target: nn.Module, guide: nn.Module, dataset: Any, batch_size: int = 256, **kwargs: Any) -> list[tuple[str, ...]]:
+def describe_pairs(
+    target: nn.Module, guide: nn.Module, dataset: Any, batch_size: int = 256, **kwargs: Any
+) -> list[tuple[str, ...]]:
     """Rows (target layer, its shape, guide layer, its shape, weight, similarity) at the models' current weights.
 
     The first `batch_size` examples of `dataset` (items `(x, ...)`) are used;
@@ -253,15 +316,16 @@ def describe_pairs(target: nn.Module, guide: nn.Module, dataset: Any, batch_size
     was_training = target.training
     guidance = Guidance(target, guide, **kwargs).eval()
     try:
-        with torch.no_grad(), guidance.target_capture.recording():
-            target(x)
-        target_acts = dict(guidance.target_capture.activations)
+        with torch.no_grad():
+            _, target_acts = guidance.target_capture.run(x)
         guide_acts = guidance.run_guide(x)
         rows = [("target layer", "shape", "guide layer", "shape", "weight", "similarity")]
         for pair in guidance.pairs:
             t, g = target_acts[pair.target], guide_acts[pair.guide]
             sim = float(guidance.pair_similarity(t, g, None))
-            rows.append((pair.target, str(tuple(t.shape)), pair.guide, str(tuple(g.shape)), f"{pair.weight:g}", f"{sim:.4f}"))
+            rows.append(
+                (pair.target, str(tuple(t.shape)), pair.guide, str(tuple(g.shape)), f"{pair.weight:g}", f"{sim:.4f}")
+            )
         return rows
     finally:
         guidance.remove_hooks()
