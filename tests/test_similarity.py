@@ -9,6 +9,7 @@ from untrainable.similarity import (
     get_similarity,
     linear_cka,
     linear_cka_to_gram,
+    linear_cka_to_grams,
     linear_cka_unbiased,
     rsa,
 )
@@ -204,3 +205,17 @@ def test_bfloat16_grams_stay_close_to_float64():
         assert abs(float(linear_cka(x32, y32, gram_dtype=torch.bfloat16)) - expected) < 1e-3
         assert abs(float(linear_cka(x32, y32)) - expected) < 1e-5
         assert abs(float(linear_cka_to_gram(x32, centred_gram(y32, torch.bfloat16), torch.bfloat16)) - expected) < 1e-3
+
+
+def test_one_target_layer_against_several_grams():
+    x, _ = related(14, 40, 10, seed=10)
+    ys = [related(14, 40, d2, seed=11 + d2)[1] for d2 in (20, 60, 90)]
+    xt = torch.tensor(x, requires_grad=True)
+    grams = torch.stack([centred_gram(torch.tensor(y)) for y in ys])
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    values = linear_cka_to_grams(xt, grams)
+    assert torch.allclose(values, torch.tensor([ref_cka(x, y) for y in ys], dtype=torch.float64), atol=1e-10)
+    (grad,) = torch.autograd.grad((weights * values).sum(), xt)
+    expected = sum(w * torch.autograd.grad(linear_cka(xt, torch.tensor(y)), xt)[0] for w, y in zip(weights, ys))
+    assert torch.allclose(grad, expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a: linear_cka_to_grams(a, grams), (xt,))

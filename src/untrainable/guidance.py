@@ -18,7 +18,7 @@ from untrainable.similarity import (
     centred_gram,
     get_similarity,
     linear_cka,
-    linear_cka_to_gram,
+    linear_cka_to_grams,
     sample_space_is_cheaper,
 )
 
@@ -269,18 +269,29 @@ class Guidance(nn.Module):
             guide_side = {name: self.gather(act) for name, act in guide_side.items()}
             mask = self.gather(mask) if mask is not None else None
         self._check_batch(next(iter(target_acts.values())).shape[0] if target_acts else None)
-        terms, similarities = [], {}
-        for pair in self.pairs:
-            target_act, guide_value = target_acts[pair.target], guide_side[pair.guide]
-            if isinstance(guide_value, GuideGram):
-                sim = linear_cka_to_gram(target_act.flatten(1), guide_value.matrix, self.gram_dtype)
-            else:
-                sim = self.pair_similarity(target_act, guide_value, mask)
-            terms.append(pair.weight * (1.0 - sim))
-            similarities[pair.key] = sim.detach()
+        sims = self._similarities(target_acts, guide_side, mask)
+        terms = [pair.weight * (1.0 - sims[pair.key]) for pair in self.pairs]
+        similarities = {key: sim.detach() for key, sim in sims.items()}
         guidance_loss = alpha * torch.stack(terms).sum()
         self._advance()
         return GuidanceOutput(output, guidance_loss, alpha, similarities)
+
+    def _similarities(
+        self, target_acts: dict[str, Tensor], guide_side: dict[str, Any], mask: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Each pair's similarity by key; the pairs of a target layer with guide Gram matrices share one kernel."""
+        sims: dict[str, Tensor] = {}
+        by_target: dict[str, list[Pair]] = {}
+        for pair in self.pairs:
+            if isinstance(guide_side[pair.guide], GuideGram):
+                by_target.setdefault(pair.target, []).append(pair)
+            else:
+                sims[pair.key] = self.pair_similarity(target_acts[pair.target], guide_side[pair.guide], mask)
+        for target, pairs in by_target.items():
+            grams = torch.stack([guide_side[pair.guide].matrix for pair in pairs])
+            values = linear_cka_to_grams(target_acts[target].flatten(1), grams, self.gram_dtype)
+            sims.update(zip([pair.key for pair in pairs], values.unbind()))
+        return sims
 
     def _check_batch(self, n: int | None) -> None:
         if n is not None and self.min_examples is not None and n < self.min_examples:

@@ -149,17 +149,15 @@ def _unit_norm(k: Tensor, trace: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]
 class _SampleSpaceCKA(torch.autograd.Function):
     """Biased linear CKA from (n, n) Gram matrices, one product per input each way.
 
-    Forward: k = centred Gram of x, l = that of y (or `l` given), CKA = <k, l>
-    with both at unit norm. Backward: dCKA/dx = factor (l - CKA k) @ x, one
+    Forward: k = centred Gram of x, l = that of y, CKA = <k, l> with both at
+    unit norm. Backward: dCKA/dx = factor (l - CKA k) @ x, one
     (n, n) @ (n, d) product, where autograd through x @ x.T would take two.
     """
 
     @staticmethod
-    def forward(ctx, x, y, l, gram_dtype):
+    def forward(ctx, x, y, gram_dtype):
         k, basis_x, factor_x = _gram_side(x, gram_dtype)
-        basis_y = factor_y = None
-        if l is None:
-            l, basis_y, factor_y = _gram_side(y, gram_dtype)
+        l, basis_y, factor_y = _gram_side(y, gram_dtype)
         cka = (k * l).sum()
         ctx.gram_dtype = gram_dtype
         ctx.save_for_backward(k, l, basis_x, factor_x, basis_y, factor_y, cka)
@@ -173,7 +171,7 @@ class _SampleSpaceCKA(torch.autograd.Function):
             grad_x = _project(l - cka * k, basis_x, grad * factor_x, ctx.gram_dtype)
         if ctx.needs_input_grad[1]:
             grad_y = _project(k - cka * l, basis_y, grad * factor_y, ctx.gram_dtype)
-        return grad_x, grad_y, None, None
+        return grad_x, grad_y, None
 
 
 def _project(m: Tensor, basis: Tensor, factor: Tensor, gram_dtype: torch.dtype | None) -> Tensor:
@@ -209,7 +207,7 @@ def linear_cka(x: Tensor, y: Tensor, gram_dtype: torch.dtype | None = None) -> T
         x, y = _prepare(x, y, min_n=2)
         n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
         if sample_space_is_cheaper(n, d1, d2):
-            return _SampleSpaceCKA.apply(x, y, None, gram_dtype)
+            return _SampleSpaceCKA.apply(x, y, gram_dtype)
         x, y = _centre(x), _centre(y)
         xy = (y.T @ x).square().sum()
         xx = (x.T @ x).square().sum()
@@ -217,22 +215,56 @@ def linear_cka(x: Tensor, y: Tensor, gram_dtype: torch.dtype | None = None) -> T
         return _ratio(xy, xx, yy)
 
 
-def linear_cka_to_gram(x: Tensor, l: Tensor, gram_dtype: torch.dtype | None = None) -> Tensor:
-    """`linear_cka(x, y)` in sample space from y's `centred_gram` l, differentiable in x only.
+def linear_cka_to_grams(x: Tensor, grams: Tensor, gram_dtype: torch.dtype | None = None) -> Tensor:
+    """`linear_cka(x, y_j)` for m layers y_j given by their `centred_gram`s, differentiable in x only.
 
-    The guide's side of a pair, computed once when the guide's layer runs.
+    The target's side of its pairs: x's Gram matrix is formed once and the
+    backward is one (n, n) @ (n, d1) product, however many guide layers x is
+    paired with.
 
     Args:
         x: (n, d1) activations (extra dimensions flattened).
-        l: (n, n) `centred_gram(y)`.
+        grams: (m, n, n) `centred_gram(y_j)` stacked.
+    Returns:
+        (m,) similarities.
     """
-    if x.shape[0] != l.shape[0]:
+    if grams.dim() != 3 or x.shape[0] != grams.shape[1]:
         raise ValueError(
-            f"similarity needs the same examples in both: got {x.shape[0]} rows in x and {l.shape[0]} in the Gram matrix"
+            f"similarity needs the same examples in both: got {x.shape[0]} rows in x and Gram matrices of shape "
+            f"{tuple(grams.shape)}"
         )
     with torch.autocast(device_type=x.device.type, enabled=False):
         (x,) = _prepare(x, x, min_n=2)[:1]
-        return _SampleSpaceCKA.apply(x, None, l.to(x.dtype), gram_dtype)
+        return _CKAToGrams.apply(x, grams.to(x.dtype), gram_dtype)
+
+
+def linear_cka_to_gram(x: Tensor, l: Tensor, gram_dtype: torch.dtype | None = None) -> Tensor:
+    """`linear_cka(x, y)` from y's `centred_gram` l (n, n); a scalar, differentiable in x only."""
+    return linear_cka_to_grams(x, l[None], gram_dtype)[0]
+
+
+class _CKAToGrams(torch.autograd.Function):
+    """CKA of x against m precomputed unit-norm centred Gram matrices l_j.
+
+    Forward: k = centred Gram of x at unit norm, CKA_j = <k, l_j>. Backward:
+    dx = factor (sum_j g_j (l_j - CKA_j k)) @ x, one product.
+    """
+
+    @staticmethod
+    def forward(ctx, x, grams, gram_dtype):
+        k, basis, factor = _gram_side(x, gram_dtype)
+        ckas = grams.flatten(1) @ k.flatten()
+        ctx.gram_dtype = gram_dtype
+        ctx.save_for_backward(k, grams, basis, factor, ckas)
+        return ckas
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, grams, basis, factor, ckas = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        m = (grad @ grams.flatten(1)).view_as(k) - (grad * ckas).sum() * k
+        return _project(m, basis, factor, ctx.gram_dtype), None, None
 
 
 def centred_gram(x: Tensor, gram_dtype: torch.dtype | None = None) -> Tensor:
