@@ -5,26 +5,32 @@ One run measures, on the same machine and the same batches:
 - (a) `target`: the target's training step alone;
 - (b) `+guide`: (a) plus the guide's forward, no alignment;
 - (c) `guided`: the full guided step (`Guidance`: one target forward,
-  hooks registered once, CKA in sample or feature space);
+  hooks registered once, the guide's layers reduced to centred Gram
+  matrices as they finish);
 - (e) `cached`: (c) with the guide's activations read from a filled
   `GuideCache` instead of running the guide;
 - (d) `authors`: a re-implementation of the authors' step: the target
   forwards twice (task loss, then again inside a feature extractor that
   registers hooks on every module of a fixed list of types at every step),
-  biased CKA with explicit n x n centring matrices H = I - 11^T / n.
+  biased CKA with explicit n x n centring matrices H = I - 11^T / n;
+- the floor: (b) plus the matrix products that the similarity cannot avoid
+  on the case's shapes, timed on the same machine in the same rotation.
 
-and the similarity kernel alone (forward + backward) against the matrix
-products it cannot avoid on the same shapes.
+Timing runs with the allocator as it is; peak memory is measured apart
+(another process on a CPU, a pass after the timing on a GPU), and the
+similarity kernel alone is timed against its matrix products.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import multiprocessing
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,9 +42,10 @@ from untrainable.capture import as_activation, named_layers
 from untrainable.guidance import Guidance
 from untrainable.guide_cache import GuideCache
 from untrainable.models import create_model
-from untrainable.similarity import linear_cka
+from untrainable.similarity import linear_cka, sample_space_is_cheaper
 
 VARIANTS = ("target", "+guide", "guided", "cached", "authors")
+PRODUCTS = "products"  # the similarity's unavoidable matrix products, timed beside the variants
 
 
 @dataclass
@@ -56,30 +63,37 @@ class Case:
     num_classes: int = 10
     repeats: int = 5
     note: str = ""
-
-
-@dataclass
-class Measurement:
-    case: str
-    variant: str
-    seconds: float  # median seconds per step
-    peak_mib: float | None  # peak memory of a step above the memory before it
-    extra: dict[str, Any] = field(default_factory=dict)
+    target_layers: tuple[str, ...] | None = None  # None: the library's default layers
+    guide_layers: tuple[str, ...] | None = None
 
 
 def cases(quick: bool = False) -> list[Case]:
     """The benchmark's pairs. Widths of the guide are reduced to fit a CPU; each case says so."""
+    mnist, imagenet = (1, 28, 28), (3, 224, 224)
     if quick:
+        tiny_fcn = {"input_shape": mnist, "depth": 4, "width": 32}
+        tiny_rnn = {"hidden": 8, "embed_dim": 8, "layers": 1}
+        tiny_transformer = {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}
         return [
-            Case("deep_fcn<-resnet18 28x28 (tiny)", "deep_fcn", {"input_shape": (1, 28, 28), "depth": 4, "width": 32}, "resnet18", {"input_shape": (1, 28, 28), "width": 2}, 8, (1, 28, 28), repeats=1),
-            Case("rnn<-transformer L=16 (tiny)", "rnn", {"hidden": 8, "embed_dim": 8, "layers": 1}, "causal_transformer", {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}, 4, (16,), tokens=True, num_classes=16, repeats=1),
+            Case("deep_fcn<-resnet18 28x28 (tiny)", "deep_fcn", tiny_fcn, "resnet18", {"input_shape": mnist, "width": 2}, 8, mnist, repeats=1),
+            Case("rnn<-transformer L=16 (tiny)", "rnn", tiny_rnn, "causal_transformer", tiny_transformer, 4, (16,), tokens=True, num_classes=16, repeats=1),
         ]
     found = []
     for batch in (64, 256):
-        found.append(Case(f"deep_fcn<-resnet18 28x28 b{batch}", "deep_fcn", {"input_shape": (1, 28, 28)}, "resnet18", {"input_shape": (1, 28, 28), "width": 16}, batch, (1, 28, 28), repeats=3, note="ResNet-18 at width 16 of 64"))
+        guide_args = {"input_shape": mnist, "width": 16}
+        found.append(Case(f"deep_fcn<-resnet18 28x28 b{batch}", "deep_fcn", {"input_shape": mnist}, "resnet18", guide_args, batch, mnist, repeats=5, note="ResNet-18 at width 16 of 64"))
+    found.append(
+        Case(
+            "deep_fcn 48x1024<-resnet18 blocks 28x28 b64", "deep_fcn", {"input_shape": mnist, "depth": 48, "width": 1024},
+            "resnet18", {"input_shape": mnist, "width": 8, "stem": "small"}, 64, mnist, repeats=5,
+            note="the rescue study's pair: ResNet-18 at width 8 of 64, its 8 block outputs",
+            target_layers=("layers.*.linear",), guide_layers=("layer*.*",),
+        )
+    )
     for batch in (64, 256):
-        found.append(Case(f"deep_fcn<-resnet18 224x224 b{batch}", "deep_fcn", {"input_shape": (3, 224, 224)}, "resnet18", {"input_shape": (3, 224, 224), "width": 8, "stem": "imagenet"}, batch, (3, 224, 224), repeats=3 if batch == 64 else 2, note="ResNet-18 at width 8 of 64"))
-    found.append(Case("rnn<-transformer L=256 b64", "rnn", {}, "causal_transformer", {"max_len": 256}, 64, (256,), tokens=True, num_classes=16, repeats=3))
+        guide_args = {"input_shape": imagenet, "width": 8, "stem": "imagenet"}
+        found.append(Case(f"deep_fcn<-resnet18 224x224 b{batch}", "deep_fcn", {"input_shape": imagenet}, "resnet18", guide_args, batch, imagenet, repeats=3, note="ResNet-18 at width 8 of 64"))
+    found.append(Case("rnn<-transformer L=256 b64", "rnn", {}, "causal_transformer", {"max_len": 256}, 64, (256,), tokens=True, num_classes=16, repeats=5))
     return found
 
 
@@ -95,7 +109,9 @@ class _Memory:
     glibc's mmap threshold fixed at 128 KiB so that every tensor larger than
     that is returned to the system when freed; it counts tensors, allocator
     and library scratch space, so it is an upper bound on the tensors alone.
-    None where neither is available.
+    None where neither is available. The mmap setting slows a CPU step down,
+    so it is made only in the process that measures memory, never where
+    steps are timed.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -225,22 +241,32 @@ def _build(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module, Tens
     return target, guide, x, y
 
 
+def _authors_pairs(guidance: Guidance) -> tuple[tuple[type[nn.Module], ...], list[tuple[str, str, float]]]:
+    """The types the authors' extractor hooks and the pairs by positional name.
+
+    The fixed list, plus the classes of the paired layers (a model's own
+    attention class, a ResNet block), as the authors list the types their
+    models use.
+    """
+    modules_t, modules_g = named_layers(guidance.target), named_layers(guidance.guide)
+    paired = {type(modules_t[p.target]) for p in guidance.pairs} | {type(modules_g[p.guide]) for p in guidance.pairs}
+    types = AUTHORS_TYPES + tuple(sorted(paired - set(AUTHORS_TYPES), key=lambda t: t.__name__))
+    pos_t, pos_g = positional_names(guidance.target, types), positional_names(guidance.guide, types)
+    pairs = [(pos_t[id(modules_t[p.target])], pos_g[id(modules_g[p.guide])], p.weight) for p in guidance.pairs]
+    return types, pairs
+
+
 def _steps(case: Case, device: torch.device) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
-    """One closure per variant, each doing one full optimisation step on the same batch."""
+    """One closure per variant, each doing one full optimisation step on the same batch, and the products' closure."""
     target, guide, x, y = _build(case, device)
     optimizer = torch.optim.Adam(target.parameters(), lr=1e-4)
-    guidance = Guidance(target, guide).train()
+    layers = {"target_layers": case.target_layers, "guide_layers": case.guide_layers}
+    guidance = Guidance(target, guide, **layers).train()
     cache = GuideCache(case.batch, "memory")
     index = torch.arange(case.batch)
     cache.activations(index, x, guidance.run_guide)  # filled once, as after the first epoch
-
-    modules_t, modules_g = named_layers(target), named_layers(guide)
-    # The fixed list, plus the classes of the paired layers (a model's own
-    # attention class), as the authors list the types their models use.
-    paired = {type(modules_t[p.target]) for p in guidance.pairs} | {type(modules_g[p.guide]) for p in guidance.pairs}
-    types = AUTHORS_TYPES + tuple(sorted(paired - set(AUTHORS_TYPES), key=lambda t: t.__name__))
-    pos_t, pos_g = positional_names(target, types), positional_names(guide, types)
-    authors_pairs = [(pos_t[id(modules_t[p.target])], pos_g[id(modules_g[p.guide])], p.weight) for p in guidance.pairs]
+    types, authors_pairs = _authors_pairs(guidance)
+    products, counted = unavoidable_products(guidance, x)
 
     def finish(loss: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -273,39 +299,132 @@ def _steps(case: Case, device: torch.device) -> tuple[dict[str, Callable[[], Non
             loss = loss + weight * (1.0 - authors_cka(target_features[t_name], guide_features[g_name]))
         finish(loss)
 
-    steps = {"target": step_target, "+guide": step_guide_forward, "guided": step_guided, "cached": step_cached, "authors": step_authors}
-    info = {"pairs": len(guidance.pairs), "cache_mib": cache.nbytes() / 2**20 / case.batch}
+    steps = {"target": step_target, "+guide": step_guide_forward, "guided": step_guided}
+    steps.update({"cached": step_cached, "authors": step_authors, PRODUCTS: products})
+    info = {"pairs": len(guidance.pairs), "cache_mib": cache.nbytes() / 2**20 / case.batch, "products": counted}
     return steps, info
+
+
+# ---------------------------------------------------------------- the floor
+
+
+def unavoidable_products(guidance: Guidance, x: Tensor) -> tuple[Callable[[], None], dict[str, float]]:
+    """The matrix products no implementation of the guided step's CKA can avoid, on this batch's shapes.
+
+    Per guide layer compared in sample space, its Gram matrix Y Y^T (n^2 d2
+    multiply-adds); per target layer with sample-space pairs, its Gram
+    matrix X X^T and the gradient's (n, n) @ (n, d1) product (2 n^2 d1);
+    per pair in feature space, Y^T X, X^T X, Y^T Y and the gradient's
+    Y (Y^T X)^T and X (X^T X). The space is chosen as `Guidance` chooses it.
+    Returns a closure running them on random tensors of those shapes, and
+    the multiply-add count (`gmacs`).
+    """
+    with torch.no_grad():
+        _, target_acts = guidance.target_capture.run(x)
+        guide_acts = guidance.run_guide(x)
+    n = x.shape[0]
+    width = {name: act[0].numel() for name, act in {**target_acts, **guide_acts}.items()}
+    sample_guides = {
+        g for g in {p.guide for p in guidance.pairs}
+        if all(sample_space_is_cheaper(n, width[p.target], width[g]) for p in guidance.pairs if p.guide == g)
+    }
+    sample_targets = {p.target for p in guidance.pairs if p.guide in sample_guides}
+    feature_pairs = [(width[p.target], width[p.guide]) for p in guidance.pairs if p.guide not in sample_guides]
+    device = x.device
+    grams = [torch.randn(n, width[g], device=device) for g in sorted(sample_guides)]
+    sides = [(torch.randn(n, width[t], device=device), torch.randn(n, n, device=device)) for t in sorted(sample_targets)]
+    features = [(torch.randn(n, d1, device=device), torch.randn(n, d2, device=device)) for d1, d2 in feature_pairs]
+    macs = sum(n * n * a.shape[1] for a in grams) + sum(2 * n * n * a.shape[1] for a, _ in sides)
+    macs += sum(n * (2 * d1 * d2 + 2 * d1 * d1 + d2 * d2) for d1, d2 in feature_pairs)
+
+    def run() -> None:
+        with torch.no_grad():
+            for y in grams:
+                y @ y.T
+            for a, m in sides:
+                a @ a.T
+                m @ a
+            for a, y in features:
+                cross, own = y.T @ a, a.T @ a
+                y.T @ y
+                y @ cross
+                a @ own
+
+    return run, {"gmacs": macs / 1e9, "sample_guide_layers": len(grams), "feature_pairs": len(features)}
+
+
+# ---------------------------------------------------------------- timing and memory
+
+
+class _Timer:
+    """Seconds of one call: CUDA events on a GPU (no host stall inside the step), perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+
+def time_variants(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each variant.
+
+    After one warm-up step of each, the variants take turns (round-robin)
+    `repeats` times, so that load from other processes on a shared machine
+    falls on all of them alike.
+    """
+    timer = _Timer(device)
+    for step in steps.values():
+        step()  # warm-up: allocates optimiser state, fills caches
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timer(step))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory(case: Case, device: torch.device, threads: int | None) -> dict[str, float | None]:
+    """Peak memory (MiB) of one step of each variant above the memory in use before it.
+
+    On a CPU in a fresh process, where glibc's mmap threshold can be fixed
+    without slowing down the timed steps; on a GPU in this process.
+    """
+    if device.type == "cuda":
+        return _case_peaks(case, str(device), threads)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_case_peaks, case, str(device), threads).result()
+
+
+def _case_peaks(case: Case, device_name: str, threads: int | None) -> dict[str, float | None]:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    steps, _ = _steps(case, device)
+    memory = _Memory(device)
+    peaks = {}
+    for name in VARIANTS:
+        steps[name]()  # warm-up: optimiser state and caches are not part of a step's peak
+        _sync(device)
+        memory.begin()
+        steps[name]()
+        _sync(device)
+        peaks[name] = memory.peak_mib()
+    return peaks
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_variants(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device, memory: _Memory) -> dict[str, tuple[float, float | None]]:
-    """Median seconds per step of each variant, and its peak memory above the start of a step.
-
-    After one warm-up step of each, the variants take turns (round-robin)
-    `repeats` times, so that load from other processes on a shared machine
-    falls on all of them alike. Memory is measured on one separate step each.
-    """
-    peaks = {}
-    for name, step in steps.items():
-        step()  # warm-up: allocates optimiser state, fills caches
-        _sync(device)
-        memory.begin()
-        step()
-        _sync(device)
-        peaks[name] = memory.peak_mib()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - started)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
 # ---------------------------------------------------------------- the kernel
@@ -324,21 +443,22 @@ def time_kernel(n: int, d1: int, d2: int, repeats: int, device: torch.device) ->
     Unavoidable in sample space: the two Gram matrices x x^T (n^2 d1) and
     y y^T (n^2 d2) and, for the gradient, one (n, n) @ (n, d1) product. In
     feature space (taken when cheaper): y^T x, x^T x, y^T y and the gradient's
-    products of the same size. The smaller of the two is the floor.
+    products of the same size. The two take turns, as the steps do.
     """
     torch.manual_seed(0)
     x = torch.randn(n, d1, device=device, requires_grad=True)
     y = torch.randn(n, d2, device=device)
+    m = torch.randn(n, n, device=device)
 
     def cka() -> None:
         linear_cka(x, y).backward()
 
     def floor() -> None:
         with torch.no_grad():
-            if n * (d1 + d2) + 3 * n * n < d1 * d2 + d1 * d1 + d2 * d2:
-                k = x @ x.T
+            if sample_space_is_cheaper(n, d1, d2):
+                x @ x.T
                 y @ y.T
-                k @ x
+                m @ x
             else:
                 c = y.T @ x
                 s = x.T @ x
@@ -346,18 +466,8 @@ def time_kernel(n: int, d1: int, d2: int, repeats: int, device: torch.device) ->
                 y @ c
                 x @ s
 
-    def median(fn: Callable[[], None]) -> float:
-        fn()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
-
-    kernel, products = median(cka), median(floor)
+    medians = time_variants({"kernel": cka, "products": floor}, repeats, device)
+    kernel, products = medians["kernel"], medians["products"]
     return {"n": n, "d_target": d1, "d_guide": d2, "kernel_ms": kernel * 1e3, "products_ms": products * 1e3, "ratio": kernel / products}
 
 
@@ -390,34 +500,44 @@ def run_bench(quick: bool = False, device: str = "auto", log: Callable[[str], No
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(quick, device, log)
+        return _run(quick, device, log, threads)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(quick: bool, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+def measure_case(case: Case, dev: torch.device, threads: int | None) -> dict[str, Any]:
+    """One row: every variant's median ms and peak MiB, the floor and the ratios."""
+    steps, info = _steps(case, dev)
+    timing = time_variants(steps, case.repeats, dev)
+    del steps
+    peaks = peak_memory(case, dev, threads)
+    row: dict[str, Any] = {"case": case.name, "note": case.note, "pairs": info["pairs"], "cache_mib_per_example": info["cache_mib"]}
+    for variant in VARIANTS:
+        row[variant] = {"ms": timing[variant] * 1e3, "peak_mib": peaks[variant]}
+    row["products"] = {"ms": timing[PRODUCTS] * 1e3, **info["products"]}
+    row["floor_ms"] = row["+guide"]["ms"] + row["products"]["ms"]
+    guided = row["guided"]["ms"]
+    row.update({"c/b": guided / row["+guide"]["ms"], "c/floor": guided / row["floor_ms"]})
+    row.update({"d/c": row["authors"]["ms"] / guided, "e/c": row["cached"]["ms"] / guided})
+    return row
+
+
+def _run(quick: bool, device: str, log: Callable[[str], None], threads: int | None) -> dict[str, Any]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    memory = _Memory(dev)
     rows: list[dict[str, Any]] = []
     for case in cases(quick):
-        steps, info = _steps(case, dev)
-        row: dict[str, Any] = {"case": case.name, "note": case.note, "pairs": info["pairs"], "cache_mib_per_example": info["cache_mib"]}
-        timing = time_variants(steps, case.repeats, dev, memory)
+        row = measure_case(case, dev, threads)
         for variant in VARIANTS:
-            seconds, peak = timing[variant]
-            row[variant] = {"ms": seconds * 1e3, "peak_mib": peak}
-            log(f"{case.name:<36} {variant:<8} {seconds * 1e3:9.1f} ms  peak {peak if peak is None else round(peak, 1)} MiB")
-        row["c/b"] = row["guided"]["ms"] / row["+guide"]["ms"]
-        row["d/c"] = row["authors"]["ms"] / row["guided"]["ms"]
-        row["e/c"] = row["cached"]["ms"] / row["guided"]["ms"]
+            log(f"{case.name:<44} {variant:<8} {row[variant]['ms']:9.1f} ms  peak {_fmt_mem(row[variant]['peak_mib'])} MiB")
+        log(f"{case.name:<44} floor    {row['floor_ms']:9.1f} ms  (products {row['products']['ms']:.1f} ms)  c/floor {row['c/floor']:.2f}")
         rows.append(row)
-        del steps
     kernels = []
     for n, d1, d2 in kernel_shapes(quick):
-        result = time_kernel(n, d1, d2, 2 if quick else 5, dev)
+        result = time_kernel(n, d1, d2, 2 if quick else 7, dev)
         kernels.append(result)
         log(f"kernel n={n} d1={d1} d2={d2}: {result['kernel_ms']:.2f} ms vs products {result['products_ms']:.2f} ms ({result['ratio']:.2f}x)")
-    return {"machine": machine(), "device": str(dev), "quick": quick, "rows": rows, "kernels": kernels}
+    timing = "CUDA events" if dev.type == "cuda" else "perf_counter"
+    return {"machine": machine(), "device": str(dev), "timing": timing, "quick": quick, "rows": rows, "kernels": kernels}
 
 
 def _fmt_mem(value: float | None) -> str:
@@ -426,13 +546,18 @@ def _fmt_mem(value: float | None) -> str:
 
 def format_results(results: dict[str, Any]) -> str:
     """The step table and the kernel table in Markdown."""
-    head = "| case | pairs | (a) target ms | (b) +guide ms | (c) guided ms | (e) cached ms | (d) authors ms | c/b | d/c | e/c | peak MiB a / b / c / e / d |"
+    head = (
+        "| case | pairs | (a) target ms | (b) +guide ms | (c) guided ms | floor ms | (e) cached ms | (d) authors ms "
+        "| c/b | c/floor | d/c | e/c | peak MiB a / b / c / e / d |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in results["rows"]:
-        ms = [f"{row[v]['ms']:.1f}" for v in ("target", "+guide", "guided", "cached", "authors")]
+        ms = [f"{row[v]['ms']:.1f}" for v in ("target", "+guide", "guided")] + [f"{row['floor_ms']:.1f}"]
+        ms += [f"{row[v]['ms']:.1f}" for v in ("cached", "authors")]
+        ratios = [f"{row[r]:.2f}" for r in ("c/b", "c/floor", "d/c", "e/c")]
         mem = " / ".join(_fmt_mem(row[v]["peak_mib"]) for v in ("target", "+guide", "guided", "cached", "authors"))
         name = row["case"] + (f" ({row['note']})" if row["note"] else "")
-        lines.append(f"| {name} | {row['pairs']} | " + " | ".join(ms) + f" | {row['c/b']:.2f} | {row['d/c']:.2f} | {row['e/c']:.2f} | {mem} |")
+        lines.append(f"| {name} | {row['pairs']} | " + " | ".join(ms + ratios) + f" | {mem} |")
     lines += ["", "| n | d target | d guide | CKA fwd+bwd ms | unavoidable products ms | ratio |", "|---|---|---|---|---|---|"]
     for k in results["kernels"]:
         lines.append(f"| {k['n']} | {k['d_target']} | {k['d_guide']} | {k['kernel_ms']:.2f} | {k['products_ms']:.2f} | {k['ratio']:.2f} |")
@@ -443,5 +568,5 @@ def write_results(results: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "table.md").write_text(f"Machine: {results['machine']}\n\n{format_results(results)}\n")
+    (out / "table.md").write_text(f"Machine: {results['machine']} ({results['timing']})\n\n{format_results(results)}\n")
     return out

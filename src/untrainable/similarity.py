@@ -8,6 +8,7 @@ representation up to the measure's invariances). Guidance minimises
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -119,14 +120,16 @@ def _gram_side(x: Tensor, gram_dtype: torch.dtype | None = None) -> tuple[Tensor
     with torch.no_grad():
         if gram_dtype is None or gram_dtype == x.dtype:
             gram = x @ x.T
-            total = gram.diagonal().sum()
             row = gram.mean(dim=1, keepdim=True)
-            variance = total - row.sum()  # trace of the centred Gram: sum_i ||x_i - mean||^2
-            usable = torch.isfinite(total) & (total > n * d * finfo.tiny / finfo.eps)
-            if bool(usable & (variance >= _MIN_VARIANCE_SHARE * total)):
-                k = gram.sub_(row).sub_(row.T).add_(row.mean())
-                k, factor = _unit_norm(k, variance, torch.ones((), dtype=x.dtype, device=x.device))
-                return k, x, factor
+            # One read to the host decides the branch (few small ops: at n = 64 their count, not size, costs).
+            total, row_sum = torch.stack((gram.diagonal().sum(), row.sum())).tolist()
+            variance = total - row_sum  # trace of the centred Gram: sum_i ||x_i - mean||^2
+            in_range = math.isfinite(total) and total > n * d * finfo.tiny / finfo.eps
+            if in_range and variance >= _MIN_VARIANCE_SHARE * total:
+                # Divided by the variance as it is centred: ||k||_F <= trace, so its squares cannot overflow.
+                k = gram.sub_(row).sub_(row.T).add_(row_sum / n).mul_(1.0 / variance)
+                norm = torch.linalg.vector_norm(k)
+                return k.div_(norm), x, (2.0 / variance) / norm
         basis, scale = _centre_scaled(x)
         narrow = basis.to(gram_dtype) if gram_dtype is not None else basis
         k = (narrow @ narrow.T).to(x.dtype)
