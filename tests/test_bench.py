@@ -1,11 +1,12 @@
-"""The benchmark runs end to end in its quick mode (numbers are not checked)."""
+"""The benchmark and the scaling study run end to end in their quick modes (numbers are not checked)."""
 
 from __future__ import annotations
 
 import torch
 
 from untrainable.bench import VARIANTS, authors_cka, format_results, run_bench, write_results
-from untrainable.similarity import linear_cka
+from untrainable.cost_scaling import run_scaling, write_scaling
+from untrainable.similarity import linear_cka, sample_space_is_cheaper
 
 
 def test_authors_cka_agrees_with_linear_cka():
@@ -26,3 +27,17 @@ def test_quick_bench_writes_a_table(tmp_path):
     write_results(results, tmp_path)
     table = (tmp_path / "table.md").read_text()
     assert all(ratio in table for ratio in ("c/b", "c/floor", "d/c", "e/c")) and format_results(results) in table
+
+
+def test_quick_scaling_writes_tables_and_a_figure(tmp_path):
+    results = run_scaling(quick=True, log=lambda line: None)
+    assert [r["batch"] for r in results["by_batch"]] == [64, 128]
+    assert [r["pairs"] for r in results["by_pairs"]] == [1, 2]
+    assert all(k["sample_ms"] > 0 and k["feature_ms"] > 0 for k in results["kernels"])
+    # The cost model's switch point is where sample_space_is_cheaper turns false.
+    for c in results["crossovers"]:
+        assert sample_space_is_cheaper(c["model_n"] - 1, c["d_target"], c["d_guide"])
+        assert not sample_space_is_cheaper(c["model_n"], c["d_target"], c["d_guide"])
+    write_scaling(results, tmp_path)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    assert "cost model switches" in (tmp_path / "scaling.md").read_text()

@@ -219,3 +219,15 @@ def test_one_target_layer_against_several_grams():
     expected = sum(w * torch.autograd.grad(linear_cka(xt, torch.tensor(y)), xt)[0] for w, y in zip(weights, ys))
     assert torch.allclose(grad, expected, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a: linear_cka_to_grams(a, grams), (xt,))
+
+
+def test_both_spaces_give_the_same_cka():
+    x, y = related(30, 12, 9, seed=12)
+    xt, yt = torch.tensor(x, requires_grad=True), torch.tensor(y)
+    values = {space: linear_cka(xt, yt, space=space) for space in ("sample", "feature")}
+    grads = {space: torch.autograd.grad(value, xt)[0] for space, value in values.items()}
+    assert abs(float(values["sample"].detach()) - ref_cka(x, y)) < 1e-10
+    assert abs(float(values["feature"].detach()) - ref_cka(x, y)) < 1e-10
+    assert torch.allclose(grads["sample"], grads["feature"], atol=1e-10)
+    with pytest.raises(ValueError, match="auto, sample, feature"):
+        linear_cka(xt, yt, space="gram")

@@ -224,7 +224,7 @@ def _task_loss(output: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(output, y)
 
 
-def _build(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+def build_case(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
     target_args = dict(case.target_args)
     guide_args = dict(case.guide_args)
@@ -256,12 +256,17 @@ def _authors_pairs(guidance: Guidance) -> tuple[tuple[type[nn.Module], ...], lis
     return types, pairs
 
 
-def _steps(case: Case, device: torch.device) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
-    """One closure per variant, each doing one full optimisation step on the same batch, and the products' closure."""
-    target, guide, x, y = _build(case, device)
+def case_steps(
+    case: Case, device: torch.device, pairs: list[tuple[str, str]] | None = None
+) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
+    """One closure per variant, each doing one full optimisation step on the same batch, and the products' closure.
+
+    `pairs` replaces the case's layers and the default spread.
+    """
+    target, guide, x, y = build_case(case, device)
     optimizer = torch.optim.Adam(target.parameters(), lr=1e-4)
-    layers = {"target_layers": case.target_layers, "guide_layers": case.guide_layers}
-    guidance = Guidance(target, guide, **layers).train()
+    layers = {"target_layers": case.target_layers, "guide_layers": case.guide_layers} if pairs is None else {}
+    guidance = Guidance(target, guide, pairs=pairs, **layers).train()
     cache = GuideCache(case.batch, "memory")
     index = torch.arange(case.batch)
     cache.activations(index, x, guidance.run_guide)  # filled once, as after the first epoch
@@ -409,7 +414,7 @@ def _case_peaks(case: Case, device_name: str, threads: int | None) -> dict[str, 
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
-    steps, _ = _steps(case, device)
+    steps, _ = case_steps(case, device)
     memory = _Memory(device)
     peaks = {}
     for name in VARIANTS:
@@ -507,7 +512,7 @@ def run_bench(quick: bool = False, device: str = "auto", log: Callable[[str], No
 
 def measure_case(case: Case, dev: torch.device, threads: int | None) -> dict[str, Any]:
     """One row: every variant's median ms and peak MiB, the floor and the ratios."""
-    steps, info = _steps(case, dev)
+    steps, info = case_steps(case, dev)
     timing = time_variants(steps, case.repeats, dev)
     del steps
     peaks = peak_memory(case, dev, threads)

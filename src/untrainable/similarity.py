@@ -87,10 +87,13 @@ def _ratio(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
 
 
 def sample_space_is_cheaper(n: int, d1: int, d2: int) -> bool:
-    """True when n x n Gram matrices are cheaper than d x d cross-covariances."""
-    feature_cost = d1 * d2 + d1 * d1 + d2 * d2
-    sample_cost = n * (d1 + d2) + 3 * n * n
-    return sample_cost < feature_cost
+    """True when CKA of x (n, d1) and y (n, d2), with a gradient for x, takes fewer multiply-adds in sample space.
+
+    Sample space: two Gram matrices and one gradient product, n^2 (2 d1 + d2).
+    Feature space: Y^T X, X^T X, Y^T Y and their gradients (autograd's two
+    products for X^T X), n (2 d1 d2 + 3 d1^2 + d2^2).
+    """
+    return n * (2 * d1 + d2) < 2 * d1 * d2 + 3 * d1 * d1 + d2 * d2
 
 
 # Centring an (n, n) Gram matrix instead of the (n, d) activations costs n^2
@@ -184,7 +187,7 @@ def _project(m: Tensor, basis: Tensor, factor: Tensor, gram_dtype: torch.dtype |
     return (m * factor) @ basis
 
 
-def linear_cka(x: Tensor, y: Tensor, gram_dtype: torch.dtype | None = None) -> Tensor:
+def linear_cka(x: Tensor, y: Tensor, gram_dtype: torch.dtype | None = None, space: str = "auto") -> Tensor:
     """Linear CKA with the biased HSIC estimator (Kornblith et al. 2019).
 
     The measure used by Subramaniam et al.:
@@ -203,13 +206,17 @@ def linear_cka(x: Tensor, y: Tensor, gram_dtype: torch.dtype | None = None) -> T
             to 1024, d2 4096 to 16384, 36 draws): within 5e-5 (float32:
             2e-6); `tests/test_similarity.py` asserts 1e-3.
             Default None: the inputs' float32 or float64.
+        space: `auto` (the cheaper by `sample_space_is_cheaper`), `sample`
+            or `feature` (to measure where the two cross over).
     Returns:
         scalar in [0, 1]; 0 when either input is constant over the examples.
     """
+    if space not in ("auto", "sample", "feature"):
+        raise ValueError(f"space {space!r} is not one of auto, sample, feature")
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = _prepare(x, y, min_n=2)
         n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
-        if sample_space_is_cheaper(n, d1, d2):
+        if space == "sample" or (space == "auto" and sample_space_is_cheaper(n, d1, d2)):
             return _SampleSpaceCKA.apply(x, y, gram_dtype)
         x, y = _centre(x), _centre(y)
         xy = (y.T @ x).square().sum()
