@@ -380,7 +380,7 @@ class _Timer:
         return time.perf_counter() - started
 
 
-def time_variants(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+def time_variants(steps: dict[Any, Callable[[], None]], repeats: int, device: torch.device) -> dict[Any, float]:
     """Median seconds per step of each variant.
 
     After one warm-up step of each, the variants take turns (round-robin)
@@ -391,7 +391,7 @@ def time_variants(steps: dict[str, Callable[[], None]], repeats: int, device: to
     for step in steps.values():
         step()  # warm-up: allocates optimiser state, fills caches
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[Any, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             times[name].append(timer(step))

@@ -4,7 +4,8 @@
 
 writes `scaling.md`, `scaling.json` and `scaling.png`. Three measurements, on
 the bench's first pair (the 24 x 256 Deep FCN guided by ResNet-18 at width
-16 on 28x28 inputs), each a round-robin of the steps as in `bench`:
+16 on 28x28 inputs); the steps of all the points of a sweep take turns in
+one round-robin, 5 rounds, medians:
 
 - batch 64 to 1024 with the 20 default pairs: (a), (b), (c) and the floor;
 - 1 to 40 pairs at batch 256 (a 48-block target, its linear layers spread
@@ -35,11 +36,11 @@ KERNEL_BATCHES = (64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 STEPS = ("target", "+guide", "guided", bench.PRODUCTS)
 
 
-def _case(batch: int, depth: int = 24, repeats: int = 3) -> bench.Case:
+def _case(batch: int, depth: int = 24) -> bench.Case:
     mnist = (1, 28, 28)
     target_args = {"input_shape": mnist, "depth": depth}
     guide_args = {"input_shape": mnist, "width": 16}
-    return bench.Case(f"b{batch}", "deep_fcn", target_args, "resnet18", guide_args, batch, mnist, repeats=repeats)
+    return bench.Case(f"b{batch}", "deep_fcn", target_args, "resnet18", guide_args, batch, mnist)
 
 
 def _spread_pairs(case: bench.Case, count: int) -> list[tuple[str, str]]:
@@ -55,22 +56,38 @@ def _spread_pairs(case: bench.Case, count: int) -> list[tuple[str, str]]:
     ]
 
 
-def _row(case: bench.Case, device: torch.device, pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    steps, info = bench.case_steps(case, device, pairs)
-    timing = bench.time_variants({name: steps[name] for name in STEPS}, case.repeats, device)
-    ms = {name: seconds * 1e3 for name, seconds in timing.items()}
-    floor = ms["+guide"] + ms[bench.PRODUCTS]
-    return {
-        "batch": case.batch,
-        "pairs": info["pairs"],
-        "target_ms": ms["target"],
-        "guide_ms": ms["+guide"],
-        "guided_ms": ms["guided"],
-        "floor_ms": floor,
-        "c/b": ms["guided"] / ms["+guide"],
-        "c/floor": ms["guided"] / floor,
-        "feature_pairs": info["products"]["feature_pairs"],
-    }
+def sweep(
+    points: list[tuple[bench.Case, list[tuple[str, str]] | None]], device: torch.device, repeats: int
+) -> list[dict[str, Any]]:
+    """One row per (case, pairs): (a), (b), (c) and the floor, every point's steps taking turns in one rotation.
+
+    One rotation for the whole sweep, so that load from other processes
+    falls on every point alike.
+    """
+    steps, infos = {}, []
+    for i, (case, pairs) in enumerate(points):
+        point_steps, info = bench.case_steps(case, device, pairs)
+        steps.update({(i, name): point_steps[name] for name in STEPS})
+        infos.append(info)
+    timing = bench.time_variants(steps, repeats, device)
+    rows = []
+    for i, (case, _) in enumerate(points):
+        ms = {name: timing[(i, name)] * 1e3 for name in STEPS}
+        floor = ms["+guide"] + ms[bench.PRODUCTS]
+        rows.append(
+            {
+                "batch": case.batch,
+                "pairs": infos[i]["pairs"],
+                "target_ms": ms["target"],
+                "guide_ms": ms["+guide"],
+                "guided_ms": ms["guided"],
+                "floor_ms": floor,
+                "c/b": ms["guided"] / ms["+guide"],
+                "c/floor": ms["guided"] / floor,
+                "feature_pairs": infos[i]["products"]["feature_pairs"],
+            }
+        )
+    return rows
 
 
 def kernel_crossover(
@@ -117,15 +134,12 @@ def run_scaling(device: str = "cpu", log: Callable[[str], None] = print, quick: 
     """All three measurements as one dict (`quick`: two points each, tiny repeats, for tests)."""
     dev = torch.device(device)
     batches, counts = (BATCHES[:2], PAIR_COUNTS[:2]) if quick else (BATCHES, PAIR_COUNTS)
-    by_batch = []
-    for batch in batches:
-        by_batch.append(_row(_case(batch, repeats=1 if quick else 3), dev))
-        log(f"batch {batch}: {by_batch[-1]}")
-    by_pairs = []
-    pair_case = _case(64 if quick else 256, depth=48, repeats=1 if quick else 3)
-    for count in counts:
-        by_pairs.append(_row(pair_case, dev, _spread_pairs(pair_case, count)))
-        log(f"pairs {count}: {by_pairs[-1]}")
+    repeats = 1 if quick else 5
+    by_batch = sweep([(_case(batch), None) for batch in batches], dev, repeats)
+    log(f"by batch: {by_batch}")
+    pair_case = _case(64 if quick else 256, depth=48)
+    by_pairs = sweep([(pair_case, _spread_pairs(pair_case, count)) for count in counts], dev, repeats)
+    log(f"by pairs: {by_pairs}")
     kernels, crossovers = [], []
     for d1, d2 in KERNEL_WIDTHS[:1] if quick else KERNEL_WIDTHS:
         rows = kernel_crossover(d1, d2, dev, 1 if quick else 3, KERNEL_BATCHES[:3] if quick else KERNEL_BATCHES)
