@@ -75,25 +75,89 @@ def cases(quick: bool = False) -> list[Case]:
         tiny_rnn = {"hidden": 8, "embed_dim": 8, "layers": 1}
         tiny_transformer = {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}
         return [
-            Case("deep_fcn<-resnet18 28x28 (tiny)", "deep_fcn", tiny_fcn, "resnet18", {"input_shape": mnist, "width": 2}, 8, mnist, repeats=1),
-            Case("rnn<-transformer L=16 (tiny)", "rnn", tiny_rnn, "causal_transformer", tiny_transformer, 4, (16,), tokens=True, num_classes=16, repeats=1),
+            Case(
+                "deep_fcn<-resnet18 28x28 (tiny)",
+                "deep_fcn",
+                tiny_fcn,
+                "resnet18",
+                {"input_shape": mnist, "width": 2},
+                8,
+                mnist,
+                repeats=1,
+            ),
+            Case(
+                "rnn<-transformer L=16 (tiny)",
+                "rnn",
+                tiny_rnn,
+                "causal_transformer",
+                tiny_transformer,
+                4,
+                (16,),
+                tokens=True,
+                num_classes=16,
+                repeats=1,
+            ),
         ]
     found = []
     for batch in (64, 256):
         guide_args = {"input_shape": mnist, "width": 16}
-        found.append(Case(f"deep_fcn<-resnet18 28x28 b{batch}", "deep_fcn", {"input_shape": mnist}, "resnet18", guide_args, batch, mnist, repeats=5, note="ResNet-18 at width 16 of 64"))
+        found.append(
+            Case(
+                f"deep_fcn<-resnet18 28x28 b{batch}",
+                "deep_fcn",
+                {"input_shape": mnist},
+                "resnet18",
+                guide_args,
+                batch,
+                mnist,
+                repeats=5,
+                note="ResNet-18 at width 16 of 64",
+            )
+        )
     found.append(
         Case(
-            "deep_fcn 48x1024<-resnet18 blocks 28x28 b64", "deep_fcn", {"input_shape": mnist, "depth": 48, "width": 1024},
-            "resnet18", {"input_shape": mnist, "width": 8, "stem": "small"}, 64, mnist, repeats=5,
+            "deep_fcn 48x1024<-resnet18 blocks 28x28 b64",
+            "deep_fcn",
+            {"input_shape": mnist, "depth": 48, "width": 1024},
+            "resnet18",
+            {"input_shape": mnist, "width": 8, "stem": "small"},
+            64,
+            mnist,
+            repeats=5,
             note="the rescue study's pair: ResNet-18 at width 8 of 64, its 8 block outputs",
-            target_layers=("layers.*.linear",), guide_layers=("layer*.*",),
+            target_layers=("layers.*.linear",),
+            guide_layers=("layer*.*",),
         )
     )
     for batch in (64, 256):
         guide_args = {"input_shape": imagenet, "width": 8, "stem": "imagenet"}
-        found.append(Case(f"deep_fcn<-resnet18 224x224 b{batch}", "deep_fcn", {"input_shape": imagenet}, "resnet18", guide_args, batch, imagenet, repeats=3, note="ResNet-18 at width 8 of 64"))
-    found.append(Case("rnn<-transformer L=256 b64", "rnn", {}, "causal_transformer", {"max_len": 256}, 64, (256,), tokens=True, num_classes=16, repeats=5))
+        found.append(
+            Case(
+                f"deep_fcn<-resnet18 224x224 b{batch}",
+                "deep_fcn",
+                {"input_shape": imagenet},
+                "resnet18",
+                guide_args,
+                batch,
+                imagenet,
+                repeats=3,
+                note="ResNet-18 at width 8 of 64",
+            )
+        )
+    found.append(
+        Case(
+            "rnn<-transformer L=256 b64",
+            "rnn",
+            {},
+            "causal_transformer",
+            {"max_len": 256},
+            64,
+            (256,),
+            tokens=True,
+            num_classes=16,
+            repeats=5,
+        )
+    )
     return found
 
 
@@ -159,10 +223,21 @@ class _Memory:
 
 # ---------------------------------------------------------------- the authors' step
 
-AUTHORS_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.RNN, nn.LSTM, nn.MultiheadAttention)
+AUTHORS_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.RNN,
+    nn.LSTM,
+    nn.MultiheadAttention,
+)
 
 
-def authors_features(model: nn.Module, x: Tensor, types: tuple[type[nn.Module], ...] = AUTHORS_TYPES) -> dict[str, Tensor]:
+def authors_features(
+    model: nn.Module, x: Tensor, types: tuple[type[nn.Module], ...] = AUTHORS_TYPES
+) -> dict[str, Tensor]:
     """Forward x once more with a hook on every module of `types`, registered now and removed after.
 
     Layers are named by position (`Linear_3`), as in the authors' extractor.
@@ -330,14 +405,17 @@ def unavoidable_products(guidance: Guidance, x: Tensor) -> tuple[Callable[[], No
     n = x.shape[0]
     width = {name: act[0].numel() for name, act in {**target_acts, **guide_acts}.items()}
     sample_guides = {
-        g for g in {p.guide for p in guidance.pairs}
+        g
+        for g in {p.guide for p in guidance.pairs}
         if all(sample_space_is_cheaper(n, width[p.target], width[g]) for p in guidance.pairs if p.guide == g)
     }
     sample_targets = {p.target for p in guidance.pairs if p.guide in sample_guides}
     feature_pairs = [(width[p.target], width[p.guide]) for p in guidance.pairs if p.guide not in sample_guides]
     device = x.device
     grams = [torch.randn(n, width[g], device=device) for g in sorted(sample_guides)]
-    sides = [(torch.randn(n, width[t], device=device), torch.randn(n, n, device=device)) for t in sorted(sample_targets)]
+    sides = [
+        (torch.randn(n, width[t], device=device), torch.randn(n, n, device=device)) for t in sorted(sample_targets)
+    ]
     features = [(torch.randn(n, d1, device=device), torch.randn(n, d2, device=device)) for d1, d2 in feature_pairs]
     macs = sum(n * n * a.shape[1] for a in grams) + sum(2 * n * n * a.shape[1] for a, _ in sides)
     macs += sum(n * (2 * d1 * d2 + 2 * d1 * d1 + d2 * d2) for d1, d2 in feature_pairs)
@@ -473,7 +551,14 @@ def time_kernel(n: int, d1: int, d2: int, repeats: int, device: torch.device) ->
 
     medians = time_variants({"kernel": cka, "products": floor}, repeats, device)
     kernel, products = medians["kernel"], medians["products"]
-    return {"n": n, "d_target": d1, "d_guide": d2, "kernel_ms": kernel * 1e3, "products_ms": products * 1e3, "ratio": kernel / products}
+    return {
+        "n": n,
+        "d_target": d1,
+        "d_guide": d2,
+        "kernel_ms": kernel * 1e3,
+        "products_ms": products * 1e3,
+        "ratio": kernel / products,
+    }
 
 
 # ---------------------------------------------------------------- the run
@@ -495,7 +580,9 @@ def machine() -> str:
     return text
 
 
-def run_bench(quick: bool = False, device: str = "auto", log: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
+def run_bench(
+    quick: bool = False, device: str = "auto", log: Callable[[str], None] = print, threads: int | None = None
+) -> dict[str, Any]:
     """Measure every case and variant and the similarity kernel; returns the results as a dict.
 
     `threads` sets torch's intra-op threads (on a CPU shared with other
@@ -516,7 +603,12 @@ def measure_case(case: Case, dev: torch.device, threads: int | None) -> dict[str
     timing = time_variants(steps, case.repeats, dev)
     del steps
     peaks = peak_memory(case, dev, threads)
-    row: dict[str, Any] = {"case": case.name, "note": case.note, "pairs": info["pairs"], "cache_mib_per_example": info["cache_mib"]}
+    row: dict[str, Any] = {
+        "case": case.name,
+        "note": case.note,
+        "pairs": info["pairs"],
+        "cache_mib_per_example": info["cache_mib"],
+    }
     for variant in VARIANTS:
         row[variant] = {"ms": timing[variant] * 1e3, "peak_mib": peaks[variant]}
     row["products"] = {"ms": timing[PRODUCTS] * 1e3, **info["products"]}
@@ -528,21 +620,36 @@ def measure_case(case: Case, dev: torch.device, threads: int | None) -> dict[str
 
 
 def _run(quick: bool, device: str, log: Callable[[str], None], threads: int | None) -> dict[str, Any]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     rows: list[dict[str, Any]] = []
     for case in cases(quick):
         row = measure_case(case, dev, threads)
         for variant in VARIANTS:
-            log(f"{case.name:<44} {variant:<8} {row[variant]['ms']:9.1f} ms  peak {_fmt_mem(row[variant]['peak_mib'])} MiB")
-        log(f"{case.name:<44} floor    {row['floor_ms']:9.1f} ms  (products {row['products']['ms']:.1f} ms)  c/floor {row['c/floor']:.2f}")
+            log(
+                f"{case.name:<44} {variant:<8} {row[variant]['ms']:9.1f} ms  peak {_fmt_mem(row[variant]['peak_mib'])} MiB"
+            )
+        log(
+            f"{case.name:<44} floor    {row['floor_ms']:9.1f} ms  (products {row['products']['ms']:.1f} ms)  c/floor {row['c/floor']:.2f}"
+        )
         rows.append(row)
     kernels = []
     for n, d1, d2 in kernel_shapes(quick):
         result = time_kernel(n, d1, d2, 2 if quick else 7, dev)
         kernels.append(result)
-        log(f"kernel n={n} d1={d1} d2={d2}: {result['kernel_ms']:.2f} ms vs products {result['products_ms']:.2f} ms ({result['ratio']:.2f}x)")
+        log(
+            f"kernel n={n} d1={d1} d2={d2}: {result['kernel_ms']:.2f} ms vs products {result['products_ms']:.2f} ms ({result['ratio']:.2f}x)"
+        )
     timing = "CUDA events" if dev.type == "cuda" else "perf_counter"
-    return {"machine": machine(), "device": str(dev), "timing": timing, "quick": quick, "rows": rows, "kernels": kernels}
+    return {
+        "machine": machine(),
+        "device": str(dev),
+        "timing": timing,
+        "quick": quick,
+        "rows": rows,
+        "kernels": kernels,
+    }
 
 
 def _fmt_mem(value: float | None) -> str:
@@ -563,9 +670,15 @@ def format_results(results: dict[str, Any]) -> str:
         mem = " / ".join(_fmt_mem(row[v]["peak_mib"]) for v in ("target", "+guide", "guided", "cached", "authors"))
         name = row["case"] + (f" ({row['note']})" if row["note"] else "")
         lines.append(f"| {name} | {row['pairs']} | " + " | ".join(ms + ratios) + f" | {mem} |")
-    lines += ["", "| n | d target | d guide | CKA fwd+bwd ms | unavoidable products ms | ratio |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| n | d target | d guide | CKA fwd+bwd ms | unavoidable products ms | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for k in results["kernels"]:
-        lines.append(f"| {k['n']} | {k['d_target']} | {k['d_guide']} | {k['kernel_ms']:.2f} | {k['products_ms']:.2f} | {k['ratio']:.2f} |")
+        lines.append(
+            f"| {k['n']} | {k['d_target']} | {k['d_guide']} | {k['kernel_ms']:.2f} | {k['products_ms']:.2f} | {k['ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
