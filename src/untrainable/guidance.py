@@ -206,10 +206,12 @@ class Guidance(nn.Module):
             return None
         widths: dict[str, list[int]] = {}
         for pair in self.pairs:
-            widths.setdefault(pair.guide, []).append(target_acts[pair.target][0].numel())
+            act = target_acts[pair.target]
+            widths.setdefault(pair.guide, []).append(act.numel() // act.shape[0])
 
         def reduce(layer: str, act: Tensor) -> Any:
-            n, d = act.shape[0], act[0].numel()
+            n = act.shape[0]
+            d = act.numel() // n
             if layer in widths and all(sample_space_is_cheaper(n, width, d) for width in widths[layer]):
                 return GuideGram(centred_gram(act, self.gram_dtype))
             return act
@@ -271,7 +273,7 @@ class Guidance(nn.Module):
         self._check_batch(next(iter(target_acts.values())).shape[0] if target_acts else None)
         sims = self._similarities(target_acts, guide_side, mask)
         terms = [pair.weight * (1.0 - sims[pair.key]) for pair in self.pairs]
-        similarities = {key: sim.detach() for key, sim in sims.items()}
+        similarities = {pair.key: sims[pair.key].detach() for pair in self.pairs}
         guidance_loss = alpha * torch.stack(terms).sum()
         self._advance()
         return GuidanceOutput(output, guidance_loss, alpha, similarities)
