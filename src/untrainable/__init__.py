@@ -4,6 +4,7 @@ Library:
     Guidance          the guidance loss around any (target, guide) pair of models
     GuidanceOutput    what a guided forward returns
     AlphaSchedule     constant, first-N-steps, linear or cosine alpha
+    AdaptiveAlpha     alpha measured from the task's and the guidance's gradient norms
     LayerCapture      forward-hook capture of layers by path, glob or type
     Pair, spread_pairs  which guide layer pulls on which target layer
     linear_cka, linear_cka_unbiased, rsa, get_similarity   similarity measures
@@ -11,6 +12,7 @@ Library:
     create_model, list_models, load_data, list_datasets     registries
 """
 
+from untrainable.adaptive_alpha import AdaptiveAlpha
 from untrainable.capture import LayerCapture
 from untrainable.guidance import Guidance, GuidanceOutput, describe_pairs
 from untrainable.pairing import Pair, spread_pairs
@@ -20,6 +22,7 @@ from untrainable.similarity import get_similarity, linear_cka, linear_cka_unbias
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveAlpha",
     "AlphaSchedule",
     "Guidance",
     "GuidanceOutput",

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from untrainable.adaptive_alpha import AdaptiveAlpha
 from untrainable.capture import LayerCapture
 from untrainable.distributed import gather_for_similarity, is_distributed
 from untrainable.pairing import Pair, PairSpec, check_pairs, make_pair, spread_pairs
@@ -64,13 +65,15 @@ class GuidanceOutput:
     weighted sum over pairs of (1 - similarity), a scalar to add to the task
     loss. `similarities` holds each pair's similarity as a detached scalar
     tensor keyed `target<-guide` (tensors, so a GPU step does not wait on a
-    host copy per pair).
+    host copy per pair). `unit_loss` is the weighted sum itself (the guidance
+    loss at alpha 1), None when the guide was skipped.
     """
 
     output: Any
     guidance_loss: Tensor
     alpha: float
     similarities: dict[str, Tensor] = field(default_factory=dict)
+    unit_loss: Tensor | None = None
 
 
 class Guidance(nn.Module):
@@ -94,7 +97,8 @@ class Guidance(nn.Module):
             `capture.default_layers` of each model.
         similarity: `cka` (biased linear CKA, the paper's), `cka_unbiased`,
             `rsa`, or any callable (n, d1), (n, d2) -> scalar.
-        schedule: an AlphaSchedule; the step counts training-mode forwards.
+        schedule: an AlphaSchedule, or an AdaptiveAlpha (measured by
+            `step.adapt_alpha`); the step counts training-mode forwards.
         guide_input: `same` (the guide sees the batch) or `noise` (Gaussian
             noise of the batch's shape, the authors' option).
         sequence_mode: how (batch, time, features) activations are compared
@@ -122,7 +126,7 @@ class Guidance(nn.Module):
         target_layers: Sequence[str] | None = None,
         guide_layers: Sequence[str] | None = None,
         similarity: str | Similarity = "cka",
-        schedule: AlphaSchedule | None = None,
+        schedule: AlphaSchedule | AdaptiveAlpha | None = None,
         guide_input: str = "same",
         sequence_mode: str = "flatten",
         gather: Callable[[Tensor], Tensor] | None = None,
@@ -154,12 +158,16 @@ class Guidance(nn.Module):
         self.pairs: list[Pair] = check_pairs(pair_list, self.target_capture.names, self.guide_capture.names)
         self.step = 0  # training-mode forwards so far; drives the schedule
 
-    def get_extra_state(self) -> dict[str, int]:
+    def get_extra_state(self) -> dict[str, Any]:
         # Saved with the state dict so a resumed run continues the alpha schedule.
+        if isinstance(self.schedule, AdaptiveAlpha):
+            return {"step": self.step, "adaptive": self.schedule.state_dict()}
         return {"step": self.step}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        if isinstance(self.schedule, AdaptiveAlpha) and "adaptive" in state:
+            self.schedule.load_state_dict(state["adaptive"])
 
     def train(self, mode: bool = True) -> "Guidance":
         self.training = mode
@@ -250,8 +258,10 @@ class Guidance(nn.Module):
         """
         alpha = self.alpha
         # Off schedule (after "guidance as initialisation"), skip the guide
-        # entirely: the step is as cheap as unguided training.
-        if alpha == 0.0 and self.training:
+        # entirely: the step is as cheap as unguided training. An adaptive
+        # alpha at 0 still runs it on its measurement steps, or it could not rise.
+        measuring = isinstance(self.schedule, AdaptiveAlpha) and self.schedule.due(self.step)
+        if alpha == 0.0 and self.training and not measuring:
             output = self.target(x)
             self._advance()
             return GuidanceOutput(output, torch.zeros((), device=_device_of(output, x)), 0.0)
@@ -274,9 +284,9 @@ class Guidance(nn.Module):
         sims = self._similarities(target_acts, guide_side, mask)
         terms = [pair.weight * (1.0 - sims[pair.key]) for pair in self.pairs]
         similarities = {pair.key: sims[pair.key].detach() for pair in self.pairs}
-        guidance_loss = alpha * torch.stack(terms).sum()
+        unit_loss = torch.stack(terms).sum()
         self._advance()
-        return GuidanceOutput(output, guidance_loss, alpha, similarities)
+        return GuidanceOutput(output, alpha * unit_loss, alpha, similarities, unit_loss)
 
     def _similarities(
         self, target_acts: dict[str, Tensor], guide_side: dict[str, Any], mask: Tensor | None
