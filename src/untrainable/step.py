@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from untrainable import distributed
+from untrainable.adaptive_alpha import AdaptiveAlpha
 from untrainable.distillation import Distillation
-from untrainable.guidance import Guidance
+from untrainable.guidance import Guidance, GuidanceOutput
 from untrainable.guide_cache import GuideCache
 from untrainable.tasks import Classification, padding_mask
 
@@ -67,6 +68,56 @@ def layer_grad_norms(model: nn.Module) -> dict[str, float]:
     }
 
 
+def gradient_norm_of(loss: Tensor, parameters: list[nn.Parameter]) -> float:
+    """L2 norm of d loss / d parameters, averaged over processes as DDP averages gradients.
+
+    Taken with autograd.grad on a graph kept for the step's own backward, so
+    no `.grad` changes and DDP's reducer does not run; every rank then holds
+    the norm of the gradient DDP would apply for `loss`, the same number.
+    A parameter the loss does not reach counts as a zero gradient.
+    """
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    flat = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).detach().float().flatten() for g, p in zip(grads, parameters)]
+    )
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+    return float(torch.linalg.vector_norm(flat))
+
+
+def adapt_alpha(
+    guidance: Guidance,
+    out: GuidanceOutput,
+    task_loss: Tensor,
+    parameters: Iterable[nn.Parameter],
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The guidance loss of the forward `out` at this step's alpha, and what was measured.
+
+    When `guidance.schedule` is an AdaptiveAlpha due at this forward, the
+    norms of the gradients of `task_loss` and of `out.unit_loss` on the
+    target's `parameters` set a new alpha (see `adaptive_alpha.AdaptiveAlpha`),
+    which this step already uses: returns (alpha * unit_loss, {`alpha`,
+    `adapt/task_grad_norm`, `adapt/guide_grad_norm`}). Otherwise
+    (`out.guidance_loss`, {}). Call it after the forward and before the
+    backward; under DDP every rank calls it at the same steps. With an fp16
+    `scaler` the gradients are taken of the scaled losses (the ratio does not
+    change) and the norms reported unscaled.
+    """
+    schedule = guidance.schedule
+    due = isinstance(schedule, AdaptiveAlpha) and guidance.training and schedule.due(guidance.step - 1)
+    if not due or out.unit_loss is None:
+        return out.guidance_loss, {}
+    trained = [p for p in parameters if p.requires_grad]
+    scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+    task_norm = gradient_norm_of(task_loss * scale, trained) / scale
+    guide_norm = gradient_norm_of(out.unit_loss * scale, trained) / scale
+    alpha = schedule.update(task_norm, guide_norm)
+    measured = {"alpha": alpha, "adapt/task_grad_norm": task_norm, "adapt/guide_grad_norm": guide_norm}
+    return alpha * out.unit_loss, measured
+
+
 @dataclass
 class StepParts:
     """What one optimisation step uses.
@@ -93,31 +144,29 @@ class StepParts:
     pad_id: int | None = None
 
 
-def _losses(
-    parts: StepParts, batch: tuple[Tensor, ...], step: int
-) -> tuple[dict[str, Tensor], float, dict[str, Tensor]]:
-    """Forward under autocast: the loss terms, alpha and the per-pair similarities, checked finite."""
+def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dict[str, Tensor], GuidanceOutput | None]:
+    """Forward under autocast: the loss terms, checked finite, and the guided forward's output."""
     x, y = batch[0].to(parts.device, non_blocking=True), batch[1].to(parts.device, non_blocking=True)
     raw_x = x
     if parts.train_transform is not None:
         x = parts.train_transform(x)
     zero = torch.zeros((), device=parts.device)
-    similarities: dict[str, Tensor] = {}
+    out = None
     with autocast(parts.device, parts.precision):
         if parts.guidance is not None:
             cached = None
             if parts.guide_cache is not None and parts.guidance.alpha != 0.0:
                 cached = parts.guide_cache.activations(batch[-1], x, parts.guidance.run_guide)
             out = parts.guidance(x, mask=padding_mask(x, parts.pad_id), guide_activations=cached)
-            output, guidance_loss, alpha, similarities = out.output, out.guidance_loss, out.alpha, out.similarities
+            output, guidance_loss = out.output, out.guidance_loss
         else:
-            output, guidance_loss, alpha = parts.model(x), zero, 0.0
+            output, guidance_loss = parts.model(x), zero
         terms = {"task_loss": parts.task.loss(output, y), "guidance_loss": guidance_loss}
         terms["distill_loss"] = parts.distillation(x, output) if parts.distillation is not None else zero
     # Checked before any weight changes, so the last checkpoint and the
     # weights in memory are both still good when the run stops.
     check_finite(step, parts.dist_info, input=raw_x, **terms)
-    return terms, alpha, similarities
+    return terms, out
 
 
 def train_step(
@@ -126,13 +175,18 @@ def train_step(
     """One guided optimisation step on `batch` = (x, y[, index]), numbered `step` (the first is 1).
 
     Returns the step's record (`loss`, `task_loss`, `guidance_loss`, `alpha`,
-    `lr`, and `distill_loss`, `grad_norm/*`, `skipped_overflow` when they
-    apply) and the per-pair similarities as detached scalar tensors.
+    `lr`, and `distill_loss`, `grad_norm/*`, `adapt/*`, `skipped_overflow`
+    when they apply) and the per-pair similarities as detached scalar tensors.
     """
-    terms, alpha, similarities = _losses(parts, batch, step)
-    loss = terms["task_loss"] + terms["guidance_loss"] + terms["distill_loss"]
+    terms, out = _losses(parts, batch, step)
     scaler = parts.scaler if parts.scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
     params = list(parts.target.parameters())
+    alpha, similarities, measured = 0.0, {}, {}
+    if parts.guidance is not None and out is not None:
+        # Before the backward: an adaptive alpha measured now already weighs this step.
+        terms["guidance_loss"], measured = adapt_alpha(parts.guidance, out, terms["task_loss"], params, scaler)
+        alpha, similarities = measured.get("alpha", out.alpha), out.similarities
+    loss = terms["task_loss"] + terms["guidance_loss"] + terms["distill_loss"]
     parts.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if scaler.is_enabled():
@@ -159,6 +213,7 @@ def train_step(
         }
     )
     record.update(norms)
+    record.update({k: v for k, v in measured.items() if k != "alpha"})
     if scaler.is_enabled() and scaler.get_scale() < scale_before:
         record["skipped_overflow"] = 1
     return record, similarities
