@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from untrainable import distributed
+from untrainable.adaptive_alpha import ADAPTIVE, AdaptiveAlpha
 from untrainable.checkpoint import _MAGIC, load_checkpoint
-from untrainable.config import ConfigError, DataSpec, ModelSpec, RunConfig
+from untrainable.config import ConfigError, DataSpec, GuidanceSpec, ModelSpec, RunConfig
 from untrainable.data import DataSplits, load_data
 from untrainable.data.registry import DATASETS
 from untrainable.guidance import Guidance
@@ -125,11 +126,18 @@ def build_guidance(config: RunConfig, target: nn.Module, guide: nn.Module) -> Gu
         target_layers=g.target_layers,
         guide_layers=g.guide_layers,
         similarity=g.similarity,
-        schedule=AlphaSchedule(alpha=g.alpha, kind=g.schedule, steps=g.steps),
+        schedule=build_schedule(g),
         guide_input=g.guide_input,
         sequence_mode=g.sequence_mode,
         gather=distributed.gather_for_similarity if g.scope == "global" else None,
     )
+
+
+def build_schedule(g: GuidanceSpec) -> AlphaSchedule | AdaptiveAlpha:
+    """The alpha schedule a `[guidance]` section describes."""
+    if g.schedule == ADAPTIVE:
+        return AdaptiveAlpha(g.alpha, g.adapt_every, g.adapt_ratio, g.alpha_max, g.adapt_momentum)
+    return AlphaSchedule(alpha=g.alpha, kind=g.schedule, steps=g.steps)
 
 
 def build_optimizer(config: RunConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

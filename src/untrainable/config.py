@@ -17,6 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from untrainable.adaptive_alpha import ADAPTIVE
 from untrainable.guidance import GUIDE_INPUTS, MIN_EXAMPLES
 from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
 from untrainable.schedule import SCHEDULES
@@ -85,11 +86,21 @@ class DataSpec:
 
 @dataclass
 class GuidanceSpec:
-    """How the guide pulls on the target: alpha, its schedule, the layers, the measure."""
+    """How the guide pulls on the target: alpha, its schedule, the layers, the measure.
+
+    `schedule = "adaptive"` measures alpha every `adapt_every` steps so the
+    guidance gradient is `adapt_ratio` times the task gradient, smoothed by
+    `adapt_momentum` and capped at `alpha_max`; `alpha` is its starting value
+    (see `adaptive_alpha.AdaptiveAlpha`).
+    """
 
     alpha: float = 1.0
     schedule: str = "constant"
     steps: int | None = None
+    adapt_every: int = 10
+    adapt_ratio: float = 1.0
+    adapt_momentum: float = 0.5
+    alpha_max: float = 100.0
     similarity: str = "cka"
     target_layers: list[str] | None = None
     guide_layers: list[str] | None = None
@@ -104,9 +115,11 @@ class GuidanceSpec:
         from untrainable.similarity import list_similarities
 
         _positive(f"{where}.alpha", self.alpha, allow_zero=True)
-        _choice(f"{where}.schedule", self.schedule, SCHEDULES)
-        if self.schedule != "constant":
+        _choice(f"{where}.schedule", self.schedule, (*SCHEDULES, ADAPTIVE))
+        if self.schedule not in ("constant", ADAPTIVE):
             _positive(f"{where}.steps", self.steps)
+        if self.schedule == ADAPTIVE:
+            self._validate_adaptive(where)
         _choice(f"{where}.similarity", self.similarity, tuple(list_similarities()))
         _choice(f"{where}.guide_input", self.guide_input, GUIDE_INPUTS)
         _choice(f"{where}.sequence_mode", self.sequence_mode, SEQUENCE_MODES)
@@ -126,6 +139,17 @@ class GuidanceSpec:
                 raise ConfigError(
                     f"{where}.pairs[{i}]: {pair[:2]!r} is given twice; use one pair with a weight instead"
                 )
+
+    def _validate_adaptive(self, where: str) -> None:
+        _positive(f"{where}.adapt_every", self.adapt_every)
+        _positive(f"{where}.adapt_ratio", self.adapt_ratio)
+        _positive(f"{where}.alpha_max", self.alpha_max)
+        if self.alpha_max < self.alpha:
+            raise ConfigError(
+                f"{where}.alpha_max: must be >= guidance.alpha, the starting value ({self.alpha:g}), got {self.alpha_max:g}"
+            )
+        if not 0 <= self.adapt_momentum < 1:
+            raise ConfigError(f"{where}.adapt_momentum: must be a number in [0, 1), got {self.adapt_momentum!r}")
 
 
 @dataclass
@@ -226,7 +250,7 @@ class RunConfig:
             raise ConfigError("distill.weight: distillation needs a teacher; name it in the [guide] section")
         self.train.validate("train")
         least = MIN_EXAMPLES.get(self.guidance.similarity)
-        guided = self.guide is not None and self.guidance.alpha > 0
+        guided = self.guide is not None and (self.guidance.alpha > 0 or self.guidance.schedule == ADAPTIVE)
         if guided and least is not None and self.data.batch_size < least:
             raise ConfigError(
                 f"data.batch_size: {self.data.batch_size} is too small for guidance.similarity "
