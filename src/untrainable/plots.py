@@ -209,3 +209,32 @@ def plot_grad_norms(norms: Mapping[str, Mapping[int, Sequence[float]]], path: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_per_step(
+    series: Mapping[str, Sequence[Sequence[float]]], path: str | Path, ylabel: str, title: str = ""
+) -> Path:
+    """A value logged every step (alpha), one line per arm: mean over runs, band from min to max.
+
+    `series`: arm -> one list per run of the value at steps 1, 2, ...
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, runs in series.items():
+        if not runs or not min(len(r) for r in runs):
+            continue
+        length = min(len(r) for r in runs)
+        values = np.array([r[:length] for r in runs], dtype=float)
+        steps = np.arange(1, length + 1)
+        # Drawn as steps: a value holds from its step to the next (an adaptive alpha between measurements).
+        (line,) = ax.plot(steps, values.mean(axis=0), drawstyle="steps-post", label=arm)
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), step="post", color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
