@@ -132,3 +132,22 @@ def test_quick_rescue_shows_the_rescue(tmp_path, capsys):
     assert test["deep-fcn"] < 0.15
     assert test["deep-fcn+untrained-resnet18"] > test["deep-fcn"] + 0.1
     assert (tmp_path / "rescue_curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quick_alpha_study_runs_every_arm_and_plots_alpha(tmp_path):
+    experiment = rescue.alpha_experiment(quick=True)
+    assert [arm.name for arm in experiment.arms] == [
+        "deep-fcn",
+        "deep-fcn+untrained-resnet18",
+        "deep-fcn+untrained-resnet18-first150",
+        rescue.ADAPTIVE_ARM,
+    ]
+    table = run_experiment(experiment, tmp_path, log=lambda _: None)
+    assert {row["arm"] for row in table["rows"]} == {arm.name for arm in experiment.arms}
+    constant = rescue.alpha_by_step(tmp_path / "deep-fcn+untrained-resnet18" / "seed0")
+    adaptive = rescue.alpha_by_step(tmp_path / rescue.ADAPTIVE_ARM / "seed0")
+    assert constant == [1.0] * 4  # 256 images, batch 64
+    assert adaptive[0] == 1.0 and adaptive[1] == adaptive[2] != 1.0 and adaptive[3] > 0  # measured at steps 2 and 4
+    assert (tmp_path / "alpha.png").stat().st_size > 10_000 and (tmp_path / "rescue_curves.png").exists()
+    assert any(note.startswith("Adaptive alpha") for note in table["notes"])

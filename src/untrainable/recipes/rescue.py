@@ -13,6 +13,10 @@
   a longer first stretch, the guide fed Gaussian noise, and knowledge
   distillation from the untrained and the trained ResNet-18.
 
+`rescue-alpha` (width 256, 3 seeds) sets the adaptive alpha (the guidance
+gradient held at the task gradient's norm, `adaptive_alpha.AdaptiveAlpha`)
+against the constant alpha 1 and the first 150 steps.
+
 `rescue-depth` maps where the FCN stops training alone and how far guidance
 moves that limit, with per-layer gradient norms from the same runs;
 `rescue-convnet` does the same for a plain (skip-less) ConvNet and its ResNet.
@@ -42,6 +46,7 @@ CONTROL_EPOCHS = 15
 DEPTHS = (8, 16, 24, 32, 48)
 DEPTH_SEEDS = (0, 1, 2)
 GRAD_NORM_STEPS = [1, 10, 50]  # per-layer gradient norms: at initialisation and after a few steps
+ADAPTIVE_ARM = "deep-fcn+untrained-resnet18-adaptive"
 
 
 def _sweep_name(optimiser: str, lr: float) -> str:
@@ -172,6 +177,73 @@ def quick_experiment() -> Experiment:
     )
     experiment.after = _curves_after(experiment.name, FIRST_STEPS[:1])
     return experiment
+
+
+def alpha_experiment(quick: bool = False) -> Experiment:
+    """48 x 256, 10 epochs, 3 seeds, Adam 1e-3: alone, constant alpha 1, the first 150 steps, adaptive alpha.
+
+    The adaptive arm keeps the rule's defaults. `quick`: width 32, guide
+    width 4, 256 images, 1 epoch, one seed, alpha measured every 2 steps so
+    its 4 steps see two measurements.
+    """
+    guided = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
+    adaptive = {"schedule": "adaptive"}
+    if quick:
+        guided = (
+            guided.with_args("model", width=32)
+            .with_args("guide", width=4)
+            .with_args("data", train_size=256, val_size=128)
+            .with_section("train", epochs=1, progress=False)
+        )
+        adaptive["adapt_every"] = 2
+    arms = _core_arms(guided, "adam", 1e-3, FIRST_STEPS[:1])
+    arms.append(Arm(ADAPTIVE_ARM, guided.with_section("guidance", **adaptive)))
+    rule = arms[-1].config.guidance
+    experiment = Experiment(
+        name="rescue-alpha" + ("-quick" if quick else ""),
+        description=_describe(guided, "adam", 1e-3, "fixed, as in `rescue --quick`")
+        + f" `adaptive`: alpha starts at {rule.alpha:g} and is measured every {rule.adapt_every} steps as "
+        f"min({rule.adapt_ratio:g} ||grad task loss|| / ||grad guidance loss at alpha 1||, {rule.alpha_max:g}) "
+        f"on the FCN's parameters, averaged with momentum {rule.adapt_momentum:g} (bias-corrected).",
+        arms=arms,
+        seeds=(0,) if quick else QUICK_SEEDS,
+        baseline="deep-fcn",
+    )
+    curves = _curves_after(experiment.name, FIRST_STEPS[:1])
+
+    def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
+        curves(out, table, results)
+        _alpha_after(experiment.name, out, table, results)
+
+    experiment.after = after
+    return experiment
+
+
+def alpha_by_step(folder: Path) -> list[float]:
+    """The alpha of every training step of a run, in step order (from its metrics.jsonl)."""
+    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [r["alpha"] for r in sorted((r for r in records if "kind" not in r), key=lambda r: r["step"])]
+
+
+def _alpha_after(name: str, out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
+    """alpha.png: alpha per step of the guided arms; a note with the adaptive arm's alpha, mean over seeds."""
+    from untrainable.plots import plot_per_step
+
+    series = {arm: [alpha_by_step(r.folder) for r in runs] for arm, runs in results.items() if "+" in arm}
+    plot_per_step(series, out / "alpha.png", "alpha", title=f"{name}: alpha per step, mean and range over seeds")
+    adaptive = series[ADAPTIVE_ARM]
+    length = min(len(run) for run in adaptive)
+    mean = [statistics.mean(run[i] for run in adaptive) for i in range(length)]
+    table.setdefault("notes", []).append(
+        f"Adaptive alpha, mean over seeds: {mean[0]:.3g} at step 1, {max(mean):.3g} at most, {mean[-1]:.3g} at the "
+        f"last step, {statistics.mean(mean):.3g} on average over the run (alpha.png)."
+    )
+
+
+@register_experiment("rescue-alpha")
+def rescue_alpha(quick: bool = False) -> Experiment:
+    """The rescue at width 256 with an adaptive alpha, against the constant alpha 1 and the first 150 steps."""
+    return alpha_experiment(quick)
 
 
 def _curves_after(
