@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from untrainable.build import build_model
 from untrainable.capture import resolve_layers
-from untrainable.config import RunConfig, load_config
+from untrainable.config import RunConfig, load_config, shipped_config
 from untrainable.data import load_data
 
 CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
@@ -46,3 +47,16 @@ def test_config_layers_exist(path):
     if config.guide is not None:
         guide = build_model(config.guide, data, seed=0)
         assert resolve_layers(guide, config.guidance.guide_layers)
+
+
+def test_a_field_missing_from_a_saved_config_counts_as_its_default():
+    from untrainable.config import config_differences
+
+    config = shipped_config("rescue_deep_fcn")
+    saved = json.loads(json.dumps(config.to_dict()))
+    del saved["guidance"]["alpha_max"]  # a file written before the field existed
+    assert config_differences(saved, config) == []
+    changed = config.with_section("guidance", alpha_max=5.0)
+    assert config_differences(saved, changed) == ["guidance.alpha_max"]
+    saved["guidance"]["alpha"] = 3.0
+    assert config_differences(saved, config) == ["guidance.alpha"]

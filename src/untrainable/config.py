@@ -390,8 +390,16 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 
 
 def config_differences(saved: dict[str, Any], config: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between a saved config.json and `config` (keys in `ignore` skipped)."""
+    """Dotted keys whose values differ between a saved config.json and `config` (keys in `ignore` skipped).
+
+    A key that the saved file lacks counts as its default: a field added
+    since the run was made, left at its default, is no difference.
+    """
     current = json.loads(json.dumps(config.to_dict()))
+    try:
+        saved = json.loads(json.dumps(from_dict(RunConfig, saved).to_dict()))
+    except (ConfigError, TypeError, ValueError):
+        pass  # a file this version cannot read: compare it as it is
 
     def walk(a: Any, b: Any, path: str) -> list[str]:
         if path in ignore:
