@@ -1,7 +1,8 @@
 """untrainable: train hard-to-train networks by guiding their layers toward a frozen guide network.
 
 Library:
-    Guidance          the guidance loss around any (target, guide) pair of models
+    Guidance          the guidance loss around any (target, guide) pair of models, or several guides
+    Guide             one guide among several: its model, name, pairs or layers, alpha or schedule
     GuidanceOutput    what a guided forward returns
     AlphaSchedule     constant, first-N-steps, linear or cosine alpha
     LayerCapture      forward-hook capture of layers by path, glob or type
@@ -12,7 +13,7 @@ Library:
 """
 
 from untrainable.capture import LayerCapture
-from untrainable.guidance import Guidance, GuidanceOutput, describe_pairs
+from untrainable.guidance import Guidance, GuidanceOutput, Guide, describe_pairs
 from untrainable.pairing import Pair, spread_pairs
 from untrainable.schedule import AlphaSchedule
 from untrainable.similarity import get_similarity, linear_cka, linear_cka_unbiased, list_similarities, rsa
@@ -23,6 +24,7 @@ __all__ = [
     "AlphaSchedule",
     "Guidance",
     "GuidanceOutput",
+    "Guide",
     "LayerCapture",
     "Pair",
     "RunConfig",
