@@ -1,5 +1,7 @@
 """Several guides: the loss is the sum of the single-guide losses, each guide runs once, frozen, on its own schedule."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,3 +172,127 @@ def test_several_guides_are_refused_without_distinct_names_or_with_shared_parame
         Guide(cnn, guide_input="zeros")
     with pytest.raises(ValueError, match="shares"):
         Guidance(target, [Guide(cnn, name="a"), Guide(target, name="b")])
+
+
+TWO_GUIDES = """
+name = "two-guides"
+
+[model]
+name = "fcn"
+args = { depth = 3, width = 16 }
+
+[data]
+name = "mnist1d"
+args = { num_samples = 400, val_size = 50 }
+batch_size = 50
+train_eval_size = 50
+
+[guidance]
+log_every = 1
+
+[[guides]]
+name = "cnn"
+schedule = "first_steps"
+steps = 2
+guide_layers = ["blocks.*.conv"]
+[guides.model]
+name = "cnn1d"
+args = { channels = 4 }
+
+[[guides]]
+alpha = 0.5
+pairs = [["layers.0.linear", "layers.0.linear"], ["layers.2.linear", "layers.1.linear", 2.0]]
+[guides.model]
+name = "fcn"
+args = { depth = 2, width = 8 }
+seed = 7
+
+[train]
+epochs = 1
+max_steps = 4
+progress = false
+"""
+
+
+def two_guides_file(tmp_path, text=TWO_GUIDES):
+    path = tmp_path / "two_guides.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_config_with_two_guides_loads_builds_and_trains(tmp_path):
+    from untrainable.build import build_data, build_guidance, build_guides, build_model
+    from untrainable.config import load_config
+    from untrainable.trainer import train
+
+    config = load_config(two_guides_file(tmp_path))
+    assert [spec.label for spec in config.guides] == ["cnn", "fcn"] and config.guide is None
+    data = build_data(config.data)
+    target = build_model(config.model, data, 0)
+    guidance = build_guidance(config, target, build_guides(config, data))
+    assert [g.name for g in guidance.guides] == ["cnn", "fcn"]
+    assert [(p.target, p.guide, p.weight) for p in guidance.guides[1].pairs][1] == (
+        "layers.2.linear",
+        "layers.1.linear",
+        2.0,
+    )
+    result = train(config, tmp_path / "run", data=data)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "kind" not in r]
+    assert result.final["steps"] == 4 and [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["alpha/cnn"] for r in steps] == [1.0, 1.0, 0.0, 0.0] and {r["alpha/fcn"] for r in steps} == {0.5}
+    assert [r["alpha"] for r in steps] == [1.0, 1.0, 0.0, 0.0]  # the first guide's
+    assert steps[0]["guide_loss/cnn"] > 0 and steps[-1]["guide_loss/cnn"] == 0.0
+    for r in steps:
+        expected = r["alpha/cnn"] * r["guide_loss/cnn"] + r["alpha/fcn"] * r["guide_loss/fcn"]
+        assert r["guidance_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "similarity/cnn:layers.0.linear<-blocks.0.conv" in steps[0]
+    assert "similarity/fcn:layers.2.linear<-layers.1.linear" in steps[0]
+    assert not any(k.startswith("similarity/cnn:") for k in steps[-1])  # off its schedule
+    saved = load_config(tmp_path / "run" / "config.json")
+    assert saved.guides == config.guides
+
+
+def test_a_config_saved_before_several_guides_still_compares_equal():
+    from untrainable.config import DataSpec, ModelSpec, RunConfig, config_differences
+
+    config = RunConfig(model=ModelSpec("fcn"), data=DataSpec("mnist1d"), guide=ModelSpec("cnn1d"))
+    saved = {key: value for key, value in json.loads(json.dumps(config.to_dict())).items() if key != "guides"}
+    assert config_differences(saved, config) == []
+    assert config.guide_entries()[0][1].label == ""  # the single [guide]: plain similarity keys
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (("alpha = 0.5", "alpha = -1.0"), "guides[1].alpha: must be a number >= 0"),
+        (("alpha = 0.5", 'alpha = "high"'), "guides[1].alpha: expected a number"),
+        (("alpha = 0.5", 'name = "cnn"'), "guides[1].name: 'cnn' already names guides[0]"),
+        (("alpha = 0.5", 'name = "a:b"'), "guides[1].name: 'a:b': use letters"),
+        (("alpha = 0.5", 'guide_input = "zeros"'), "guides[1].guide_input: 'zeros' is not one of same, noise"),
+        (("alpha = 0.5", "strength = 2"), "guides[1]: unknown key(s) ['strength']"),
+        (('name = "fcn"\nargs = { depth = 2', 'name = "mlp"\nargs = { depth = 2'), "guides[1].model.name: 'mlp'"),
+        (("steps = 2\n", "\n"), "guides[0].steps: must be a number > 0"),
+        (("[guidance]\n", "[guidance]\nalpha = 2.0\n"), "guidance.alpha: with [[guides]], each guide sets its own"),
+        (("[guidance]\n", '[guidance]\ncache = "memory"\n'), "guidance.cache: 'memory' keeps one guide's"),
+        (("[guidance]\n", '[guide]\nname = "cnn1d"\n[guidance]\n'), "guides: give one [guide]"),
+        (("[train]\n", "[distill]\nweight = 1.0\n[train]\n"), "distill.weight: distillation needs a teacher"),
+    ],
+)
+def test_bad_guides_fields_are_named(tmp_path, change, field):
+    from untrainable.config import ConfigError, load_config
+
+    old, new = change
+    assert old in TWO_GUIDES
+    with pytest.raises(ConfigError) as err:
+        load_config(two_guides_file(tmp_path, TWO_GUIDES.replace(old, new, 1)))
+    assert field in str(err.value)
+
+
+def test_a_bad_guide_model_argument_names_its_entry(tmp_path):
+    from untrainable.build import build_data, build_guides
+    from untrainable.config import ConfigError, load_config
+
+    config = load_config(two_guides_file(tmp_path, TWO_GUIDES.replace("depth = 2, width = 8", "deep = 2")))
+    with pytest.raises(ConfigError, match=r"guides\[1\]\.model\.args\.deep: not an argument of fcn"):
+        build_guides(config, build_data(config.data))

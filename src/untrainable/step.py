@@ -95,29 +95,38 @@ class StepParts:
 
 def _losses(
     parts: StepParts, batch: tuple[Tensor, ...], step: int
-) -> tuple[dict[str, Tensor], float, dict[str, Tensor]]:
-    """Forward under autocast: the loss terms, alpha and the per-pair similarities, checked finite."""
+) -> tuple[dict[str, Tensor], dict[str, float | Tensor], dict[str, Tensor]]:
+    """Forward under autocast: the loss terms checked finite, alpha and each named guide's, and the similarities."""
     x, y = batch[0].to(parts.device, non_blocking=True), batch[1].to(parts.device, non_blocking=True)
     raw_x = x
     if parts.train_transform is not None:
         x = parts.train_transform(x)
     zero = torch.zeros((), device=parts.device)
     similarities: dict[str, Tensor] = {}
+    logged: dict[str, float | Tensor] = {"alpha": 0.0}
     with autocast(parts.device, parts.precision):
         if parts.guidance is not None:
             cached = None
             if parts.guide_cache is not None and parts.guidance.alpha != 0.0:
                 cached = parts.guide_cache.activations(batch[-1], x, parts.guidance.run_guide)
             out = parts.guidance(x, mask=padding_mask(x, parts.pad_id), guide_activations=cached)
-            output, guidance_loss, alpha, similarities = out.output, out.guidance_loss, out.alpha, out.similarities
+            output, guidance_loss, similarities = out.output, out.guidance_loss, out.similarities
+            logged = {"alpha": out.alpha, **guide_records(out.alphas, out.guide_losses)}
         else:
-            output, guidance_loss, alpha = parts.model(x), zero, 0.0
+            output, guidance_loss = parts.model(x), zero
         terms = {"task_loss": parts.task.loss(output, y), "guidance_loss": guidance_loss}
         terms["distill_loss"] = parts.distillation(x, output) if parts.distillation is not None else zero
     # Checked before any weight changes, so the last checkpoint and the
     # weights in memory are both still good when the run stops.
     check_finite(step, parts.dist_info, input=raw_x, **terms)
-    return terms, alpha, similarities
+    return terms, logged, similarities
+
+
+def guide_records(alphas: dict[str, float], guide_losses: dict[str, Tensor]) -> dict[str, float | Tensor]:
+    """`alpha/NAME` and `guide_loss/NAME` (before alpha) of each named guide; none for a single unnamed guide."""
+    records: dict[str, float | Tensor] = {f"alpha/{name}": alpha for name, alpha in alphas.items() if name}
+    records.update({f"guide_loss/{name}": loss.detach() for name, loss in guide_losses.items() if name})
+    return records
 
 
 def train_step(
@@ -125,11 +134,12 @@ def train_step(
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """One guided optimisation step on `batch` = (x, y[, index]), numbered `step` (the first is 1).
 
-    Returns the step's record (`loss`, `task_loss`, `guidance_loss`, `alpha`,
-    `lr`, and `distill_loss`, `grad_norm/*`, `skipped_overflow` when they
-    apply) and the per-pair similarities as detached scalar tensors.
+    Returns the step's record (`loss`, `task_loss`, `guidance_loss`, `alpha`
+    (the first guide's), `lr`, and `distill_loss`, `alpha/NAME` and
+    `guide_loss/NAME` of each named guide, `grad_norm/*`, `skipped_overflow`
+    when they apply) and the per-pair similarities as detached scalar tensors.
     """
-    terms, alpha, similarities = _losses(parts, batch, step)
+    terms, logged, similarities = _losses(parts, batch, step)
     loss = terms["task_loss"] + terms["guidance_loss"] + terms["distill_loss"]
     scaler = parts.scaler if parts.scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
     params = list(parts.target.parameters())
@@ -150,7 +160,7 @@ def train_step(
     lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
     scaler.step(parts.optimizer)
     scaler.update()
-    record: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "alpha": alpha, "lr": lr}
+    record: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "alpha": logged.pop("alpha"), "lr": lr}
     record.update(
         {
             name: float(value.detach())
@@ -158,6 +168,7 @@ def train_step(
             if name != "distill_loss" or parts.distillation is not None
         }
     )
+    record.update({name: float(value) for name, value in logged.items()})
     record.update(norms)
     if scaler.is_enabled() and scaler.get_scale() < scale_before:
         record["skipped_overflow"] = 1
