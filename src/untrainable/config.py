@@ -323,6 +323,12 @@ class RunConfig:
         pull = {name: getattr(self.guidance, name) for name in PULL_FIELDS}
         return [("guide", GuideSpec(model=self.guide, name="", **pull))]
 
+    def with_guides(self, guides: list[GuideSpec]) -> "RunConfig":
+        """A copy guided by `guides` as `[[guides]]` entries: no `[guide]`, `[guidance]` keeping what guides share."""
+        defaults = GuidanceSpec()
+        shared = dataclasses.replace(self.guidance, **{name: getattr(defaults, name) for name in PULL_FIELDS})
+        return self.replace(guide=None, guides=list(guides), guidance=shared)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
