@@ -38,3 +38,24 @@ def test_library_example_runs():
     exec(code, scope)
     assert torch.isfinite(scope["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, target.parameters()))
+
+
+def test_several_guides_example_runs():
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[1]
+    from untrainable.models import create_model
+
+    torch.manual_seed(0)
+    image = (1, 28, 28)
+    scope = {
+        "F": F,
+        "target": create_model("deep_fcn", input_shape=image, depth=8, width=32),
+        "resnet": create_model("resnet18", input_shape=image, width=4),
+        "vit": create_model("vit_tiny", input_shape=image, dim=16, depth=2, heads=2),
+        "x": torch.randn(16, *image),
+        "y": torch.randint(0, 10, (16,)),
+    }
+    exec(code, scope)
+    out = scope["out"]
+    assert torch.isfinite(scope["loss"]) and set(out.guide_losses) == {"resnet18", "vit"}
+    assert out.alphas == {"resnet18": 1.0, "vit": 0.5}
+    assert {key.split(":")[0] for key in out.similarities} == {"resnet18", "vit"}

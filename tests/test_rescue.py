@@ -151,3 +151,38 @@ def test_quick_alpha_study_runs_every_arm_and_plots_alpha(tmp_path):
     assert adaptive[0] == 1.0 and adaptive[1] == adaptive[2] != 1.0 and adaptive[3] > 0  # measured at steps 2 and 4
     assert (tmp_path / "alpha.png").stat().st_size > 10_000 and (tmp_path / "rescue_curves.png").exists()
     assert any(note.startswith("Adaptive alpha") for note in table["notes"])
+
+
+def test_guides_experiment_pairs_each_guide_alone_and_both_at_alpha_one():
+    experiment = rescue.guides_experiment()
+    arms = {arm.name: arm.config for arm in experiment.arms}
+    assert list(arms) == [
+        "deep-fcn",
+        "deep-fcn+untrained-resnet18",
+        "deep-fcn+untrained-vit",
+        "deep-fcn+untrained-resnet18+untrained-vit",
+    ]
+    assert experiment.baseline == "deep-fcn" and experiment.seeds == rescue.QUICK_SEEDS
+    assert {(c.model.args["depth"], c.model.args["width"], c.train.epochs) for c in arms.values()} == {(48, 256, 10)}
+    assert {(c.optim.name, c.optim.lr) for c in arms.values()} == {("adam", 1e-3)}
+    assert arms["deep-fcn"].guide is None and arms["deep-fcn"].guides is None
+    resnet, vit = arms["deep-fcn+untrained-resnet18"], arms["deep-fcn+untrained-vit"]
+    assert (vit.guide.name, vit.guidance.guide_layers) == ("vit_tiny", ["blocks.*"])
+    both = arms["deep-fcn+untrained-resnet18+untrained-vit"]
+    assert both.guide is None and both.guidance.cache == "none"
+    assert [(g.label, g.alpha, g.model, g.guide_layers) for g in both.guides] == [
+        ("resnet18", 1.0, resnet.guide, resnet.guidance.guide_layers),
+        ("vit", 1.0, vit.guide, ["blocks.*"]),
+    ]
+
+
+@pytest.mark.slow
+def test_quick_guides_experiment_runs_end_to_end(tmp_path):
+    table = run_experiment(rescue.guides_experiment(quick=True), tmp_path, log=lambda _: None)
+    assert [row["arm"] for row in table["rows"]][-1] == "deep-fcn+untrained-resnet18+untrained-vit"
+    records = (tmp_path / "deep-fcn+untrained-resnet18+untrained-vit" / "seed0" / "metrics.jsonl").read_text()
+    first = json.loads(records.splitlines()[0])
+    assert {"alpha/resnet18", "alpha/vit", "guide_loss/resnet18", "guide_loss/vit"} <= set(first)
+    assert any(key.startswith("similarity/vit:layers.0.linear<-") for key in first)
+    assert any(key.startswith("similarity/resnet18:layers.0.linear<-") for key in first)
+    assert all(0.0 <= row["test_accuracy"][0] <= 1.0 for row in table["rows"])

@@ -1,7 +1,8 @@
 """untrainable: train hard-to-train networks by guiding their layers toward a frozen guide network.
 
 Library:
-    Guidance          the guidance loss around any (target, guide) pair of models
+    Guidance          the guidance loss around any (target, guide) pair of models, or several guides
+    Guide             one guide among several: its model, name, pairs or layers, alpha or schedule
     GuidanceOutput    what a guided forward returns
     AlphaSchedule     constant, first-N-steps, linear or cosine alpha
     AdaptiveAlpha     alpha measured from the task's and the guidance's gradient norms
@@ -14,7 +15,7 @@ Library:
 
 from untrainable.adaptive_alpha import AdaptiveAlpha
 from untrainable.capture import LayerCapture
-from untrainable.guidance import Guidance, GuidanceOutput, describe_pairs
+from untrainable.guidance import Guidance, GuidanceOutput, Guide, describe_pairs
 from untrainable.pairing import Pair, spread_pairs
 from untrainable.schedule import AlphaSchedule
 from untrainable.similarity import get_similarity, linear_cka, linear_cka_unbiased, list_similarities, rsa
@@ -26,6 +27,7 @@ __all__ = [
     "AlphaSchedule",
     "Guidance",
     "GuidanceOutput",
+    "Guide",
     "LayerCapture",
     "Pair",
     "RunConfig",

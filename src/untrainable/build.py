@@ -1,10 +1,10 @@
-"""Building a run's parts from its config: data, models, guide weights, guidance, optimiser, device."""
+"""Building a run's parts from its config: data, models, guides and their weights, guidance, optimiser, device."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -12,10 +12,10 @@ from torch import nn
 from untrainable import distributed
 from untrainable.adaptive_alpha import ADAPTIVE, AdaptiveAlpha
 from untrainable.checkpoint import _MAGIC, load_checkpoint
-from untrainable.config import ConfigError, DataSpec, GuidanceSpec, ModelSpec, RunConfig
+from untrainable.config import ConfigError, DataSpec, GuidanceSpec, GuideSpec, ModelSpec, RunConfig
 from untrainable.data import DataSplits, load_data
 from untrainable.data.registry import DATASETS
-from untrainable.guidance import Guidance
+from untrainable.guidance import Guidance, Guide
 from untrainable.models import create_model
 from untrainable.models.registry import MODELS
 from untrainable.optim import make_lr_schedule, make_optimizer
@@ -116,25 +116,48 @@ def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, 
     return state
 
 
-def build_guidance(config: RunConfig, target: nn.Module, guide: nn.Module) -> Guidance:
-    """The Guidance object a config describes."""
+def build_guides(config: RunConfig, data: DataSplits) -> list[nn.Module]:
+    """The run's guide models in config order: the `[guide]` model, or each `[[guides]]` entry's."""
+    return [build_model(spec.model, data, config.train.seed, where=where) for where, spec in config.guide_entries()]
+
+
+def build_guidance(config: RunConfig, target: nn.Module, guides: nn.Module | Sequence[nn.Module]) -> Guidance | None:
+    """The Guidance a config describes over its guide models (as `build_guides` gives them); None when none pulls.
+
+    A guide at alpha 0 under a constant schedule never pulls and is left
+    out: it may serve as the distillation teacher only.
+    """
+    models = [guides] if isinstance(guides, nn.Module) else list(guides)
+    entries = config.guide_entries()
+    if len(models) != len(entries):
+        raise ValueError(f"the config has {len(entries)} guide(s) but {len(models)} guide model(s) were given")
+    pulling = [
+        Guide(
+            model,
+            name=spec.label,
+            pairs=spec.pairs,
+            target_layers=spec.target_layers,
+            guide_layers=spec.guide_layers,
+            schedule=build_schedule(spec),
+            guide_input=spec.guide_input,
+        )
+        for model, (_, spec) in zip(models, entries)
+        if spec.pulls
+    ]
+    if not pulling:
+        return None
     g = config.guidance
     return Guidance(
         target,
-        guide,
-        pairs=g.pairs,
-        target_layers=g.target_layers,
-        guide_layers=g.guide_layers,
+        pulling,
         similarity=g.similarity,
-        schedule=build_schedule(g),
-        guide_input=g.guide_input,
         sequence_mode=g.sequence_mode,
         gather=distributed.gather_for_similarity if g.scope == "global" else None,
     )
 
 
-def build_schedule(g: GuidanceSpec) -> AlphaSchedule | AdaptiveAlpha:
-    """The alpha schedule a `[guidance]` section describes."""
+def build_schedule(g: GuidanceSpec | GuideSpec) -> AlphaSchedule | AdaptiveAlpha:
+    """The alpha schedule a `[guidance]` section or a `[[guides]]` entry describes."""
     if g.schedule == ADAPTIVE:
         return AdaptiveAlpha(g.alpha, g.adapt_every, g.adapt_ratio, g.alpha_max, g.adapt_momentum)
     return AlphaSchedule(alpha=g.alpha, kind=g.schedule, steps=g.steps)

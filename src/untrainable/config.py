@@ -18,7 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from untrainable.adaptive_alpha import ADAPTIVE
-from untrainable.guidance import GUIDE_INPUTS, MIN_EXAMPLES
+from untrainable.guidance import GUIDE_INPUTS, GUIDE_NAME, MIN_EXAMPLES
 from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
 from untrainable.schedule import SCHEDULES
 from untrainable.sequence import SEQUENCE_MODES
@@ -84,6 +84,52 @@ class DataSpec:
         _positive(f"{where}.train_eval_size", self.train_eval_size, allow_zero=True)
 
 
+# The fields that say how one guide pulls: in `[guidance]` for the single
+# `[guide]`, in each `[[guides]]` entry for several.
+PULL_FIELDS = (
+    "alpha",
+    "schedule",
+    "steps",
+    "adapt_every",
+    "adapt_ratio",
+    "adapt_momentum",
+    "alpha_max",
+    "target_layers",
+    "guide_layers",
+    "pairs",
+    "guide_input",
+)
+
+
+def _check_pull(where: str, spec: "GuidanceSpec | GuideSpec") -> None:
+    """Validate how one guide pulls: its alpha and schedule, its pairs, its input."""
+    _positive(f"{where}.alpha", spec.alpha, allow_zero=True)
+    _choice(f"{where}.schedule", spec.schedule, (*SCHEDULES, ADAPTIVE))
+    if spec.schedule not in ("constant", ADAPTIVE):
+        _positive(f"{where}.steps", spec.steps)
+    if spec.schedule == ADAPTIVE:
+        _check_adaptive(where, spec)
+    _choice(f"{where}.guide_input", spec.guide_input, GUIDE_INPUTS)
+    for i, pair in enumerate(spec.pairs or []):
+        if not (isinstance(pair, list) and len(pair) in (2, 3)):
+            raise ConfigError(f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}")
+        if any(other[:2] == pair[:2] for other in (spec.pairs or [])[:i]):
+            raise ConfigError(f"{where}.pairs[{i}]: {pair[:2]!r} is given twice; use one pair with a weight instead")
+
+
+def _check_adaptive(where: str, spec: "GuidanceSpec | GuideSpec") -> None:
+    """Validate an adaptive alpha's fields (see `adaptive_alpha.AdaptiveAlpha`)."""
+    _positive(f"{where}.adapt_every", spec.adapt_every)
+    _positive(f"{where}.adapt_ratio", spec.adapt_ratio)
+    _positive(f"{where}.alpha_max", spec.alpha_max)
+    if spec.alpha_max < spec.alpha:
+        raise ConfigError(
+            f"{where}.alpha_max: must be >= {where}.alpha, the starting value ({spec.alpha:g}), got {spec.alpha_max:g}"
+        )
+    if not 0 <= spec.adapt_momentum < 1:
+        raise ConfigError(f"{where}.adapt_momentum: must be a number in [0, 1), got {spec.adapt_momentum!r}")
+
+
 @dataclass
 class GuidanceSpec:
     """How the guide pulls on the target: alpha, its schedule, the layers, the measure.
@@ -92,6 +138,9 @@ class GuidanceSpec:
     guidance gradient is `adapt_ratio` times the task gradient, smoothed by
     `adapt_momentum` and capped at `alpha_max`; `alpha` is its starting value
     (see `adaptive_alpha.AdaptiveAlpha`).
+
+    With several guides (`[[guides]]`), the fields of PULL_FIELDS belong to
+    each guide's entry; the measure, scope, cache and logging stay here.
     """
 
     alpha: float = 1.0
@@ -114,14 +163,8 @@ class GuidanceSpec:
     def validate(self, where: str) -> None:
         from untrainable.similarity import list_similarities
 
-        _positive(f"{where}.alpha", self.alpha, allow_zero=True)
-        _choice(f"{where}.schedule", self.schedule, (*SCHEDULES, ADAPTIVE))
-        if self.schedule not in ("constant", ADAPTIVE):
-            _positive(f"{where}.steps", self.steps)
-        if self.schedule == ADAPTIVE:
-            self._validate_adaptive(where)
+        _check_pull(where, self)
         _choice(f"{where}.similarity", self.similarity, tuple(list_similarities()))
-        _choice(f"{where}.guide_input", self.guide_input, GUIDE_INPUTS)
         _choice(f"{where}.sequence_mode", self.sequence_mode, SEQUENCE_MODES)
         _choice(f"{where}.scope", self.scope, SIMILARITY_SCOPES)
         _choice(f"{where}.cache", self.cache, GUIDE_CACHES)
@@ -130,26 +173,41 @@ class GuidanceSpec:
                 f"{where}.cache: {self.cache!r} needs guide_input = 'same' (noise inputs change every step)"
             )
         _positive(f"{where}.log_every", self.log_every)
-        for i, pair in enumerate(self.pairs or []):
-            if not (isinstance(pair, list) and len(pair) in (2, 3)):
-                raise ConfigError(
-                    f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}"
-                )
-            if any(other[:2] == pair[:2] for other in (self.pairs or [])[:i]):
-                raise ConfigError(
-                    f"{where}.pairs[{i}]: {pair[:2]!r} is given twice; use one pair with a weight instead"
-                )
 
-    def _validate_adaptive(self, where: str) -> None:
-        _positive(f"{where}.adapt_every", self.adapt_every)
-        _positive(f"{where}.adapt_ratio", self.adapt_ratio)
-        _positive(f"{where}.alpha_max", self.alpha_max)
-        if self.alpha_max < self.alpha:
-            raise ConfigError(
-                f"{where}.alpha_max: must be >= guidance.alpha, the starting value ({self.alpha:g}), got {self.alpha_max:g}"
-            )
-        if not 0 <= self.adapt_momentum < 1:
-            raise ConfigError(f"{where}.adapt_momentum: must be a number in [0, 1), got {self.adapt_momentum!r}")
+
+@dataclass
+class GuideSpec:
+    """One of several guides, a `[[guides]]` entry: its model, the name its similarity keys carry, how it pulls."""
+
+    model: ModelSpec
+    name: str | None = None  # prefixes its similarity keys, `name:target<-guide`; default: the model's name
+    alpha: float = 1.0
+    schedule: str = "constant"
+    steps: int | None = None
+    adapt_every: int = 10  # the adapt_* fields and alpha_max: for schedule = "adaptive", as in [guidance]
+    adapt_ratio: float = 1.0
+    adapt_momentum: float = 0.5
+    alpha_max: float = 100.0
+    target_layers: list[str] | None = None
+    guide_layers: list[str] | None = None
+    pairs: list[list[Any]] | None = None  # [[target, guide], [target, guide, weight], ...]
+    guide_input: str = "same"
+
+    @property
+    def label(self) -> str:
+        """The guide's name in similarity keys and logs ("" for the single `[guide]`: plain keys)."""
+        return self.name if self.name is not None else self.model.name
+
+    @property
+    def pulls(self) -> bool:
+        """False at alpha 0 under a constant schedule: the guide then never pulls (it may still teach by distillation)."""
+        return not (self.alpha == 0 and self.schedule == "constant")
+
+    def validate(self, where: str) -> None:
+        self.model.validate(f"{where}.model")
+        if not GUIDE_NAME.fullmatch(self.label):
+            raise ConfigError(f"{where}.name: {self.label!r}: use letters, digits, _ and - only")
+        _check_pull(where, self)
 
 
 @dataclass
@@ -224,12 +282,19 @@ class TrainSpec:
 
 @dataclass
 class RunConfig:
-    """One training run: a target model on a data set, optionally guided."""
+    """One training run: a target model on a data set, optionally guided.
+
+    One guide is a `[guide]` model with its `[guidance]` section; several are
+    `[[guides]]` entries (GuideSpec), each with its own model and PULL_FIELDS,
+    the rest of `[guidance]` shared.
+    """
 
     model: ModelSpec
     data: DataSpec
     guide: ModelSpec | None = None
     guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    # None rather than []: a run folder saved before this field existed still compares equal.
+    guides: list[GuideSpec] | None = None
     optim: OptimSpec = field(default_factory=OptimSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -244,19 +309,66 @@ class RunConfig:
         if self.guide is not None:
             self.guide.validate("guide")
         self.guidance.validate("guidance")
+        if self.guides:
+            self._validate_guides()
         self.optim.validate("optim")
         self.distill.validate("distill")
         if self.distill.weight > 0 and self.guide is None:
-            raise ConfigError("distill.weight: distillation needs a teacher; name it in the [guide] section")
+            raise ConfigError(
+                "distill.weight: distillation needs a teacher; name it in the [guide] section"
+                + (" ([[guides]] entries are not teachers)" if self.guides else "")
+            )
         self.train.validate("train")
         least = MIN_EXAMPLES.get(self.guidance.similarity)
-        guided = self.guide is not None and (self.guidance.alpha > 0 or self.guidance.schedule == ADAPTIVE)
+        guided = any(spec.alpha > 0 or spec.schedule == ADAPTIVE for _, spec in self.guide_entries())
         if guided and least is not None and self.data.batch_size < least:
             raise ConfigError(
                 f"data.batch_size: {self.data.batch_size} is too small for guidance.similarity "
                 f"{self.guidance.similarity!r}, which needs at least {least} examples; use a larger batch"
             )
         return self
+
+    def _validate_guides(self) -> None:
+        """The `[[guides]]` form: no `[guide]` beside it, its fields left to the entries, each entry named once."""
+        if self.guide is not None:
+            raise ConfigError("guides: give one [guide] (with [guidance]) or [[guides]] entries, not both")
+        defaults = GuidanceSpec()
+        for name in PULL_FIELDS:
+            if getattr(self.guidance, name) != getattr(defaults, name):
+                raise ConfigError(
+                    f"guidance.{name}: with [[guides]], each guide sets its own {name}; move it into the guides entries"
+                )
+        labels: list[str] = []
+        for i, spec in enumerate(self.guides or []):
+            spec.validate(f"guides[{i}]")
+            if spec.label in labels:
+                raise ConfigError(
+                    f"guides[{i}].name: {spec.label!r} already names guides[{labels.index(spec.label)}]; "
+                    "give each guide its own name"
+                )
+            labels.append(spec.label)
+        cache = self.guidance.cache
+        if cache != "none" and len(labels) > 1:
+            raise ConfigError(
+                f"guidance.cache: {cache!r} keeps one guide's activations; use cache = 'none' with several [[guides]]"
+            )
+        if cache != "none" and self.guides[0].guide_input != "same":
+            raise ConfigError(f"guides[0].guide_input: guidance.cache {cache!r} needs guide_input = 'same'")
+
+    def guide_entries(self) -> list[tuple[str, GuideSpec]]:
+        """Each guide with the config path of its model: the `[[guides]]` entries, or `[guide]` as one unnamed guide."""
+        if self.guides:
+            return [(f"guides[{i}].model", spec) for i, spec in enumerate(self.guides)]
+        if self.guide is None:
+            return []
+        pull = {name: getattr(self.guidance, name) for name in PULL_FIELDS}
+        return [("guide", GuideSpec(model=self.guide, name="", **pull))]
+
+    def with_guides(self, guides: list[GuideSpec]) -> "RunConfig":
+        """A copy guided by `guides` as `[[guides]]` entries: no `[guide]`, `[guidance]` keeping what guides share."""
+        defaults = GuidanceSpec()
+        shared = dataclasses.replace(self.guidance, **{name: getattr(defaults, name) for name in PULL_FIELDS})
+        return self.replace(guide=None, guides=list(guides), guidance=shared)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

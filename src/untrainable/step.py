@@ -93,29 +93,48 @@ def adapt_alpha(
     parameters: Iterable[nn.Parameter],
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The guidance loss of the forward `out` at this step's alpha, and what was measured.
+    """The guidance loss of the forward `out` at this step's alphas, and what was measured.
 
-    When `guidance.schedule` is an AdaptiveAlpha due at this forward, the
-    norms of the gradients of `task_loss` and of `out.unit_loss` on the
-    target's `parameters` set a new alpha (see `adaptive_alpha.AdaptiveAlpha`),
-    which this step already uses: returns (alpha * unit_loss, {`alpha`,
-    `adapt/task_grad_norm`, `adapt/guide_grad_norm`}). Otherwise
-    (`out.guidance_loss`, {}). Call it after the forward and before the
-    backward; under DDP every rank calls it at the same steps. With an fp16
-    `scaler` the gradients are taken of the scaled losses (the ratio does not
-    change) and the norms reported unscaled.
+    Each guide whose schedule is an AdaptiveAlpha due at this forward gets a
+    new alpha (see `adaptive_alpha.AdaptiveAlpha`) from the norm of the
+    gradient of `task_loss` (taken once) and that of its own guide loss
+    (`out.guide_losses[name]`, `out.unit_loss` for a single guide) on the
+    target's `parameters`; this step already uses it. Returns (the sum over
+    guides of alpha * guide loss, {`alpha` (the first guide's),
+    `adapt/task_grad_norm`, `alpha/NAME` of each measured named guide, and
+    `adapt/guide_grad_norm` for a single guide or `adapt/NAME/guide_grad_norm`
+    for each measured guide among several}). With no guide due, (`out.guidance_loss`, {}). Call it
+    after the forward and before the backward; under DDP every rank calls it
+    at the same steps. With an fp16 `scaler` the gradients are taken of the
+    scaled losses (the ratio does not change) and the norms reported unscaled.
     """
-    schedule = guidance.schedule
-    due = isinstance(schedule, AdaptiveAlpha) and guidance.training and schedule.due(guidance.step - 1)
-    if not due or out.unit_loss is None:
+    due = [
+        guide
+        for guide in guidance.guides
+        if isinstance(guide.spec.schedule, AdaptiveAlpha)
+        and guidance.training
+        and guide.spec.schedule.due(guidance.step - 1)
+        and guide.name in out.guide_losses
+        and out.guide_losses[guide.name].requires_grad
+    ]
+    if not due:
         return out.guidance_loss, {}
     trained = [p for p in parameters if p.requires_grad]
     scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
     task_norm = gradient_norm_of(task_loss * scale, trained) / scale
-    guide_norm = gradient_norm_of(out.unit_loss * scale, trained) / scale
-    alpha = schedule.update(task_norm, guide_norm)
-    measured = {"alpha": alpha, "adapt/task_grad_norm": task_norm, "adapt/guide_grad_norm": guide_norm}
-    return alpha * out.unit_loss, measured
+    several = len(guidance.guides) > 1
+    alphas = dict(out.alphas)
+    measured: dict[str, float] = {"adapt/task_grad_norm": task_norm}
+    for guide in due:
+        guide_norm = gradient_norm_of(out.guide_losses[guide.name] * scale, trained) / scale
+        alphas[guide.name] = guide.spec.schedule.update(task_norm, guide_norm)
+        if guide.name:
+            measured[f"alpha/{guide.name}"] = alphas[guide.name]
+        measured[f"adapt/{guide.name}/guide_grad_norm" if several else "adapt/guide_grad_norm"] = guide_norm
+    measured["alpha"] = alphas[guidance.guides[0].name]
+    # A guide skipped this step has alpha 0 and a zero loss: the sum is over every guide.
+    loss = torch.stack([alphas[name] * unit for name, unit in out.guide_losses.items()]).sum()
+    return loss, measured
 
 
 @dataclass
@@ -155,7 +174,8 @@ def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dic
     with autocast(parts.device, parts.precision):
         if parts.guidance is not None:
             cached = None
-            if parts.guide_cache is not None and parts.guidance.alpha != 0.0:
+            guidance = parts.guidance
+            if parts.guide_cache is not None and (guidance.alpha != 0.0 or guidance.measuring(guidance.guides[0])):
                 cached = parts.guide_cache.activations(batch[-1], x, parts.guidance.run_guide)
             out = parts.guidance(x, mask=padding_mask(x, parts.pad_id), guide_activations=cached)
             output, guidance_loss = out.output, out.guidance_loss
@@ -169,23 +189,35 @@ def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dic
     return terms, out
 
 
+def guide_records(alphas: dict[str, float], guide_losses: dict[str, Tensor]) -> dict[str, float | Tensor]:
+    """`alpha/NAME` and `guide_loss/NAME` (before alpha) of each named guide; none for a single unnamed guide."""
+    records: dict[str, float | Tensor] = {f"alpha/{name}": alpha for name, alpha in alphas.items() if name}
+    records.update({f"guide_loss/{name}": loss.detach() for name, loss in guide_losses.items() if name})
+    return records
+
+
 def train_step(
     parts: StepParts, batch: tuple[Tensor, ...], step: int, log_grad_norms: bool = False
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """One guided optimisation step on `batch` = (x, y[, index]), numbered `step` (the first is 1).
 
-    Returns the step's record (`loss`, `task_loss`, `guidance_loss`, `alpha`,
-    `lr`, and `distill_loss`, `grad_norm/*`, `adapt/*`, `skipped_overflow`
-    when they apply) and the per-pair similarities as detached scalar tensors.
+    Returns the step's record (`loss`, `task_loss`, `guidance_loss`, `alpha`
+    (the first guide's), `lr`, and `distill_loss`, `alpha/NAME` and
+    `guide_loss/NAME` of each named guide, `grad_norm/*`, `adapt/*`,
+    `skipped_overflow` when they apply) and the per-pair similarities as
+    detached scalar tensors. `alpha` and `alpha/NAME` are the alphas the step
+    used, an adaptive alpha measured at this step included.
     """
     terms, out = _losses(parts, batch, step)
     scaler = parts.scaler if parts.scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
     params = list(parts.target.parameters())
-    alpha, similarities, measured = 0.0, {}, {}
+    similarities: dict[str, Tensor] = {}
+    logged: dict[str, float | Tensor] = {"alpha": 0.0}
     if parts.guidance is not None and out is not None:
         # Before the backward: an adaptive alpha measured now already weighs this step.
         terms["guidance_loss"], measured = adapt_alpha(parts.guidance, out, terms["task_loss"], params, scaler)
-        alpha, similarities = measured.get("alpha", out.alpha), out.similarities
+        similarities = out.similarities
+        logged = {"alpha": out.alpha, **guide_records(out.alphas, out.guide_losses), **measured}
     loss = terms["task_loss"] + terms["guidance_loss"] + terms["distill_loss"]
     parts.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -204,7 +236,7 @@ def train_step(
     lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
     scaler.step(parts.optimizer)
     scaler.update()
-    record: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "alpha": alpha, "lr": lr}
+    record: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "alpha": logged.pop("alpha"), "lr": lr}
     record.update(
         {
             name: float(value.detach())
@@ -212,8 +244,8 @@ def train_step(
             if name != "distill_loss" or parts.distillation is not None
         }
     )
+    record.update({name: float(value) for name, value in logged.items()})
     record.update(norms)
-    record.update({k: v for k, v in measured.items() if k != "alpha"})
     if scaler.is_enabled() and scaler.get_scale() < scale_before:
         record["skipped_overflow"] = 1
     return record, similarities

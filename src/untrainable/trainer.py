@@ -22,7 +22,15 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from untrainable import distributed
-from untrainable.build import build_data, build_guidance, build_lr_schedule, build_model, build_optimizer, pick_device
+from untrainable.build import (
+    build_data,
+    build_guidance,
+    build_guides,
+    build_lr_schedule,
+    build_model,
+    build_optimizer,
+    pick_device,
+)
 from untrainable.checkpoint import CheckpointError, CheckpointManager, save_checkpoint
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits
@@ -229,13 +237,14 @@ def _build_parts(
 ) -> tuple[StepParts, Dataset]:
     """The models, losses and optimiser of a run, and the training set the loader reads."""
     target = build_model(config.model, data, config.train.seed).to(device)
-    guide = build_model(config.guide, data, config.train.seed, where="guide").to(device) if config.guide else None
-    model: nn.Module = distributed.wrap(target, dist_info)  # the guide is never wrapped
-    # alpha 0 under a constant schedule: the guide serves only as a distillation teacher.
-    guided = guide is not None and not (config.guidance.alpha == 0 and config.guidance.schedule == "constant")
-    guidance = build_guidance(config, model, guide) if guided else None
+    guides = [guide.to(device) for guide in build_guides(config, data)]
+    model: nn.Module = distributed.wrap(target, dist_info)  # guides are never wrapped
+    guidance = build_guidance(config, model, guides) if guides else None
+    # The teacher is the `[guide]` model (the config refuses distillation with [[guides]]).
     distillation = (
-        Distillation(guide, config.distill.weight, config.distill.temperature) if config.distill.weight > 0 else None
+        Distillation(guides[0], config.distill.weight, config.distill.temperature)
+        if config.distill.weight > 0
+        else None
     )
     guide_cache = None
     train_set: Dataset = data.train
@@ -435,7 +444,7 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
 
 
 def train(config: RunConfig, folder: str | Path, resume: bool = False, data: DataSplits | None = None) -> RunResult:
-    """Train `config.model` on `config.data`, guided when `config.guide` is set.
+    """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
     step), tensorboard/ events, checkpoints/ (atomic, the last

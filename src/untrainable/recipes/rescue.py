@@ -19,12 +19,15 @@ against the constant alpha 1 and the first 150 steps.
 
 `rescue-depth` maps where the FCN stops training alone and how far guidance
 moves that limit, with per-layer gradient norms from the same runs;
-`rescue-convnet` does the same for a plain (skip-less) ConvNet and its ResNet.
+`rescue-convnet` does the same for a plain (skip-less) ConvNet and its ResNet;
+`rescue-guides` asks whether two untrained guides (a ResNet-18 and a ViT)
+rescue the FCN better together than each alone.
 The single-run config is `configs/rescue_deep_fcn.toml`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -413,3 +416,57 @@ def convnet_experiment(quick: bool = False) -> Experiment:
 def rescue_convnet(quick: bool = False) -> Experiment:
     """A plain 50-layer ConvNet that trains worse than its ResNet, guided by a trained or untrained ResNet-50."""
     return convnet_experiment(quick)
+
+
+def guides_experiment(quick: bool = False) -> Experiment:
+    """48 x 256, 3 seeds: the FCN alone, + an untrained ResNet-18, + an untrained ViT, + both at once (alpha 1 each)."""
+    resnet = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
+    if quick:
+        resnet = (
+            resnet.with_args("model", depth=8, width=32)
+            .with_args("data", train_size=256, val_size=128)
+            .with_section("data", train_eval_size=64)
+            .with_section("train", epochs=1, progress=False)
+            .with_args("guide", width=4)
+        )
+    vit_guide = shipped_config("vision_deep_fcn_vit").guide
+    if quick:
+        vit_guide = dataclasses.replace(vit_guide, args={**vit_guide.args, "dim": 16, "depth": 2, "heads": 2})
+    vit = resnet.replace(guide=vit_guide).with_section("guidance", guide_layers=["blocks.*"])
+    # Each guide as it pulls alone, alpha 1: the loss is the plain sum of the two single-guide losses.
+    # The guide cache holds one guide: with two, both run every step (the same numbers, more time).
+    entries = [
+        dataclasses.replace(config.guide_entries()[0][1], name=name)
+        for name, config in (("resnet18", resnet), ("vit", vit))
+    ]
+    both = resnet.with_section("guidance", cache="none").with_guides(entries)
+    a, r, v = resnet.model.args, resnet.guide.args, vit_guide.args
+    experiment = Experiment(
+        name="rescue-guides" + ("-quick" if quick else ""),
+        description=(
+            f"Fashion-MNIST ({resnet.data.args['train_size']} training images, batch {resnet.data.batch_size}, "
+            f"{resnet.train.epochs} epochs), test top-1 accuracy, mean ± std over seeds. Deep FCN {a['depth']} blocks x "
+            f"{a['width']} (BatchNorm, dropout 0.1), Adam lr 1e-3 in every arm. Guides untrained (the run's seed, so "
+            f"the two-guide arm uses the very guides of the one-guide arms): ResNet-18 (width {r['width']}, small stem), "
+            f"its block outputs; ViT (dim {v['dim']}, depth {v['depth']}, patch {v['patch_size']}), its block outputs; "
+            "each guide's layers spread evenly over the FCN's linear outputs (the first and last pulled by both in "
+            "the two-guide arm), linear CKA. `+untrained-resnet18+untrained-vit`: both guides at alpha 1 each, the "
+            "plain sum of the two single-guide losses. Δ / std: difference to `deep-fcn` in pooled seed standard "
+            "deviations (more than 2 counts as an effect)."
+        ),
+        arms=[
+            Arm("deep-fcn", _with_optimiser(resnet.replace(guide=None), "adam", 1e-3)),
+            Arm("deep-fcn+untrained-resnet18", resnet),
+            Arm("deep-fcn+untrained-vit", vit),
+            Arm("deep-fcn+untrained-resnet18+untrained-vit", both),
+        ],
+        seeds=(0,) if quick else QUICK_SEEDS,
+        baseline="deep-fcn",
+    )
+    return experiment
+
+
+@register_experiment("rescue-guides")
+def rescue_guides(quick: bool = False) -> Experiment:
+    """Two untrained guides at once (ResNet-18 and ViT) against each alone, on the 48 x 256 Deep FCN."""
+    return guides_experiment(quick)
