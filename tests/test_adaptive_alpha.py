@@ -11,8 +11,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from untrainable import AdaptiveAlpha, Guidance, distributed
-from untrainable.config import ConfigError, DataSpec, GuidanceSpec, ModelSpec, OptimSpec, RunConfig, TrainSpec
+from untrainable import AdaptiveAlpha, Guidance, Guide, distributed
+from untrainable.config import (
+    ConfigError,
+    DataSpec,
+    GuidanceSpec,
+    GuideSpec,
+    ModelSpec,
+    OptimSpec,
+    RunConfig,
+    TrainSpec,
+)
 from untrainable.data import load_data
 from untrainable.models import create_model
 from untrainable.step import StepParts, adapt_alpha, train_step
@@ -121,6 +130,121 @@ def test_an_adaptive_alpha_at_zero_still_runs_the_guide_on_its_measurement_steps
         alphas.append(measured.get("alpha", out.alpha))
     assert len(calls) == 2  # skipped at step 1 (alpha 0); run at step 2 to measure, and at step 3 (alpha > 0)
     assert alphas[0] == 0.0 and alphas[1] > 0 and alphas[2] == alphas[1]
+
+
+def second_guide() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return create_model("fcn", input_shape=(12,), num_classes=5, depth=3, width=16)
+
+
+def test_two_adaptive_guides_each_get_their_own_alpha_from_their_own_gradient_norm():
+    target, first = models()
+    second = second_guide()
+    x, y = batches(1)[0]
+    # The oracle: each gradient from its own backward on its own copy, each guide alone at alpha 1.
+    t = copy.deepcopy(target)
+    F.cross_entropy(t(x), y).backward()
+    task_norm = norm_of_grads(t)
+    guide_norms = {}
+    for name, guide in (("a", first), ("b", second)):
+        t = copy.deepcopy(target)
+        Guidance(t, copy.deepcopy(guide), alpha=1.0, **LAYERS).train()(x).guidance_loss.backward()
+        guide_norms[name] = norm_of_grads(t)
+    assert guide_norms["a"] != pytest.approx(guide_norms["b"], rel=0.05)  # two different measurements
+    schedules = {
+        "a": AdaptiveAlpha(alpha=0.5, every=1, ratio=0.7, momentum=0.0),
+        "b": AdaptiveAlpha(alpha=2.0, every=1, ratio=1.5, momentum=0.0),
+    }
+    guidance = Guidance(
+        target, [Guide(g, name=n, schedule=schedules[n], **LAYERS) for n, g in (("a", first), ("b", second))]
+    )
+    out = guidance.train()(x)
+    loss, measured = adapt_alpha(guidance, out, F.cross_entropy(out.output, y), target.parameters())
+    assert out.alphas == {"a": 0.5, "b": 2.0}  # the forward ran at the starting values
+    assert measured["adapt/task_grad_norm"] == pytest.approx(task_norm, rel=1e-5)
+    for name, ratio in (("a", 0.7), ("b", 1.5)):
+        assert measured[f"adapt/{name}/guide_grad_norm"] == pytest.approx(guide_norms[name], rel=1e-5)
+        assert measured[f"alpha/{name}"] == pytest.approx(ratio * task_norm / guide_norms[name], rel=1e-5)
+        assert schedules[name].value == measured[f"alpha/{name}"]
+    assert measured["alpha"] == measured["alpha/a"]  # the first guide's
+    expected = sum(measured[f"alpha/{n}"] * float(out.guide_losses[n].detach()) for n in ("a", "b"))
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert out.unit_loss is None  # several guides: each guide's is in out.guide_losses
+    assert all(p.grad is None for p in target.parameters())
+    # Both adaptive states travel with the state dict.
+    state = guidance.get_extra_state()
+    assert set(state["adaptive"]) == {"a", "b"}
+    fresh = {n: AdaptiveAlpha(alpha=0.5, every=1, ratio=0.7, momentum=0.0) for n in ("a", "b")}
+    restored = Guidance(
+        target, [Guide(g, name=n, schedule=fresh[n], **LAYERS) for n, g in (("a", first), ("b", second))]
+    )
+    restored.set_extra_state(state)
+    assert restored.alphas == {n: schedules[n].value for n in ("a", "b")} and restored.step == 1
+
+
+def test_an_adaptive_guide_at_zero_among_several_runs_on_its_measurement_steps_only():
+    target, first = models()
+    second = second_guide()
+    calls = []
+    first.register_forward_pre_hook(lambda *_: calls.append(1))
+    guides = [
+        Guide(first, name="a", schedule=AdaptiveAlpha(alpha=0.0, every=2), **LAYERS),
+        Guide(second, name="b", alpha=0.5, **LAYERS),
+    ]
+    guidance = Guidance(target, guides).train()
+    alphas = []
+    for x, y in batches(3):
+        out = guidance(x)
+        _, measured = adapt_alpha(guidance, out, F.cross_entropy(out.output, y), target.parameters())
+        alphas.append(measured.get("alpha/a", out.alphas["a"]))
+        assert out.alphas["b"] == 0.5 and "alpha/b" not in measured
+    assert len(calls) == 2  # skipped at step 1 (alpha 0), run at step 2 to measure, and at step 3 (alpha > 0)
+    assert alphas[0] == 0.0 and alphas[1] > 0 and alphas[2] == alphas[1]
+
+
+def test_each_adaptive_guides_entry_is_measured_on_its_own_steps_and_logged_by_name(tmp_path):
+    entries = [
+        GuideSpec(
+            ModelSpec("cnn1d", {"channels": 4}),
+            name="cnn",
+            schedule="adaptive",
+            adapt_every=2,
+            adapt_ratio=0.5,
+            adapt_momentum=0.0,
+        ),
+        GuideSpec(
+            ModelSpec("fcn", {"depth": 2, "width": 8}),
+            name="fcn",
+            alpha=0.3,
+            schedule="adaptive",
+            adapt_every=3,
+            adapt_momentum=0.0,
+        ),
+    ]
+    config = tiny_config().with_guides(entries)
+    train(config, tmp_path)
+    records = step_records(tmp_path)
+    assert len(records) == 7
+    for name, every, ratio, start in (("cnn", 2, 0.5, 1.0), ("fcn", 3, 1.0, 0.3)):
+        measured = [r for r in records if f"adapt/{name}/guide_grad_norm" in r]
+        assert [r["step"] for r in measured] == list(range(every, 8, every))
+        assert [r[f"alpha/{name}"] for r in records[: every - 1]] == [start] * (every - 1)
+        for r in measured:
+            expected = ratio * r["adapt/task_grad_norm"] / r[f"adapt/{name}/guide_grad_norm"]
+            assert r[f"alpha/{name}"] == pytest.approx(expected, rel=1e-6)
+    assert [r["alpha"] for r in records] == [r["alpha/cnn"] for r in records]
+    for r in records:
+        expected = r["alpha/cnn"] * r["guide_loss/cnn"] + r["alpha/fcn"] * r["guide_loss/fcn"]
+        assert r["guidance_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "adapt/guide_grad_norm" not in records[5] and "adapt/task_grad_norm" in records[5]
+
+
+def test_adaptive_fields_of_a_guides_entry_are_named():
+    bad = GuideSpec(ModelSpec("cnn1d", {"channels": 4}), name="cnn", schedule="adaptive", adapt_momentum=1.0)
+    with pytest.raises(ConfigError, match=r"guides\[0\]\.adapt_momentum"):
+        tiny_config().with_guides([bad])
+    with pytest.raises(ConfigError, match="guidance.adapt_every: with \\[\\[guides\\]\\]"):
+        tiny_config(adapt_every=3).replace(guide=None, guides=[GuideSpec(ModelSpec("cnn1d", {"channels": 4}))])
 
 
 @pytest.mark.parametrize(
