@@ -116,8 +116,9 @@ def all_reduce_sums(sums: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Sum a dict of floats over ranks (evaluation statistics of each shard)."""
     if info.world_size <= 1:
         return sums
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=info.device)
+    # A rank whose shard is empty (fewer examples than ranks) has no statistics at all: agree on the keys first.
+    keys = sorted(set().union(*gather_objects(sorted(sums), info)))
+    values = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(values)
     return dict(zip(keys, values.tolist()))
 

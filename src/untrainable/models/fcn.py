@@ -15,7 +15,9 @@ class FCN(nn.Module):
 
     Layers are addressable as `layers.{i}.linear`, `layers.{i}.norm`,
     `layers.{i}.act` (post-activation) and `head`. Inputs of any shape are
-    flattened: (batch, *input_shape) -> (batch, num_classes).
+    flattened: (batch, *input_shape) -> (batch, num_classes). `first_width`,
+    when given, is the width of the first block alone (the paper's Deep FCN
+    opens with 2048 units, then runs at 1024).
     """
 
     def __init__(
@@ -26,25 +28,31 @@ class FCN(nn.Module):
         width: int,
         batch_norm: bool = True,
         dropout: float = 0.0,
+        first_width: int | None = None,
     ) -> None:
         super().__init__()
-        if depth < 1 or width < 1 or in_features < 1 or num_classes < 1:
+        first_width = width if first_width is None else first_width
+        if depth < 1 or width < 1 or first_width < 1 or in_features < 1 or num_classes < 1:
             raise ValueError(
-                f"FCN needs depth, width, in_features, num_classes >= 1; got {depth}, {width}, {in_features}, {num_classes}"
+                "FCN needs depth, width, first_width, in_features, num_classes >= 1; "
+                f"got {depth}, {width}, {first_width}, {in_features}, {num_classes}"
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         blocks = []
-        for i in range(depth):
-            parts: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(in_features if i == 0 else width, width))
+        widths = [first_width] + [width] * (depth - 1)
+        for i, out_features in enumerate(widths):
+            parts: OrderedDict[str, nn.Module] = OrderedDict(
+                linear=nn.Linear(in_features if i == 0 else widths[i - 1], out_features)
+            )
             if batch_norm:
-                parts["norm"] = nn.BatchNorm1d(width)
+                parts["norm"] = nn.BatchNorm1d(out_features)
             parts["act"] = nn.ReLU()
             if dropout > 0:
                 parts["drop"] = nn.Dropout(dropout)
             blocks.append(nn.Sequential(parts))
         self.layers = nn.ModuleList(blocks)
-        self.head = nn.Linear(width, num_classes)
+        self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
@@ -78,9 +86,10 @@ def deep_fcn(
     width: int = 256,
     batch_norm: bool = True,
     dropout: float = 0.1,
+    first_width: int | None = None,
 ) -> FCN:
-    """The paper's Deep FCN: linear, BN, ReLU, dropout 0.1, repeated (the paper uses ~50)."""
-    return FCN(_features(input_shape), num_classes, depth, width, batch_norm, dropout)
+    """The paper's Deep FCN: linear, BN, ReLU, dropout 0.1, repeated (the paper: 48 blocks, 2048 then 1024 wide)."""
+    return FCN(_features(input_shape), num_classes, depth, width, batch_norm, dropout, first_width)
 
 
 @register_model("wide_fcn")
