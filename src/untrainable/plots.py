@@ -44,6 +44,9 @@ def plot_curves(
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
+    # Log scale: a diverging arm's early loss (thousands) would flatten every other curve.
+    if all(y > 0 for line in axes[0].get_lines() for y in line.get_ydata()):
+        axes[0].set_yscale("log")
     axes[0].set_title("loss (solid: train, dashed: validation)")
     axes[1].set_title(metric)
     axes[1].legend(fontsize=7, loc="best")
