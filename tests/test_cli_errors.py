@@ -117,3 +117,28 @@ def test_malformed_override_is_one_line(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(MODEL + DATA + TRAIN)
     assert "KEY=VALUE" in _error(capsys, "--config", str(config), "--set", "train.epochs")
+
+
+def test_input_shape_that_does_not_fit_the_data_is_one_line_before_training(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL.replace("width = 16", "width = 16, input_shape = [30]") + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert "model.args" in err and "(40,)" in err and "(30,)" in err, err
+    assert not (tmp_path / "a" / "config.json").exists()  # refused before the run folder is written
+    config.write_text(MODEL + DATA + '[guide]\nname = "fcn"\nargs = { input_shape = [30] }\n' + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "b"))
+    assert "guide.args" in err and "(40,)" in err, err
+
+
+def test_a_layer_that_does_not_run_is_one_line(tmp_path, capsys, monkeypatch):
+    from untrainable.models.fcn import FCN
+
+    def skip_second_block(self, x):
+        return self.head(self.layers[0](x.flatten(1)))
+
+    monkeypatch.setattr(FCN, "forward", skip_second_block)
+    config = tmp_path / "run.toml"
+    layers = '[guidance]\ntarget_layers = ["layers.1.linear"]\nguide_layers = ["layers.0.linear"]\n'
+    config.write_text(MODEL + DATA + '[guide]\nname = "fcn"\n' + layers + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
+    assert "layers.1.linear" in err and "did not run" in err, err

@@ -68,7 +68,38 @@ def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "mode
             raise ConfigError(f"{where}.args: {err}") from None
     if spec.checkpoint:
         model.load_state_dict(checked_weights(spec, model, f"{where}.checkpoint"))
+    check_runs_on(model, data, spec.name, kwargs.get("input_shape"), where)
     return model
+
+
+def check_runs_on(
+    model: nn.Module, data: DataSplits, name: str, input_shape: tuple[int, ...] | None, where: str
+) -> None:
+    """Run `model` once on two training examples, so a model that does not fit the data is refused before training.
+
+    Raises ConfigError naming `where.args`, the shape the data gives and the
+    `input_shape` the model was built for; torch's own message is kept in it
+    (and the traceback under --debug), so a fault of the model itself still shows.
+    """
+    n = min(2, len(data.train))  # type: ignore[arg-type]
+    if n == 0:
+        return
+    x = torch.stack([torch.as_tensor(data.train[i][0]) for i in range(n)])
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics or dropout touched, no gradients
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(x)
+    except RuntimeError as err:
+        built_for = f"; the model was built for input_shape {tuple(input_shape)}" if input_shape is not None else ""
+        reason = " ".join(str(err).split())
+        raise ConfigError(
+            f"{where}.args: a {name!r} model does not run on the data's examples (shape {tuple(x.shape[1:])}, "
+            f"{x.dtype}{built_for}): {reason[:300]}; make {where}.args fit the data "
+            "(input_shape, num_classes and vocab_size are taken from the data when left out)"
+        ) from err
+    finally:
+        model.train(was_training)
 
 
 def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, Any]:
