@@ -142,3 +142,13 @@ def test_a_layer_that_does_not_run_is_one_line(tmp_path, capsys, monkeypatch):
     config.write_text(MODEL + DATA + '[guide]\nname = "fcn"\n' + layers + TRAIN)
     err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
     assert "layers.1.linear" in err and "did not run" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--data-args", "--target-args", "--guide-args"])
+def test_bad_json_in_a_layers_flag_names_the_flag(capsys, flag):
+    assert main(["layers", "fcn", "fcn", flag, "{depth: 2}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert flag in err and "JSON object" in err, err
+    assert main(["layers", "fcn", "fcn", flag, "[2]"]) == 2
+    assert flag in capsys.readouterr().err

@@ -27,6 +27,22 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _json_args(text: str, flag: str) -> dict[str, Any]:
+    """The keyword arguments given to `flag` as a JSON object, refused with a ConfigError naming the flag."""
+    from untrainable.config import ConfigError
+
+    example = f"""e.g. {flag} '{{"depth": 2, "width": 64}}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{flag}: not valid JSON ({err.msg} at column {err.colno}); give a JSON object, {example}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object of keyword arguments, got {text!r}; {example}")
+    return value
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the experiments, models, data sets and similarity measures."""
     import untrainable.recipes  # noqa: F401  (registration)
@@ -84,9 +100,17 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from untrainable.config import DataSpec, ModelSpec
     from untrainable.guidance import describe_pairs
 
-    data = build_data(DataSpec(args.data, json.loads(args.data_args)), where="--data")
-    target = build_model(ModelSpec(args.target, json.loads(args.target_args)), data, args.seed, where="--target")
-    guide_spec = ModelSpec(args.guide, json.loads(args.guide_args), checkpoint=args.guide_checkpoint)
+    data_args, target_args, guide_args = (
+        _json_args(text, flag)
+        for text, flag in (
+            (args.data_args, "--data-args"),
+            (args.target_args, "--target-args"),
+            (args.guide_args, "--guide-args"),
+        )
+    )
+    data = build_data(DataSpec(args.data, data_args), where="--data")
+    target = build_model(ModelSpec(args.target, target_args), data, args.seed, where="--target")
+    guide_spec = ModelSpec(args.guide, guide_args, checkpoint=args.guide_checkpoint)
     guide = build_model(guide_spec, data, args.seed + 1, where="--guide")
     rows = describe_pairs(
         target,
