@@ -1,5 +1,7 @@
 """User errors reach the command line as one line on stderr (exit 2); --debug shows the traceback."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -152,3 +154,40 @@ def test_bad_json_in_a_layers_flag_names_the_flag(capsys, flag):
     assert flag in err and "JSON object" in err, err
     assert main(["layers", "fcn", "fcn", flag, "[2]"]) == 2
     assert flag in capsys.readouterr().err
+
+
+def _warn_then_fail(error: Exception):
+    def command(args):
+        warnings.warn("an unreadable image skipped", stacklevel=2)
+        raise error
+
+    return command
+
+
+def test_warnings_print_on_rank_zero_only(capsys, monkeypatch):
+    import untrainable.cli
+
+    monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(OSError("disk gone")))
+    with pytest.warns(UserWarning, match="unreadable image"):
+        assert main(["list"]) == 2
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["list"]) == 2
+    assert not seen, [str(w.message) for w in seen]
+
+
+def test_an_error_of_another_rank_alone_prints_there_with_its_rank(capsys, monkeypatch):
+    import untrainable.cli
+    from untrainable.config import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(OSError("disk gone")))
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank 1" in err and "disk gone" in err, err
+    # A config error is the same on every rank: rank 0 prints it.
+    monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(ConfigError("model.args: bad")))
+    assert main(["list"]) == 2
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -202,6 +203,20 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _may_be_this_ranks_own(err: BaseException) -> bool:
+    """Whether a process other than rank 0 should print `err`.
+
+    Not a ConfigError (every rank reads the same config: rank 0 reports it),
+    nor anything raised before the process group started (parsing, set-up);
+    after it, an error may be this rank's alone (a file, a checkpoint).
+    """
+    import torch.distributed
+
+    from untrainable.config import ConfigError
+
+    return not isinstance(err, ConfigError) and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _one_line(err: BaseException) -> str:
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(str(message).split()) or type(err).__name__
@@ -219,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             if not _is_main_process():
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                stack.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")  # every rank would print the same warning
             return args.func(args)
     except KeyboardInterrupt as err:
         if debug:
@@ -231,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if _is_main_process():
             print(f"untrainable {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        elif _may_be_this_ranks_own(err):
+            rank = os.environ.get("RANK")
+            print(
+                f"untrainable {args.command} (rank {rank}): error: {_one_line(err)} (--debug shows the traceback)",
+                file=sys.stderr,
+            )
         return 2
 
 
