@@ -84,9 +84,10 @@ def check_runs_on(
     n = min(2, len(data.train))  # type: ignore[arg-type]
     if n == 0:
         return
-    x = torch.stack([torch.as_tensor(data.train[i][0]) for i in range(n)])
     was_training = model.training
     model.eval()  # no BatchNorm statistics or dropout touched, no gradients
+    with torch.random.fork_rng(devices=[]):  # nor the random numbers the run will draw
+        x = torch.stack([torch.as_tensor(data.train[i][0]) for i in range(n)])
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(x)
