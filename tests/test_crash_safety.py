@@ -139,6 +139,20 @@ def test_leftover_temporary_checkpoint_files_are_removed(tmp_path):
     assert not leftover.exists()
 
 
+def test_a_killed_write_of_model_pt_leaves_nothing_behind_at_the_next_start(tmp_path):
+    ours = [tmp_path / ".model.pt.tmp-4242", tmp_path / "checkpoints" / ".step-000000003.pt.tmp-77"]
+    others = [tmp_path / ".model.pt.tmp-notes", tmp_path / "model.pt.tmp-4242", tmp_path / ".history.json.tmp-1"]
+    for path in ours + others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    train(_small_config(max_steps=3, checkpoint_every=3), tmp_path)
+    assert not any(path.exists() for path in ours)
+    assert all(path.exists() for path in others)  # only the temporary names our atomic writes use
+    (tmp_path / ".model.pt.tmp-4243").write_bytes(b"half written")
+    train(_small_config(max_steps=6, checkpoint_every=3), tmp_path, resume=True)
+    assert not (tmp_path / ".model.pt.tmp-4243").exists()
+
+
 def _splits(x_train: torch.Tensor) -> DataSplits:
     y = torch.zeros(len(x_train), dtype=torch.long)
     test = TensorDataset(torch.randn(8, 40), torch.zeros(8, dtype=torch.long))

@@ -345,7 +345,7 @@ def _check_folder(run: _Run, resume: bool) -> None:
             f"{', '.join(p.name for p in checkpoints.set_aside()) or 'none'}); restore a checkpoint or choose another folder"
         )
     if run.is_main:
-        checkpoints.remove_leftovers()
+        checkpoints.remove_leftovers(folder / "model.pt")
     if loaded is not None:
         run.restore(loaded[0])
         run.resumed_from = loaded[1].name
