@@ -191,3 +191,32 @@ def test_an_error_of_another_rank_alone_prints_there_with_its_rank(capsys, monke
     monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(ConfigError("model.args: bad")))
     assert main(["list"]) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_an_argument_of_the_wrong_type_names_its_field_value_and_type(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL.replace("depth = 2", 'depth = "two"') + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert "model.args.depth" in err and "'two'" in err and "int" in err, err
+    assert "accepted" in err and "width" in err.split("accepted")[1], err
+    config.write_text(MODEL + DATA.replace("val_size = 50", "val_size = [50]") + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "b"))
+    assert "data.args.val_size" in err and "[50]" in err and "int" in err, err
+    config.write_text(MODEL.replace("width = 16", 'width = 16, input_shape = ["forty"]') + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "c"))
+    assert "model.args.input_shape" in err and "tuple[int, ...]" in err, err
+
+
+def test_arguments_of_the_right_type_pass_the_check():
+    from pathlib import Path
+
+    from untrainable.build import check_args
+
+    def builder(depth: int, rate: float = 0.1, shape: tuple[int, ...] = (3,), root: str = ".", flag: bool = True):
+        return None
+
+    check_args("model", builder, {"depth": 2, "rate": 1, "shape": [1, 2], "root": Path("x"), "flag": False})
+    with pytest.raises(ValueError, match=r"model.args.flag: 1 is not bool"):
+        check_args("model", builder, {"flag": 1})
+    with pytest.raises(ValueError, match=r"model.args.depth: True is not int"):
+        check_args("model", builder, {"depth": True})

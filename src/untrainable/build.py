@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import numbers
+import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,15 +27,69 @@ from untrainable.schedule import AlphaSchedule
 
 
 def check_args(where: str, builder: Callable[..., Any], args: dict[str, Any]) -> None:
-    """Raise ConfigError naming `where.args.KEY` when `builder` takes no argument KEY, listing those it takes."""
+    """Raise ConfigError naming `where.args.KEY` when `builder` takes no argument KEY, or not of that value's type.
+
+    The expected type is the parameter's annotation, else its default's type;
+    the message lists the accepted arguments with their types.
+    """
     params = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    for key in args:
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # an annotation that does not evaluate: fall back on the defaults
+        hints = {}
+    expected = {
+        name: hints.get(name, type(p.default) if p.default not in (inspect.Parameter.empty, None) else None)
+        for name, p in params.items()
+    }
+    accepted = ", ".join(f"{name} ({_type_name(t)})" if t is not None else name for name, t in expected.items())
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in args.items():
+        if key not in params and open_ended:
+            continue
         if key not in params:
+            raise ConfigError(f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {accepted}")
+        if expected[key] is not None and _fits(value, expected[key]) is False:
             raise ConfigError(
-                f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {', '.join(params)}"
+                f"{where}.args.{key}: {value!r} is not {_type_name(expected[key])}; "
+                f"accepted arguments of {builder.__name__}: {accepted}"
             )
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether a config value fits a type annotation; None where this check cannot tell (it then lets it pass)."""
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(value, member) for member in members]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (tuple, list, collections.abc.Sequence) and not isinstance(value, str):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and members and members[-1] is not Ellipsis:
+            if len(members) != len(value):
+                return False
+            verdicts = [_fits(v, m) for v, m in zip(value, members)]
+        else:
+            verdicts = [_fits(v, members[0]) for v in value] if members else []
+        return False if False in verdicts else (None if None in verdicts else True)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return False
+    return None
 
 
 def build_data(spec: DataSpec, where: str = "data") -> DataSplits:
