@@ -220,3 +220,9 @@ def test_arguments_of_the_right_type_pass_the_check():
         check_args("model", builder, {"flag": 1})
     with pytest.raises(ValueError, match=r"model.args.depth: True is not int"):
         check_args("model", builder, {"depth": True})
+
+
+def test_layers_on_a_batch_too_small_for_the_similarity_is_refused_with_the_minimum(capsys):
+    assert main(["layers", "fcn", "cnn1d", "--data-args", '{"num_samples": 200, "val_size": 20}', "--batch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least 3" in err and "1.0000" not in err, err
