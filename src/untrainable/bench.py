@@ -69,51 +69,58 @@ class Case:
 
 def cases(quick: bool = False) -> list[Case]:
     """The benchmark's pairs. Widths of the guide are reduced to fit a CPU; each case says so."""
-    mnist, imagenet = (1, 28, 28), (3, 224, 224)
-    if quick:
-        tiny_fcn = {"input_shape": mnist, "depth": 4, "width": 32}
-        tiny_rnn = {"hidden": 8, "embed_dim": 8, "layers": 1}
-        tiny_transformer = {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}
-        return [
-            Case(
-                "deep_fcn<-resnet18 28x28 (tiny)",
-                "deep_fcn",
-                tiny_fcn,
-                "resnet18",
-                {"input_shape": mnist, "width": 2},
-                8,
-                mnist,
-                repeats=1,
-            ),
-            Case(
-                "rnn<-transformer L=16 (tiny)",
-                "rnn",
-                tiny_rnn,
-                "causal_transformer",
-                tiny_transformer,
-                4,
-                (16,),
-                tokens=True,
-                num_classes=16,
-                repeats=1,
-            ),
-        ]
-    found = []
-    for batch in (64, 256):
-        guide_args = {"input_shape": mnist, "width": 16}
-        found.append(
-            Case(
-                f"deep_fcn<-resnet18 28x28 b{batch}",
-                "deep_fcn",
-                {"input_shape": mnist},
-                "resnet18",
-                guide_args,
-                batch,
-                mnist,
-                repeats=5,
-                note="ResNet-18 at width 16 of 64",
-            )
+    return _quick_cases() if quick else _mnist_cases() + _imagenet_cases() + [_sequence_case()]
+
+
+def _quick_cases() -> list[Case]:
+    """Tiny versions of an image pair and a sequence pair: seconds, numbers not meaningful."""
+    mnist = (1, 28, 28)
+    tiny_fcn = {"input_shape": mnist, "depth": 4, "width": 32}
+    tiny_rnn = {"hidden": 8, "embed_dim": 8, "layers": 1}
+    tiny_transformer = {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}
+    return [
+        Case(
+            "deep_fcn<-resnet18 28x28 (tiny)",
+            "deep_fcn",
+            tiny_fcn,
+            "resnet18",
+            {"input_shape": mnist, "width": 2},
+            8,
+            mnist,
+            repeats=1,
+        ),
+        Case(
+            "rnn<-transformer L=16 (tiny)",
+            "rnn",
+            tiny_rnn,
+            "causal_transformer",
+            tiny_transformer,
+            4,
+            (16,),
+            tokens=True,
+            num_classes=16,
+            repeats=1,
+        ),
+    ]
+
+
+def _mnist_cases() -> list[Case]:
+    """Deep FCN guided by ResNet-18 on 28 x 28 inputs: at two batch sizes, and the rescue study's pair."""
+    mnist = (1, 28, 28)
+    found = [
+        Case(
+            f"deep_fcn<-resnet18 28x28 b{batch}",
+            "deep_fcn",
+            {"input_shape": mnist},
+            "resnet18",
+            {"input_shape": mnist, "width": 16},
+            batch,
+            mnist,
+            repeats=5,
+            note="ResNet-18 at width 16 of 64",
         )
+        for batch in (64, 256)
+    ]
     found.append(
         Case(
             "deep_fcn 48x1024<-resnet18 blocks 28x28 b64",
@@ -129,36 +136,42 @@ def cases(quick: bool = False) -> list[Case]:
             guide_layers=("layer*.*",),
         )
     )
-    for batch in (64, 256):
-        guide_args = {"input_shape": imagenet, "width": 8, "stem": "imagenet"}
-        found.append(
-            Case(
-                f"deep_fcn<-resnet18 224x224 b{batch}",
-                "deep_fcn",
-                {"input_shape": imagenet},
-                "resnet18",
-                guide_args,
-                batch,
-                imagenet,
-                repeats=3,
-                note="ResNet-18 at width 8 of 64",
-            )
-        )
-    found.append(
-        Case(
-            "rnn<-transformer L=256 b64",
-            "rnn",
-            {},
-            "causal_transformer",
-            {"max_len": 256},
-            64,
-            (256,),
-            tokens=True,
-            num_classes=16,
-            repeats=5,
-        )
-    )
     return found
+
+
+def _imagenet_cases() -> list[Case]:
+    """Deep FCN guided by ResNet-18 on 224 x 224 inputs at two batch sizes."""
+    imagenet = (3, 224, 224)
+    return [
+        Case(
+            f"deep_fcn<-resnet18 224x224 b{batch}",
+            "deep_fcn",
+            {"input_shape": imagenet},
+            "resnet18",
+            {"input_shape": imagenet, "width": 8, "stem": "imagenet"},
+            batch,
+            imagenet,
+            repeats=3,
+            note="ResNet-18 at width 8 of 64",
+        )
+        for batch in (64, 256)
+    ]
+
+
+def _sequence_case() -> Case:
+    """An RNN guided by a causal transformer on token sequences of length 256."""
+    return Case(
+        "rnn<-transformer L=256 b64",
+        "rnn",
+        {},
+        "causal_transformer",
+        {"max_len": 256},
+        64,
+        (256,),
+        tokens=True,
+        num_classes=16,
+        repeats=5,
+    )
 
 
 # ---------------------------------------------------------------- memory
