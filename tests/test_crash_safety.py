@@ -203,3 +203,27 @@ def test_interrupt_writes_a_checkpoint_of_the_last_step_then_resume_finishes(tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     result = train(_small_config(), tmp_path, resume=True, data=_splits(x))
     assert result.final["steps"] == 4  # one epoch of 64 / 16
+
+
+def test_the_finite_check_reads_a_finite_batch_once_and_still_finds_every_non_finite_value(monkeypatch):
+    from untrainable import distributed, step
+
+    info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    big = torch.randn(64, 1000)
+    elementwise = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda v: elementwise.append(v.numel()) or isfinite(v))
+    step.check_finite(1, info, input=big)
+    assert max(elementwise) == 1, "a finite batch needs only its sum checked, not every element"
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    step.check_finite(1, info, input=torch.full((64, 40), 3e38))  # finite, though its sum overflows
+    step.check_finite(1, info, input=torch.full((8,), 60000.0, dtype=torch.float16))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[5, 7] = bad
+        with pytest.raises(NonFiniteError, match="input is not finite"):
+            step.check_finite(1, info, input=x)
+    x = big.clone()
+    x[0, 0], x[1, 1] = float("inf"), -float("inf")  # their sum is NaN, still not finite
+    with pytest.raises(NonFiniteError):
+        step.check_finite(1, info, input=x)
