@@ -18,14 +18,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from untrainable.guidance import GUIDE_INPUTS, MIN_EXAMPLES
+from untrainable.guide_cache import STORAGES
 from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
 from untrainable.schedule import SCHEDULES
 from untrainable.sequence import SEQUENCE_MODES
+from untrainable.step import PRECISIONS
+from untrainable.tasks import TASKS as _TASKS
 
-TASKS = ("classification", "tokens", "lm")
-PRECISIONS = ("fp32", "bf16", "fp16")
+TASKS = tuple(_TASKS)
 SIMILARITY_SCOPES = ("global", "local")
-GUIDE_CACHES = ("none", "memory", "disk")
+GUIDE_CACHES = ("none", *STORAGES)
 
 
 class ConfigError(ValueError):

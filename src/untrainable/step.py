@@ -20,12 +20,17 @@ class NonFiniteError(FloatingPointError):
     """A NaN or inf in the inputs or a loss term; the message names the step and the term."""
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for `fp32` (none), `bf16` or `fp16` on `device`."""
+    """Mixed precision for `fp32` (none), `bf16` or `fp16` on `device`; any other name is a ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 def check_finite(step: int, info: distributed.DistInfo, **terms: Tensor) -> None:
