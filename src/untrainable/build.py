@@ -220,6 +220,7 @@ def build_guidance(config: RunConfig, target: nn.Module, guide: nn.Module) -> Gu
         guide_input=g.guide_input,
         sequence_mode=g.sequence_mode,
         gather=distributed.gather_for_similarity if g.scope == "global" else None,
+        gram_dtype=None if g.gram_dtype == "float32" else getattr(torch, g.gram_dtype),
     )
 
 
