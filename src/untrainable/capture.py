@@ -228,10 +228,6 @@ class LayerCapture:
     def clear(self) -> None:
         self.activations = {}
 
-    def missing(self) -> list[str]:
-        """Layers that did not run in the last recorded forward."""
-        return [name for name in self.names if name not in self.activations]
-
     def remove(self) -> None:
         """Take the hooks off the model."""
         for handle in self._handles:
