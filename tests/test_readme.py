@@ -38,3 +38,21 @@ def test_library_example_runs():
     exec(code, scope)
     assert torch.isfinite(scope["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, target.parameters()))
+
+
+def test_readme_gives_the_fast_tier_command():
+    assert re.search(r'^    python -m pytest -q -m "not slow"$', README, flags=re.M)
+
+
+def test_layout_names_every_module():
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    package = ROOT / "src" / "untrainable"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        folder = path.parent.relative_to(package).as_posix()
+        # Each package's modules are named on its own line of the Layout section.
+        prefix = "- `src/untrainable/`" if folder == "." else f"- `src/untrainable/{folder}/`"
+        lines = [line for line in layout.splitlines() if line.startswith(prefix)]
+        if not any(f"`{path.name}`" in line for line in lines):
+            missing.append(path.relative_to(package).as_posix())
+    assert not missing, f"README's Layout does not name: {', '.join(missing)}"
