@@ -162,5 +162,5 @@ def test_run_returns_output_and_activations_and_names_missing_layers():
         def forward(self, x):
             return self.head(self.inner.deep(x))
 
-    with pytest.raises(RuntimeError, match=r"blocks.0.1.*of Skips did not run"):
+    with pytest.raises(ValueError, match=r"blocks.0.1.*of Skips did not run"):
         LayerCapture(Skips(), ["blocks.0.1"]).run(x)

@@ -1,5 +1,7 @@
 """User errors reach the command line as one line on stderr (exit 2); --debug shows the traceback."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -117,3 +119,110 @@ def test_malformed_override_is_one_line(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(MODEL + DATA + TRAIN)
     assert "KEY=VALUE" in _error(capsys, "--config", str(config), "--set", "train.epochs")
+
+
+def test_input_shape_that_does_not_fit_the_data_is_one_line_before_training(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL.replace("width = 16", "width = 16, input_shape = [30]") + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert "model.args" in err and "(40,)" in err and "(30,)" in err, err
+    assert not (tmp_path / "a" / "config.json").exists()  # refused before the run folder is written
+    config.write_text(MODEL + DATA + '[guide]\nname = "fcn"\nargs = { input_shape = [30] }\n' + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "b"))
+    assert "guide.args" in err and "(40,)" in err, err
+
+
+def test_a_layer_that_does_not_run_is_one_line(tmp_path, capsys, monkeypatch):
+    from untrainable.models.fcn import FCN
+
+    def skip_second_block(self, x):
+        return self.head(self.layers[0](x.flatten(1)))
+
+    monkeypatch.setattr(FCN, "forward", skip_second_block)
+    config = tmp_path / "run.toml"
+    layers = '[guidance]\ntarget_layers = ["layers.1.linear"]\nguide_layers = ["layers.0.linear"]\n'
+    config.write_text(MODEL + DATA + '[guide]\nname = "fcn"\n' + layers + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "run"))
+    assert "layers.1.linear" in err and "did not run" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--data-args", "--target-args", "--guide-args"])
+def test_bad_json_in_a_layers_flag_names_the_flag(capsys, flag):
+    assert main(["layers", "fcn", "fcn", flag, "{depth: 2}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert flag in err and "JSON object" in err, err
+    assert main(["layers", "fcn", "fcn", flag, "[2]"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def _warn_then_fail(error: Exception):
+    def command(args):
+        warnings.warn("an unreadable image skipped", stacklevel=2)
+        raise error
+
+    return command
+
+
+def test_warnings_print_on_rank_zero_only(capsys, monkeypatch):
+    import untrainable.cli
+
+    monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(OSError("disk gone")))
+    with pytest.warns(UserWarning, match="unreadable image"):
+        assert main(["list"]) == 2
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["list"]) == 2
+    assert not seen, [str(w.message) for w in seen]
+
+
+def test_an_error_of_another_rank_alone_prints_there_with_its_rank(capsys, monkeypatch):
+    import untrainable.cli
+    from untrainable.config import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(OSError("disk gone")))
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank 1" in err and "disk gone" in err, err
+    # A config error is the same on every rank: rank 0 prints it.
+    monkeypatch.setattr(untrainable.cli, "cmd_list", _warn_then_fail(ConfigError("model.args: bad")))
+    assert main(["list"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_an_argument_of_the_wrong_type_names_its_field_value_and_type(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL.replace("depth = 2", 'depth = "two"') + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"))
+    assert "model.args.depth" in err and "'two'" in err and "int" in err, err
+    assert "accepted" in err and "width" in err.split("accepted")[1], err
+    config.write_text(MODEL + DATA.replace("val_size = 50", "val_size = [50]") + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "b"))
+    assert "data.args.val_size" in err and "[50]" in err and "int" in err, err
+    config.write_text(MODEL.replace("width = 16", 'width = 16, input_shape = ["forty"]') + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "c"))
+    assert "model.args.input_shape" in err and "tuple[int, ...]" in err, err
+
+
+def test_arguments_of_the_right_type_pass_the_check():
+    from pathlib import Path
+
+    from untrainable.build import check_args
+
+    def builder(depth: int, rate: float = 0.1, shape: tuple[int, ...] = (3,), root: str = ".", flag: bool = True):
+        return None
+
+    check_args("model", builder, {"depth": 2, "rate": 1, "shape": [1, 2], "root": Path("x"), "flag": False})
+    with pytest.raises(ValueError, match=r"model.args.flag: 1 is not bool"):
+        check_args("model", builder, {"flag": 1})
+    with pytest.raises(ValueError, match=r"model.args.depth: True is not int"):
+        check_args("model", builder, {"depth": True})
+
+
+def test_layers_on_a_batch_too_small_for_the_similarity_is_refused_with_the_minimum(capsys):
+    assert main(["layers", "fcn", "cnn1d", "--data-args", '{"num_samples": 200, "val_size": 20}', "--batch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least 3" in err and "1.0000" not in err, err

@@ -63,3 +63,44 @@ def test_a_field_missing_from_a_saved_config_counts_as_its_default():
     assert config_differences(saved, changed) == ["guidance.alpha_max"]
     saved["guidance"]["alpha"] = 3.0
     assert config_differences(saved, config) == ["guidance.alpha"]
+
+
+def _guided(**guidance) -> RunConfig:
+    from untrainable.config import from_dict
+
+    return from_dict(
+        RunConfig,
+        {
+            "model": {"name": "fcn", "args": {"depth": 2, "width": 8}},
+            "data": {"name": "mnist1d", "args": {"num_samples": 200, "val_size": 20}},
+            "guide": {"name": "fcn", "args": {"depth": 2, "width": 8}},
+            "guidance": guidance,
+        },
+    )
+
+
+def test_gram_dtype_from_the_config_reaches_guidance():
+    import torch
+
+    from untrainable.build import build_guidance
+    from untrainable.models import create_model
+
+    def guidance_of(config):
+        target, guide = (create_model("fcn", input_shape=(40,), depth=2, width=8) for _ in range(2))
+        return build_guidance(config, target, guide)
+
+    assert guidance_of(_guided(gram_dtype="bfloat16")).gram_dtype == torch.bfloat16
+    assert guidance_of(_guided()).gram_dtype in (None, torch.float32)  # the default: float32 products
+    with pytest.raises(ValueError, match=r"guidance.gram_dtype: 'float16' is not one of float32, bfloat16"):
+        _guided(gram_dtype="float16")
+
+
+def test_a_field_missing_from_an_older_config_json_is_its_default():
+    import json
+
+    from untrainable.config import config_differences
+
+    saved = json.loads(json.dumps(_guided().to_dict()))
+    del saved["guidance"]["gram_dtype"]  # written before the field existed
+    assert config_differences(saved, _guided()) == []
+    assert config_differences(saved, _guided(gram_dtype="bfloat16")) == ["guidance.gram_dtype"]

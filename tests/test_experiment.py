@@ -45,6 +45,24 @@ def test_arms_seeds_table_and_reuse(tmp_path):
         run_experiment(experiment(epochs=2), tmp_path, log=lambda _: None)
 
 
+def test_interrupted_runs_are_resumed_and_one_without_a_checkpoint_trained_again_keeping_its_log(tmp_path):
+    run_experiment(experiment(), tmp_path, log=lambda _: None)
+    interrupted, early = (tmp_path / "fcn+trained-cnn" / f"seed{seed}" for seed in (0, 1))
+    for folder in (interrupted, early):  # as if killed before the end: no result yet
+        (folder / "result.json").unlink()
+        (folder / "model.pt").unlink()
+    for path in (early / "checkpoints").iterdir():  # killed before its first checkpoint
+        path.unlink()
+    earlier_log = (early / "metrics.jsonl").read_text()
+    messages = []
+    run_experiment(experiment(), tmp_path, log=messages.append)
+    resumes = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("kind") == "resume" for r in resumes)
+    assert any("fcn+trained-cnn seed 1" in m and "first checkpoint" in m for m in messages), messages
+    assert (early / "metrics.attempt1.jsonl").read_text() == earlier_log
+    assert (early / "result.json").exists() and (interrupted / "result.json").exists()
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     config = tiny(epochs=2)
     train(dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=3)), tmp_path)

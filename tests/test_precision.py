@@ -74,3 +74,20 @@ def test_fp16_needs_a_gpu(tmp_path):
 def test_fp16_with_grad_scaler_on_gpu(tmp_path):
     result = train(_config("fp16"), tmp_path)
     assert result.final["steps"] == 3
+
+
+def test_autocast_refuses_an_unknown_precision_naming_the_allowed_ones():
+    from untrainable.step import autocast
+
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        autocast(torch.device("cpu"), "fp8")
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_config_choices_come_from_their_owners():
+    from untrainable import config, guide_cache, step, tasks
+
+    assert set(config.TASKS) == set(tasks.TASKS)
+    assert config.GUIDE_CACHES == ("none", *guide_cache.STORAGES)
+    assert config.PRECISIONS == step.PRECISIONS

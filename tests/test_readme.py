@@ -59,3 +59,21 @@ def test_several_guides_example_runs():
     assert torch.isfinite(scope["loss"]) and set(out.guide_losses) == {"resnet18", "vit"}
     assert out.alphas == {"resnet18": 1.0, "vit": 0.5}
     assert {key.split(":")[0] for key in out.similarities} == {"resnet18", "vit"}
+
+
+def test_readme_gives_the_fast_tier_command():
+    assert re.search(r'^    python -m pytest -q -m "not slow"$', README, flags=re.M)
+
+
+def test_layout_names_every_module():
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    package = ROOT / "src" / "untrainable"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        folder = path.parent.relative_to(package).as_posix()
+        # Each package's modules are named on its own line of the Layout section.
+        prefix = "- `src/untrainable/`" if folder == "." else f"- `src/untrainable/{folder}/`"
+        lines = [line for line in layout.splitlines() if line.startswith(prefix)]
+        if not any(f"`{path.name}`" in line for line in lines):
+            missing.append(path.relative_to(package).as_posix())
+    assert not missing, f"README's Layout does not name: {', '.join(missing)}"

@@ -47,9 +47,7 @@ def test_parity_labels_for_every_length():
 
 
 def test_parity_long_split_lengths():
-    splits = load_data(
-        "parity", train_size=8, val_size=8, test_size=32, max_len=10, long_min=11, long_max=14
-    )
+    splits = load_data("parity", train_size=8, val_size=8, test_size=32, max_len=10, long_min=11, long_max=14)
     assert splits.input_shape == (14,) and splits.num_classes == 2
     assert splits.meta["vocab_size"] == 3
     long_x, _ = splits.extra_test["long"].tensors

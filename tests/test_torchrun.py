@@ -59,7 +59,9 @@ def test_two_processes_train_and_resume_like_one_unbroken_run(tmp_path):
     result = json.loads((full / "result.json").read_text())
     # 540 training examples (640 less 100 for validation), 2 ranks x batch 40: 6 steps an epoch.
     assert result["steps"] == 12
-    steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines() if '"kind"' not in line]
+    steps = [
+        json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines() if '"kind"' not in line
+    ]
     assert steps == list(range(1, 13)), "one record per step: only rank 0 writes"
 
     # Stop after 8 steps (in the middle of the second epoch), then resume under torchrun.

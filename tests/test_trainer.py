@@ -83,6 +83,21 @@ def test_refuses_to_overwrite_a_run(tmp_path):
         train(small_config(max_steps=3), tmp_path)
 
 
+def test_refuses_a_folder_with_a_runs_logs_but_no_checkpoint(tmp_path):
+    train(small_config(max_steps=3), tmp_path)
+    checkpoints = sorted((tmp_path / "checkpoints").glob("step-*.pt"))
+    for path in checkpoints:  # as a resume that found them corrupted leaves them
+        path.rename(path.with_name(path.name + ".corrupt"))
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="--resume.*remove the folder"):
+        train(small_config(max_steps=3), tmp_path)
+    for path in (tmp_path / "checkpoints").iterdir():  # no checkpoints at all: a run killed before its first
+        path.unlink()
+    with pytest.raises(FileExistsError, match="already holds a run's logs"):
+        train(small_config(max_steps=3), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
+
+
 @pytest.mark.parametrize("where", [pytest.param("epoch-boundary", marks=pytest.mark.slow), "mid-epoch"])
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, where):
     config = small_config(checkpoint_every=1)

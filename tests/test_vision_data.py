@@ -214,3 +214,28 @@ def test_unreadable_images_are_reported_by_path_at_set_up(tmp_path):
         data = image_folder(str(tmp_path), image_size=8, val_fraction=0.2, skip_bad=True)
     kept = {str(p) for split in (data.train, data.val, data.test) for p in split.paths}
     assert len(kept) == 11 and str(truncated) not in kept
+
+
+def test_image_folder_lone_train_folder_is_the_tree(tmp_path):
+    write_pngs(tmp_path / "train", per_class=6)
+    data = image_folder(str(tmp_path), image_size=6, val_fraction=0.25, augment=False)
+    assert data.meta["classes"] == ["cat", "dog"] and data.num_classes == 2  # not one class named "train"
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 3)  # val and test carved, as for one tree
+    held_out = image_folder(str(tmp_path), image_size=6, val_fraction=0.25, test_root=str(tmp_path / "train"))
+    assert (len(held_out.train), len(held_out.val)) == (9, 3)
+
+
+def test_image_folder_with_fewer_than_two_classes_is_refused(tmp_path):
+    write_pngs(tmp_path / "one", classes=("cat",))
+    with pytest.raises(ValueError, match="at least 2 classes") as error:
+        image_folder(str(tmp_path / "one"), image_size=6)
+    assert str(tmp_path / "one") in str(error.value) and "cat" in str(error.value)
+    write_pngs(tmp_path / "empty_dog", classes=("cat",))
+    (tmp_path / "empty_dog" / "dog").mkdir()  # a class folder without images is no class
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        image_folder(str(tmp_path / "empty_dog"), image_size=6)
+    write_pngs(tmp_path / "split" / "train", classes=("cat",))
+    write_pngs(tmp_path / "split" / "val", classes=("cat",))
+    with pytest.raises(ValueError, match="at least 2 classes") as error:
+        image_folder(str(tmp_path / "split"), image_size=6)
+    assert str(tmp_path / "split" / "train") in str(error.value)

@@ -32,9 +32,7 @@ def test_imagenet_stem_shrinks_by_four():
 
 def test_vit_forward_backward():
     torch.manual_seed(0)
-    model = create_model(
-        "vit_tiny", input_shape=(1, 28, 28), num_classes=5, dim=16, depth=2, heads=2
-    )
+    model = create_model("vit_tiny", input_shape=(1, 28, 28), num_classes=5, dim=16, depth=2, heads=2)
     logits = model(torch.randn(2, 1, 28, 28))
     assert logits.shape == (2, 5)
     logits.sum().backward()

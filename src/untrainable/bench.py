@@ -16,6 +16,12 @@ One run measures, on the same machine and the same batches:
 - the floor: (b) plus the matrix products that the similarity cannot avoid
   on the case's shapes, timed on the same machine in the same rotation.
 
+(a), (b), (c) and (e) run `step.train_step`, the step the trainer takes,
+so what is timed is what trains, its checks included: that the inputs, the
+loss terms and the gradients' norm are finite (a few reductions per step and,
+on a GPU, a wait for their results). (d) has no such checks, as the authors'
+step has none.
+
 Timing runs with the allocator as it is; peak memory is measured apart
 (another process on a CPU, a pass after the timing on a GPU), and the
 similarity kernel alone is timed against its matrix products.
@@ -24,6 +30,7 @@ similarity kernel alone is timed against its matrix products.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import multiprocessing
 import platform
@@ -38,11 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from untrainable import distributed
 from untrainable.capture import as_activation, named_layers
 from untrainable.guidance import Guidance
 from untrainable.guide_cache import GuideCache
 from untrainable.models import create_model
 from untrainable.similarity import linear_cka, sample_space_is_cheaper
+from untrainable.step import StepParts, train_step
+from untrainable.tasks import get_task
 
 VARIANTS = ("target", "+guide", "guided", "cached", "authors")
 PRODUCTS = "products"  # the similarity's unavoidable matrix products, timed beside the variants
@@ -69,51 +79,58 @@ class Case:
 
 def cases(quick: bool = False) -> list[Case]:
     """The benchmark's pairs. Widths of the guide are reduced to fit a CPU; each case says so."""
-    mnist, imagenet = (1, 28, 28), (3, 224, 224)
-    if quick:
-        tiny_fcn = {"input_shape": mnist, "depth": 4, "width": 32}
-        tiny_rnn = {"hidden": 8, "embed_dim": 8, "layers": 1}
-        tiny_transformer = {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}
-        return [
-            Case(
-                "deep_fcn<-resnet18 28x28 (tiny)",
-                "deep_fcn",
-                tiny_fcn,
-                "resnet18",
-                {"input_shape": mnist, "width": 2},
-                8,
-                mnist,
-                repeats=1,
-            ),
-            Case(
-                "rnn<-transformer L=16 (tiny)",
-                "rnn",
-                tiny_rnn,
-                "causal_transformer",
-                tiny_transformer,
-                4,
-                (16,),
-                tokens=True,
-                num_classes=16,
-                repeats=1,
-            ),
-        ]
-    found = []
-    for batch in (64, 256):
-        guide_args = {"input_shape": mnist, "width": 16}
-        found.append(
-            Case(
-                f"deep_fcn<-resnet18 28x28 b{batch}",
-                "deep_fcn",
-                {"input_shape": mnist},
-                "resnet18",
-                guide_args,
-                batch,
-                mnist,
-                repeats=5,
-                note="ResNet-18 at width 16 of 64",
-            )
+    return _quick_cases() if quick else _mnist_cases() + _imagenet_cases() + [_sequence_case()]
+
+
+def _quick_cases() -> list[Case]:
+    """Tiny versions of an image pair and a sequence pair: seconds, numbers not meaningful."""
+    mnist = (1, 28, 28)
+    tiny_fcn = {"input_shape": mnist, "depth": 4, "width": 32}
+    tiny_rnn = {"hidden": 8, "embed_dim": 8, "layers": 1}
+    tiny_transformer = {"dim": 8, "depth": 1, "heads": 2, "max_len": 16}
+    return [
+        Case(
+            "deep_fcn<-resnet18 28x28 (tiny)",
+            "deep_fcn",
+            tiny_fcn,
+            "resnet18",
+            {"input_shape": mnist, "width": 2},
+            8,
+            mnist,
+            repeats=1,
+        ),
+        Case(
+            "rnn<-transformer L=16 (tiny)",
+            "rnn",
+            tiny_rnn,
+            "causal_transformer",
+            tiny_transformer,
+            4,
+            (16,),
+            tokens=True,
+            num_classes=16,
+            repeats=1,
+        ),
+    ]
+
+
+def _mnist_cases() -> list[Case]:
+    """Deep FCN guided by ResNet-18 on 28 x 28 inputs: at two batch sizes, and the rescue study's pair."""
+    mnist = (1, 28, 28)
+    found = [
+        Case(
+            f"deep_fcn<-resnet18 28x28 b{batch}",
+            "deep_fcn",
+            {"input_shape": mnist},
+            "resnet18",
+            {"input_shape": mnist, "width": 16},
+            batch,
+            mnist,
+            repeats=5,
+            note="ResNet-18 at width 16 of 64",
         )
+        for batch in (64, 256)
+    ]
     found.append(
         Case(
             "deep_fcn 48x1024<-resnet18 blocks 28x28 b64",
@@ -129,36 +146,42 @@ def cases(quick: bool = False) -> list[Case]:
             guide_layers=("layer*.*",),
         )
     )
-    for batch in (64, 256):
-        guide_args = {"input_shape": imagenet, "width": 8, "stem": "imagenet"}
-        found.append(
-            Case(
-                f"deep_fcn<-resnet18 224x224 b{batch}",
-                "deep_fcn",
-                {"input_shape": imagenet},
-                "resnet18",
-                guide_args,
-                batch,
-                imagenet,
-                repeats=3,
-                note="ResNet-18 at width 8 of 64",
-            )
-        )
-    found.append(
-        Case(
-            "rnn<-transformer L=256 b64",
-            "rnn",
-            {},
-            "causal_transformer",
-            {"max_len": 256},
-            64,
-            (256,),
-            tokens=True,
-            num_classes=16,
-            repeats=5,
-        )
-    )
     return found
+
+
+def _imagenet_cases() -> list[Case]:
+    """Deep FCN guided by ResNet-18 on 224 x 224 inputs at two batch sizes."""
+    imagenet = (3, 224, 224)
+    return [
+        Case(
+            f"deep_fcn<-resnet18 224x224 b{batch}",
+            "deep_fcn",
+            {"input_shape": imagenet},
+            "resnet18",
+            {"input_shape": imagenet, "width": 8, "stem": "imagenet"},
+            batch,
+            imagenet,
+            repeats=3,
+            note="ResNet-18 at width 8 of 64",
+        )
+        for batch in (64, 256)
+    ]
+
+
+def _sequence_case() -> Case:
+    """An RNN guided by a causal transformer on token sequences of length 256."""
+    return Case(
+        "rnn<-transformer L=256 b64",
+        "rnn",
+        {},
+        "causal_transformer",
+        {"max_len": 256},
+        64,
+        (256,),
+        tokens=True,
+        num_classes=16,
+        repeats=5,
+    )
 
 
 # ---------------------------------------------------------------- memory
@@ -316,6 +339,21 @@ def build_case(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module, 
     return target, guide, x, y
 
 
+class _WithGuideForward(nn.Module):
+    """Variant (b)'s forward: the target's, then the guide's under no_grad, with no alignment between them."""
+
+    def __init__(self, target: nn.Module, guide: nn.Module) -> None:
+        super().__init__()
+        self.target = target
+        self._guide = [guide]  # not a submodule: the guide stays as Guidance froze it
+
+    def forward(self, x: Tensor) -> Tensor:
+        output = self.target(x)
+        with torch.no_grad():
+            self._guide[0](x)
+        return output
+
+
 def _authors_pairs(guidance: Guidance) -> tuple[tuple[type[nn.Module], ...], list[tuple[str, str, float]]]:
     """The types the authors' extractor hooks and the pairs by positional name.
 
@@ -336,7 +374,8 @@ def case_steps(
 ) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
     """One closure per variant, each doing one full optimisation step on the same batch, and the products' closure.
 
-    `pairs` replaces the case's layers and the default spread.
+    (a), (b), (c) and (e) run the trainer's step, `step.train_step`; (d) its
+    own. `pairs` replaces the case's layers and the default spread.
     """
     target, guide, x, y = build_case(case, device)
     optimizer = torch.optim.Adam(target.parameters(), lr=1e-4)
@@ -347,28 +386,25 @@ def case_steps(
     cache.activations(index, x, guidance.run_guide)  # filled once, as after the first epoch
     types, authors_pairs = _authors_pairs(guidance)
     products, counted = unavoidable_products(guidance, x)
+    numbers = itertools.count(1)
 
-    def finish(loss: Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def trainer_step(batch: tuple[Tensor, ...], model: nn.Module = target, **terms: Any) -> Callable[[], None]:
+        """The trainer's own step (`step.train_step`) on `batch`, with the given loss terms."""
+        parts = StepParts(
+            model=model,
+            target=target,
+            optimizer=optimizer,
+            task=get_task("tokens" if case.tokens else "classification"),
+            device=device,
+            dist_info=distributed.DistInfo(0, 1, 0, torch.device("cpu")),  # one process, as the trainer's
+            scaler=torch.amp.GradScaler("cuda", enabled=False),
+            **terms,
+        )
 
-    def step_target() -> None:
-        finish(_task_loss(target(x), y))
+        def step() -> None:
+            train_step(parts, batch, next(numbers))
 
-    def step_guide_forward() -> None:
-        output = target(x)
-        with torch.no_grad():
-            guide(x)
-        finish(_task_loss(output, y))
-
-    def step_guided() -> None:
-        out = guidance(x)
-        finish(_task_loss(out.output, y) + out.guidance_loss)
-
-    def step_cached() -> None:
-        out = guidance(x, guide_activations=cache.activations(index, x, guidance.run_guide))
-        finish(_task_loss(out.output, y) + out.guidance_loss)
+        return step
 
     def step_authors() -> None:
         loss = _task_loss(target(x), y)
@@ -377,10 +413,18 @@ def case_steps(
             guide_features = authors_features(guide, x, types)
         for t_name, g_name, weight in authors_pairs:
             loss = loss + weight * (1.0 - authors_cka(target_features[t_name], guide_features[g_name]))
-        finish(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-    steps = {"target": step_target, "+guide": step_guide_forward, "guided": step_guided}
-    steps.update({"cached": step_cached, "authors": step_authors, PRODUCTS: products})
+    steps = {
+        "target": trainer_step((x, y)),
+        "+guide": trainer_step((x, y), model=_WithGuideForward(target, guide)),
+        "guided": trainer_step((x, y), guidance=guidance),
+        "cached": trainer_step((x, y, index), guidance=guidance, guide_cache=cache),
+        "authors": step_authors,
+        PRODUCTS: products,
+    }
     info = {"pairs": len(guidance.pairs), "cache_mib": cache.nbytes() / 2**20 / case.batch, "products": counted}
     return steps, info
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import numbers
+import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,15 +28,69 @@ from untrainable.schedule import AlphaSchedule
 
 
 def check_args(where: str, builder: Callable[..., Any], args: dict[str, Any]) -> None:
-    """Raise ConfigError naming `where.args.KEY` when `builder` takes no argument KEY, listing those it takes."""
+    """Raise ConfigError naming `where.args.KEY` when `builder` takes no argument KEY, or not of that value's type.
+
+    The expected type is the parameter's annotation, else its default's type;
+    the message lists the accepted arguments with their types.
+    """
     params = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    for key in args:
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # an annotation that does not evaluate: fall back on the defaults
+        hints = {}
+    expected = {
+        name: hints.get(name, type(p.default) if p.default not in (inspect.Parameter.empty, None) else None)
+        for name, p in params.items()
+    }
+    accepted = ", ".join(f"{name} ({_type_name(t)})" if t is not None else name for name, t in expected.items())
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in args.items():
+        if key not in params and open_ended:
+            continue
         if key not in params:
+            raise ConfigError(f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {accepted}")
+        if expected[key] is not None and _fits(value, expected[key]) is False:
             raise ConfigError(
-                f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {', '.join(params)}"
+                f"{where}.args.{key}: {value!r} is not {_type_name(expected[key])}; "
+                f"accepted arguments of {builder.__name__}: {accepted}"
             )
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether a config value fits a type annotation; None where this check cannot tell (it then lets it pass)."""
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(value, member) for member in members]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (tuple, list, collections.abc.Sequence) and not isinstance(value, str):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and members and members[-1] is not Ellipsis:
+            if len(members) != len(value):
+                return False
+            verdicts = [_fits(v, m) for v, m in zip(value, members)]
+        else:
+            verdicts = [_fits(v, members[0]) for v in value] if members else []
+        return False if False in verdicts else (None if None in verdicts else True)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return False
+    return None
 
 
 def build_data(spec: DataSpec, where: str = "data") -> DataSplits:
@@ -69,7 +128,39 @@ def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "mode
             raise ConfigError(f"{where}.args: {err}") from None
     if spec.checkpoint:
         model.load_state_dict(checked_weights(spec, model, f"{where}.checkpoint"))
+    check_runs_on(model, data, spec.name, kwargs.get("input_shape"), where)
     return model
+
+
+def check_runs_on(
+    model: nn.Module, data: DataSplits, name: str, input_shape: tuple[int, ...] | None, where: str
+) -> None:
+    """Run `model` once on two training examples, so a model that does not fit the data is refused before training.
+
+    Raises ConfigError naming `where.args`, the shape the data gives and the
+    `input_shape` the model was built for; torch's own message is kept in it
+    (and the traceback under --debug), so a fault of the model itself still shows.
+    """
+    n = min(2, len(data.train))  # type: ignore[arg-type]
+    if n == 0:
+        return
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics or dropout touched, no gradients
+    with torch.random.fork_rng(devices=[]):  # nor the random numbers the run will draw
+        x = torch.stack([torch.as_tensor(data.train[i][0]) for i in range(n)])
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(x)
+    except RuntimeError as err:
+        built_for = f"; the model was built for input_shape {tuple(input_shape)}" if input_shape is not None else ""
+        reason = " ".join(str(err).split())
+        raise ConfigError(
+            f"{where}.args: a {name!r} model does not run on the data's examples (shape {tuple(x.shape[1:])}, "
+            f"{x.dtype}{built_for}): {reason[:300]}; make {where}.args fit the data "
+            "(input_shape, num_classes and vocab_size are taken from the data when left out)"
+        ) from err
+    finally:
+        model.train(was_training)
 
 
 def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, Any]:
@@ -153,6 +244,7 @@ def build_guidance(config: RunConfig, target: nn.Module, guides: nn.Module | Seq
         similarity=g.similarity,
         sequence_mode=g.sequence_mode,
         gather=distributed.gather_for_similarity if g.scope == "global" else None,
+        gram_dtype=None if g.gram_dtype == "float32" else getattr(torch, g.gram_dtype),
     )
 
 

@@ -205,7 +205,7 @@ class LayerCapture:
         frozen model). `transform(name, activation)`, when given, is applied
         in the hook as each layer finishes and its result kept instead, so a
         large activation can be reduced and freed before the next layer runs.
-        Raises RuntimeError naming the layers that did not run.
+        Raises ValueError naming the layers that did not run (a choice of layers, not a fault).
         """
         self._transform = transform
         try:
@@ -216,7 +216,7 @@ class LayerCapture:
         activations, self.activations = self.activations, {}
         missing = [name for name in self.names if name not in activations]
         if missing:
-            raise RuntimeError(
+            raise ValueError(
                 f"layers {missing} of {type(self.model).__name__} did not run in its forward; choose layers that do"
             )
         return output, activations
@@ -227,10 +227,6 @@ class LayerCapture:
 
     def clear(self) -> None:
         self.activations = {}
-
-    def missing(self) -> list[str]:
-        """Layers that did not run in the last recorded forward."""
-        return [name for name in self.names if name not in self.activations]
 
     def remove(self) -> None:
         """Take the hooks off the model."""

@@ -44,6 +44,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def temporary_files(path: Path) -> list[Path]:
+    """The temporary files (`.NAME.tmp-PID`) that killed `save_checkpoint` writes to `path` left; NAME may be a glob."""
+    return sorted(p for p in path.parent.glob(f".{path.name}.tmp-*") if p.name.rpartition("-")[2].isdigit())
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`, verifying its checksum."""
     path = Path(path)
@@ -83,9 +88,13 @@ class CheckpointManager:
         """Checkpoints renamed `*.corrupt` by an earlier load: their presence means the run did start."""
         return sorted(self.folder.glob("step-*.pt.corrupt"))
 
-    def remove_leftovers(self) -> list[Path]:
-        """Delete temporary files left by a write that was killed before its rename."""
-        leftovers = sorted(self.folder.glob(".step-*.pt.tmp-*"))
+    def remove_leftovers(self, *others: Path) -> list[Path]:
+        """Delete temporary files left by a write that was killed before its rename.
+
+        Those of the checkpoints, and of the files `others` written with
+        `save_checkpoint` (a run's model.pt): only names `.NAME.tmp-PID`.
+        """
+        leftovers = temporary_files(self.folder / "step-*.pt") + [t for p in others for t in temporary_files(p)]
         for path in leftovers:
             path.unlink(missing_ok=True)
         return leftovers

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,22 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def _json_args(text: str, flag: str) -> dict[str, Any]:
+    """The keyword arguments given to `flag` as a JSON object, refused with a ConfigError naming the flag."""
+    from untrainable.config import ConfigError
+
+    example = f"""e.g. {flag} '{{"depth": 2, "width": 64}}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{flag}: not valid JSON ({err.msg} at column {err.colno}); give a JSON object, {example}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object of keyword arguments, got {text!r}; {example}")
+    return value
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -84,9 +101,17 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from untrainable.config import DataSpec, ModelSpec
     from untrainable.guidance import describe_pairs
 
-    data = build_data(DataSpec(args.data, json.loads(args.data_args)), where="--data")
-    target = build_model(ModelSpec(args.target, json.loads(args.target_args)), data, args.seed, where="--target")
-    guide_spec = ModelSpec(args.guide, json.loads(args.guide_args), checkpoint=args.guide_checkpoint)
+    data_args, target_args, guide_args = (
+        _json_args(text, flag)
+        for text, flag in (
+            (args.data_args, "--data-args"),
+            (args.target_args, "--target-args"),
+            (args.guide_args, "--guide-args"),
+        )
+    )
+    data = build_data(DataSpec(args.data, data_args), where="--data")
+    target = build_model(ModelSpec(args.target, target_args), data, args.seed, where="--target")
+    guide_spec = ModelSpec(args.guide, guide_args, checkpoint=args.guide_checkpoint)
     guide = build_model(guide_spec, data, args.seed + 1, where="--guide")
     rows = describe_pairs(
         target,
@@ -178,6 +203,20 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _may_be_this_ranks_own(err: BaseException) -> bool:
+    """Whether a process other than rank 0 should print `err`.
+
+    Not a ConfigError (every rank reads the same config: rank 0 reports it),
+    nor anything raised before the process group started (parsing, set-up);
+    after it, an error may be this rank's alone (a file, a checkpoint).
+    """
+    import torch.distributed
+
+    from untrainable.config import ConfigError
+
+    return not isinstance(err, ConfigError) and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _one_line(err: BaseException) -> str:
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(str(message).split()) or type(err).__name__
@@ -195,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             if not _is_main_process():
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                stack.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")  # every rank would print the same warning
             return args.func(args)
     except KeyboardInterrupt as err:
         if debug:
@@ -207,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if _is_main_process():
             print(f"untrainable {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        elif _may_be_this_ranks_own(err):
+            rank = os.environ.get("RANK")
+            print(
+                f"untrainable {args.command} (rank {rank}): error: {_one_line(err)} (--debug shows the traceback)",
+                file=sys.stderr,
+            )
         return 2
 
 

@@ -19,14 +19,17 @@ else:  # pragma: no cover
 
 from untrainable.adaptive_alpha import ADAPTIVE
 from untrainable.guidance import GUIDE_INPUTS, GUIDE_NAME, MIN_EXAMPLES
+from untrainable.guide_cache import STORAGES
 from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
 from untrainable.schedule import SCHEDULES
 from untrainable.sequence import SEQUENCE_MODES
+from untrainable.step import PRECISIONS
+from untrainable.tasks import TASKS as _TASKS
 
-TASKS = ("classification", "tokens", "lm")
-PRECISIONS = ("fp32", "bf16", "fp16")
+TASKS = tuple(_TASKS)
 SIMILARITY_SCOPES = ("global", "local")
-GUIDE_CACHES = ("none", "memory", "disk")
+GUIDE_CACHES = ("none", *STORAGES)
+GRAM_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -159,6 +162,7 @@ class GuidanceSpec:
     scope: str = "global"  # under DDP: CKA on the global batch, or per rank ("local")
     cache: str = "none"  # keep the guide's activations per example: "memory" or "disk" (no augmentation only)
     log_every: int = 10  # steps between per-pair similarity records
+    gram_dtype: str = "float32"  # dtype of CKA's sample-space Gram products: "float32" or "bfloat16"
 
     def validate(self, where: str) -> None:
         from untrainable.similarity import list_similarities
@@ -173,6 +177,7 @@ class GuidanceSpec:
                 f"{where}.cache: {self.cache!r} needs guide_input = 'same' (noise inputs change every step)"
             )
         _positive(f"{where}.log_every", self.log_every)
+        _choice(f"{where}.gram_dtype", self.gram_dtype, GRAM_DTYPES)
 
 
 @dataclass
@@ -508,20 +513,45 @@ def config_differences(saved: dict[str, Any], config: RunConfig, ignore: tuple[s
     since the run was made, left at its default, is no difference.
     """
     current = json.loads(json.dumps(config.to_dict()))
-    try:
-        saved = json.loads(json.dumps(from_dict(RunConfig, saved).to_dict()))
-    except (ConfigError, TypeError, ValueError):
-        pass  # a file this version cannot read: compare it as it is
 
     def walk(a: Any, b: Any, path: str) -> list[str]:
         if path in ignore:
             return []
         if isinstance(a, dict) and isinstance(b, dict):
-            return [
-                d
-                for key in sorted(set(a) | set(b))
-                for d in walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-            ]
+            found = []
+            for key in sorted(set(a) | set(b)):
+                where = f"{path}.{key}" if path else key
+                # A field newer than the saved file: that run had its default.
+                older = key not in a and key in b and _json_default(where) == b[key]
+                found += [] if older else walk(a.get(key), b.get(key), where)
+            return found
         return [] if a == b else [path]
 
     return walk(saved, current, "")
+
+
+_NO_DEFAULT = object()
+
+
+def _json_default(path: str) -> Any:
+    """The default of a dotted RunConfig field (`guidance.gram_dtype`) as config.json holds it; a marker if none."""
+    cls: Any = RunConfig
+    default: Any = _NO_DEFAULT
+    for name in path.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return _NO_DEFAULT
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            return _NO_DEFAULT
+        f = fields[name]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = _NO_DEFAULT
+        hint = typing.get_type_hints(cls)[name]
+        cls = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+    if dataclasses.is_dataclass(default):
+        default = dataclasses.asdict(default)
+    return default if default is _NO_DEFAULT else json.loads(json.dumps(default))

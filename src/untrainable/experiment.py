@@ -14,6 +14,7 @@ from typing import Any, Callable, Union
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
+from untrainable.runs import holds_logs
 from untrainable.trainer import RunResult, train
 
 
@@ -153,10 +154,23 @@ def _run_arm(
         )
     log(f"[{arm.name} seed {seed}] training")
     resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
+    if not resume and holds_logs(folder):
+        kept = _keep_earlier_log(folder)
+        log(f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")
     result = train(config, folder, resume=resume, data=_data(config, data_sets))
     if not progress:
         log(f"[{arm.name} seed {seed}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
     return result
+
+
+def _keep_earlier_log(folder: Path) -> Path:
+    """Rename the metrics.jsonl of an attempt that left no checkpoint to the first free `metrics.attemptN.jsonl`."""
+    attempt = 1
+    while (folder / f"metrics.attempt{attempt}.jsonl").exists():
+        attempt += 1
+    kept = folder / f"metrics.attempt{attempt}.jsonl"
+    (folder / "metrics.jsonl").rename(kept)
+    return kept
 
 
 def _headline(final: dict[str, Any]) -> str:

@@ -550,6 +550,7 @@ def describe_pairs(
     was_training = target.training
     guidance = Guidance(target, guide, **kwargs).eval()
     try:
+        guidance._check_batch(n)
         with torch.no_grad():
             _, target_acts = guidance.target_capture.run(x)
         guide_acts = guidance.run_guide(x)

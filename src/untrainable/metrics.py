@@ -18,9 +18,7 @@ def accuracy(logits: Any, labels: Any) -> float:
     """Fraction of rows whose largest logit is the label: logits (n, k), labels (n,) -> float."""
     logits, labels = _numpy(logits), _numpy(labels)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(
-            f"need logits (n, k) and labels (n,), got {logits.shape} and {labels.shape}"
-        )
+        raise ValueError(f"need logits (n, k) and labels (n,), got {logits.shape} and {labels.shape}")
     if len(labels) == 0:
         raise ValueError("accuracy of zero examples is undefined")
     return float(np.mean(logits.argmax(axis=1) == labels))

@@ -32,9 +32,7 @@ class Registry(Generic[T]):
         try:
             return self._builders[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}"
-            ) from None
+            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
 
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)

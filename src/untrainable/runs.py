@@ -57,3 +57,9 @@ def write_run_files(folder: str | Path, config: RunConfig) -> Path:
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def holds_logs(folder: str | Path) -> bool:
+    """Whether `folder` holds the step log of a run that started: a metrics.jsonl with records."""
+    path = Path(folder) / "metrics.jsonl"
+    return path.is_file() and path.stat().st_size > 0

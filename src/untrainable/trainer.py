@@ -36,7 +36,7 @@ from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
 from untrainable.guide_cache import GuideCache, IndexedDataset
-from untrainable.runs import seed_everything, write_run_files
+from untrainable.runs import holds_logs, seed_everything, write_run_files
 from untrainable.step import NonFiniteError, StepParts, autocast, train_step
 from untrainable.tasks import add_sums, get_task
 
@@ -347,6 +347,12 @@ def _check_folder(run: _Run, resume: bool) -> None:
             )
     if not resume and checkpoints.paths():
         raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
+    if not resume and (checkpoints.set_aside() or holds_logs(folder)):
+        # Starting over would throw the earlier run's logs away.
+        raise FileExistsError(
+            f"{folder} already holds a run's logs (metrics.jsonl, or checkpoints set aside as *.corrupt); "
+            "continue it with --resume, choose another --out, or remove the folder yourself"
+        )
     if resume and loaded is None and (checkpoints.set_aside() or (folder / "metrics.jsonl").exists()):
         # The run did start: starting over would silently throw its logs away.
         raise CheckpointError(
@@ -354,7 +360,7 @@ def _check_folder(run: _Run, resume: bool) -> None:
             f"{', '.join(p.name for p in checkpoints.set_aside()) or 'none'}); restore a checkpoint or choose another folder"
         )
     if run.is_main:
-        checkpoints.remove_leftovers()
+        checkpoints.remove_leftovers(folder / "model.pt")
     if loaded is not None:
         run.restore(loaded[0])
         run.resumed_from = loaded[1].name

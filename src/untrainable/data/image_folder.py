@@ -3,6 +3,7 @@
 Expected layouts (class names are sub-folder names, sorted to give indices):
 
     root/<class>/<image>.png|jpg|jpeg                 one tree: val and test are carved from it
+    root/train/<class>/...                             the same, when train/ is root's only folder
     root/train/<class>/...  root/val/<class>/...       ImageNet-style: val/ is the test set
     root/train/...  root/test/...                      test/ is the test set
     root/train/...  root/val/...  root/test/...        val/ validates, test/ tests
@@ -34,7 +35,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUT = (
     "expected one sub-folder per class with .png/.jpg/.jpeg images inside "
-    "(root/<class>/<image>), or root/train/<class>/... beside root/val/ or root/test/"
+    "(root/<class>/<image>), or root/train/<class>/..., alone or beside root/val/ or root/test/"
 )
 SPLITS = ("train", "val", "test")
 
@@ -243,8 +244,10 @@ def image_folder(
 
     With root/train and root/val or root/test, that folder is the test set (with
     both, val/ validates and test/ tests); otherwise the test set is `test_root`
-    or, without one, a seeded `val_fraction` carved from root. Validation is
-    otherwise a seeded `val_fraction` of the training tree. Every file is
+    or, without one, a seeded `val_fraction` carved from the training tree
+    (root, or root/train when it is root's only folder). Validation is
+    otherwise a seeded `val_fraction` of the training tree, which needs
+    images of at least 2 classes. Every file is
     decoded once here: unreadable ones are refused by path, or skipped with a
     count when `skip_bad`.
     `mean`/`std` default to ImageNet's (pass 0 and 1 for none). `augment` sets
@@ -262,6 +265,11 @@ def image_folder(
     root_path = Path(root)
     splits = {name: root_path / name for name in SPLITS if (root_path / name).is_dir()}
     split_layout = "train" in splits and ("val" in splits or "test" in splits)
+    # A lone train/ is the tree itself, not one class named "train".
+    visible = (
+        [e for e in root_path.iterdir() if e.is_dir() and not e.name.startswith(".")] if root_path.is_dir() else []
+    )
+    tree = splits["train"] if split_layout or (list(splits) == ["train"] and len(visible) == 1) else root_path
     if test_root is None and split_layout:
         test_root = str(splits.get("test", splits.get("val")))
     val_root = splits["val"] if split_layout and "val" in splits and "test" in splits else None
@@ -273,7 +281,13 @@ def image_folder(
     def dataset(chosen_paths: Sequence[Path], chosen_labels: Sequence[int]) -> ImageFolderDataset:
         return ImageFolderDataset(chosen_paths, chosen_labels, image_size, mean_c, std_c)
 
-    paths, labels, classes = scan(splits["train"] if split_layout else root_path)
+    paths, labels, classes = scan(tree)
+    present = [classes[i] for i in sorted(set(labels))]
+    if len(present) < 2:
+        raise ValueError(
+            f"{tree} holds images of {len(present)} class(es) ({', '.join(present) or 'none'}); "
+            f"classification needs at least 2 classes: {LAYOUT}"
+        )
     held_out = [val_fraction] * ((val_root is None) + (test_root is None))
     parts = carve(len(paths), held_out, seed) if held_out else [np.arange(len(paths))]
     carved = [dataset([paths[i] for i in part], [labels[i] for i in part]) for part in parts]
