@@ -186,3 +186,16 @@ def test_quick_guides_experiment_runs_end_to_end(tmp_path):
     assert any(key.startswith("similarity/vit:layers.0.linear<-") for key in first)
     assert any(key.startswith("similarity/resnet18:layers.0.linear<-") for key in first)
     assert all(0.0 <= row["test_accuracy"][0] <= 1.0 for row in table["rows"])
+
+
+def test_each_width_has_its_own_sweep_and_the_controls_take_theirs():
+    steps = rescue.rescue()
+    assert [steps[0].name, steps[1].name] == ["rescue-lr", f"rescue-lr-{rescue.CONTROL_WIDTH}"]
+    assert {arm.config.model.args["width"] for arm in steps[1].arms} == {rescue.CONTROL_WIDTH}
+    assert {arm.config.train.epochs for arm in steps[1].arms} == {rescue.CONTROL_EPOCHS}
+    narrow, wide = rescue._sweep_name("adam", 3e-4), rescue._sweep_name("sgd", 1e-2)
+    tables = {"rescue-lr": sweep_table(wide), f"rescue-lr-{rescue.CONTROL_WIDTH}": sweep_table(narrow)}
+    headline, controls = steps[2](tables), steps[3](tables)
+    assert {arm.name: arm for arm in headline.arms}["deep-fcn"].config.optim.name == "sgd"
+    alone = {arm.name: arm for arm in controls.arms}["deep-fcn"].config
+    assert (alone.optim.name, alone.optim.lr, alone.model.args["width"]) == ("adam", 3e-4, rescue.CONTROL_WIDTH)

@@ -1,10 +1,11 @@
-"""The untrainable regime: a 48-block Deep FCN that stays at chance alone, rescued by guidance.
+"""The untrainable regime: a 48-block Deep FCN that trains slowly or not at all alone, and what guidance does to it.
 
-`untrainable run rescue` is a study of three experiments, run in order:
+`untrainable run rescue` is a study of four experiments, run in order:
 
-- `rescue-lr`: the FCN alone (width 1024) under a small sweep of optimisers
-  and learning rates; the best final validation accuracy picks the baseline,
-  so the FCN "fails alone" only after its own training was tuned.
+- `rescue-lr` and `rescue-lr-256`: the FCN alone (width 1024, and the
+  controls' width 256) under a small sweep of optimisers and learning rates;
+  the best final validation accuracy at each width picks that width's
+  baseline, so the FCN "fails alone" only after its own training was tuned.
 - `rescue`: the headline, width 1024, 5 seeds: the FCN alone with the chosen
   optimiser; + an untrained ResNet-18; + the same guide for the first 150
   steps only ("guidance as initialisation"), then alone.
@@ -83,15 +84,23 @@ def chosen_optimiser(sweep: dict[str, Any]) -> tuple[str, float, str]:
     raise ValueError(f"sweep row {best['arm']!r} is not in the sweep {SWEEP}")
 
 
-def sweep_experiment() -> Experiment:
-    """The FCN alone (width 1024) under each optimiser and learning rate of SWEEP."""
+def sweep_experiment(width: int | None = None) -> Experiment:
+    """The FCN alone under each optimiser and learning rate of SWEEP: width 1024 (`rescue-lr`), or `width`.
+
+    At the controls' width (`rescue-lr-256`) the sweep runs as long as the
+    controls (CONTROL_EPOCHS), so their baseline is tuned at its own size.
+    """
     alone = shipped_config("rescue_deep_fcn").replace(guide=None).with_section("train", epochs=SWEEP_EPOCHS)
+    name, used_by = "rescue-lr", "`rescue`"
+    if width is not None:
+        alone = alone.with_args("model", width=width).with_section("train", epochs=CONTROL_EPOCHS)
+        name, used_by = f"rescue-lr-{width}", "`rescue-controls`"
     return Experiment(
-        name="rescue-lr",
+        name=name,
         description=(
-            f"Learning-rate sweep of the Deep FCN alone ({_shape(alone)}), {SWEEP_EPOCHS} epochs, seeds {SWEEP_SEEDS}; "
-            "Adam, and SGD with momentum 0.9, constant rate. The best mean final validation accuracy picks the baseline "
-            "of `rescue` and `rescue-controls`."
+            f"Learning-rate sweep of the Deep FCN alone ({_shape(alone)}), {alone.train.epochs} epochs, seeds "
+            f"{SWEEP_SEEDS}; Adam, and SGD with momentum 0.9, constant rate. The best mean final validation accuracy "
+            f"picks the baseline of {used_by}."
         ),
         arms=[Arm(_sweep_name(o, lr), _with_optimiser(alone, o, lr)) for o, lr in SWEEP],
         seeds=SWEEP_SEEDS,
@@ -157,7 +166,9 @@ def controls_experiment(sweep: dict[str, Any]) -> Experiment:
     ]
     experiment = Experiment(
         name="rescue-controls",
-        description=_describe(guided, optimiser, lr, f"the sweep's choice at width 1024, `{arm}`")
+        description=_describe(
+            guided, optimiser, lr, f"best validation accuracy of the width-{CONTROL_WIDTH} sweep, `{arm}`"
+        )
         + " `noise`: the guide sees Gaussian noise of the images' shape instead of the images. `kd`: no guidance; "
         "distillation from the ResNet's logits (temperature 4, weight 1). `resnet18`: the guide trained alone (the trained guide).",
         arms=arms,
@@ -277,8 +288,9 @@ def rescue(quick: bool = False) -> Experiment | list[Any]:
         return quick_experiment()
     return [
         sweep_experiment(),
+        sweep_experiment(CONTROL_WIDTH),
         lambda tables: headline_experiment(tables["rescue-lr"]),
-        lambda tables: controls_experiment(tables["rescue-lr"]),
+        lambda tables: controls_experiment(tables[f"rescue-lr-{CONTROL_WIDTH}"]),
     ]
 
 
