@@ -179,13 +179,19 @@ def controls_experiment(sweep: dict[str, Any]) -> Experiment:
     return experiment
 
 
+# The FCN alone in the main job: the optimiser and rate the width-256 sweep chose
+# (`rescue-lr-256`: Adam 3e-3, best mean validation accuracy; results/rescue/).
+QUICK_BASELINE = ("adam", 3e-3)
+
+
 def quick_experiment() -> Experiment:
-    """The main job: 48 x 256, 10 epochs, 3 seeds, Adam 1e-3 for every arm; about 2 minutes with 2 processes."""
+    """The main job: 48 x 256, 10 epochs, 3 seeds; alone at QUICK_BASELINE, guided at Adam 1e-3; about 2 minutes."""
     guided = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
+    optimiser, lr = QUICK_BASELINE
     experiment = Experiment(
         name="rescue-quick",
-        description=_describe(guided, "adam", 1e-3, "fixed; `untrainable run rescue` tunes it"),
-        arms=_core_arms(guided, "adam", 1e-3, FIRST_STEPS[:1]),
+        description=_describe(guided, optimiser, lr, "the choice of the full study's width-256 sweep, `rescue-lr-256`"),
+        arms=_core_arms(guided, optimiser, lr, FIRST_STEPS[:1]),
         seeds=QUICK_SEEDS,
         baseline="deep-fcn",
     )
@@ -194,7 +200,7 @@ def quick_experiment() -> Experiment:
 
 
 def alpha_experiment(quick: bool = False) -> Experiment:
-    """48 x 256, 10 epochs, 3 seeds, Adam 1e-3: alone, constant alpha 1, the first 150 steps, adaptive alpha.
+    """48 x 256, 10 epochs, 3 seeds: alone (QUICK_BASELINE), constant alpha 1, the first 150 steps, adaptive alpha.
 
     The adaptive arm keeps the rule's defaults. `quick`: width 32, guide
     width 4, 256 images, 1 epoch, one seed, alpha measured every 2 steps so
@@ -210,12 +216,12 @@ def alpha_experiment(quick: bool = False) -> Experiment:
             .with_section("train", epochs=1, progress=False)
         )
         adaptive["adapt_every"] = 2
-    arms = _core_arms(guided, "adam", 1e-3, FIRST_STEPS[:1])
+    arms = _core_arms(guided, *QUICK_BASELINE, FIRST_STEPS[:1])
     arms.append(Arm(ADAPTIVE_ARM, guided.with_section("guidance", **adaptive)))
     rule = arms[-1].config.guidance
     experiment = Experiment(
         name="rescue-alpha" + ("-quick" if quick else ""),
-        description=_describe(guided, "adam", 1e-3, "fixed, as in `rescue --quick`")
+        description=_describe(guided, *QUICK_BASELINE, "as in `rescue --quick`, the width-256 sweep's choice")
         + f" `adaptive`: alpha starts at {rule.alpha:g} and is measured every {rule.adapt_every} steps as "
         f"min({rule.adapt_ratio:g} ||grad task loss|| / ||grad guidance loss at alpha 1||, {rule.alpha_max:g}) "
         f"on the FCN's parameters, averaged with momentum {rule.adapt_momentum:g} (bias-corrected).",
@@ -458,7 +464,8 @@ def guides_experiment(quick: bool = False) -> Experiment:
         description=(
             f"Fashion-MNIST ({resnet.data.args['train_size']} training images, batch {resnet.data.batch_size}, "
             f"{resnet.train.epochs} epochs), test top-1 accuracy, mean ± std over seeds. Deep FCN {a['depth']} blocks x "
-            f"{a['width']} (BatchNorm, dropout 0.1), Adam lr 1e-3 in every arm. Guides untrained (the run's seed, so "
+            f"{a['width']} (BatchNorm, dropout 0.1); alone: {QUICK_BASELINE[0]} lr {QUICK_BASELINE[1]:g} (the width-256 sweep's "
+            "choice, as in `rescue --quick`); guided arms: Adam lr 1e-3. Guides untrained (the run's seed, so "
             f"the two-guide arm uses the very guides of the one-guide arms): ResNet-18 (width {r['width']}, small stem), "
             f"its block outputs; ViT (dim {v['dim']}, depth {v['depth']}, patch {v['patch_size']}), its block outputs; "
             "each guide's layers spread evenly over the FCN's linear outputs (the first and last pulled by both in "
@@ -467,7 +474,7 @@ def guides_experiment(quick: bool = False) -> Experiment:
             "deviations (more than 2 counts as an effect)."
         ),
         arms=[
-            Arm("deep-fcn", _with_optimiser(resnet.replace(guide=None), "adam", 1e-3)),
+            Arm("deep-fcn", _with_optimiser(resnet.replace(guide=None), *QUICK_BASELINE)),
             Arm("deep-fcn+untrained-resnet18", resnet),
             Arm("deep-fcn+untrained-vit", vit),
             Arm("deep-fcn+untrained-resnet18+untrained-vit", both),
