@@ -51,8 +51,9 @@ def test_interrupted_runs_are_resumed_and_one_without_a_checkpoint_trained_again
     for folder in (interrupted, early):  # as if killed before the end: no result yet
         (folder / "result.json").unlink()
         (folder / "model.pt").unlink()
-    for path in (early / "checkpoints").iterdir():  # killed before its first checkpoint
+    for path in (early / "checkpoints").iterdir():  # killed while writing its first checkpoint
         path.unlink()
+    (early / "checkpoints" / ".step-4.pt.tmp-12345").write_bytes(b"half a checkpoint")
     earlier_log = (early / "metrics.jsonl").read_text()
     messages = []
     run_experiment(experiment(), tmp_path, log=messages.append)
@@ -61,6 +62,7 @@ def test_interrupted_runs_are_resumed_and_one_without_a_checkpoint_trained_again
     assert any("fcn+trained-cnn seed 1" in m and "first checkpoint" in m for m in messages), messages
     assert (early / "metrics.attempt1.jsonl").read_text() == earlier_log
     assert (early / "result.json").exists() and (interrupted / "result.json").exists()
+    assert not (early / "checkpoints" / ".step-4.pt.tmp-12345").exists()
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from untrainable.checkpoint import CheckpointManager
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
@@ -153,7 +154,9 @@ def _run_arm(
             folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text())
         )
     log(f"[{arm.name} seed {seed}] training")
-    resume = (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir())
+    # A checkpoint, good or set aside, means the run started; a temporary file of a killed first write does not.
+    checkpoints = CheckpointManager(folder / "checkpoints")
+    resume = bool(checkpoints.paths() or checkpoints.set_aside())
     if not resume and holds_logs(folder):
         kept = _keep_earlier_log(folder)
         log(f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")

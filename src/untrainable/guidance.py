@@ -302,7 +302,6 @@ class Guidance(nn.Module):
         if len(self.guides) == 1:
             return {"step": self.step, "adaptive": adaptive[self.guides[0].name]}
         return {"step": self.step, "adaptive": adaptive}
-        return {"step": self.step}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -439,7 +438,8 @@ class Guidance(nn.Module):
             output = self.target(x)
             self._advance()
             zero = torch.zeros((), device=_device_of(output, x))
-            return GuidanceOutput(output, zero, self.alpha, {}, {g.name: zero for g in self.guides}, alphas)
+            first = alphas[self.guides[0].name]  # this step's, read before _advance moved the step on
+            return GuidanceOutput(output, zero, first, {}, {g.name: zero for g in self.guides}, alphas)
         output, target_acts = self.target_capture.run(x)
         sides = {
             guide.name: self._guide_side(guide, x, guide_x, guide_activations, target_acts, mask) for guide in pulling
