@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from crashing import DiesAfter, Killed
 from untrainable import AdaptiveAlpha, Guidance, Guide, distributed
 from untrainable.config import (
     ConfigError,
@@ -300,22 +301,6 @@ def test_metrics_log_the_adaptive_alpha_of_every_step(tmp_path):
     assert records[6]["alpha"] == records[5]["alpha"]
 
 
-class DiesAfter(torch.utils.data.Dataset):
-    """Raises once `limit` examples have been read: a crash in the middle of a run."""
-
-    def __init__(self, dataset, limit):
-        self.dataset, self.limit, self.reads = dataset, limit, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.limit:
-            raise InterruptedError("simulated crash")
-        return self.dataset[i]
-
-
 def test_a_resumed_run_continues_the_same_alpha_sequence(tmp_path):
     config = tiny_config(epochs=2, checkpoint_every=4, schedule="adaptive", adapt_every=3, adapt_momentum=0.5)
     data = load_data("mnist1d", num_samples=500, val_size=50)
@@ -323,7 +308,7 @@ def test_a_resumed_run_continues_the_same_alpha_sequence(tmp_path):
     crashing = load_data("mnist1d", num_samples=500, val_size=50)
     # 7 steps an epoch and 50 training examples evaluated after it: dies in step 10, after the checkpoint of step 8.
     crashing.train = DiesAfter(crashing.train, limit=50 * 10 + 10)
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Killed):
         train(config, tmp_path / "resumed", data=crashing)
     train(config, tmp_path / "resumed", resume=True, data=data)
     full, resumed = step_records(tmp_path / "full"), step_records(tmp_path / "resumed")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
+from crashing import DiesAfter, Killed
 from untrainable.checkpoint import load_weights
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, OptimSpec, RunConfig, TrainSpec
 from untrainable.data import load_data
@@ -21,26 +21,6 @@ def small_config(**train_args) -> RunConfig:
         optim=OptimSpec(name="adamw", lr=3e-3, lr_schedule="cosine", weight_decay=0.01),
         train=TrainSpec(epochs=4, seed=3, progress=False, **train_args),
     )
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class DiesAfter(Dataset):
-    """Wraps a data set and raises once `limit` examples have been read: a crash mid-run."""
-
-    def __init__(self, dataset, limit):
-        self.dataset, self.limit, self.reads = dataset, limit, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.limit:
-            raise Killed("simulated crash")
-        return self.dataset[i]
 
 
 def test_run_folder_holds_everything(tmp_path):
