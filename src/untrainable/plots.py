@@ -52,10 +52,7 @@ def plot_curves(
     axes[1].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_matrix(
@@ -88,10 +85,7 @@ def plot_matrix(
     fig.colorbar(image, ax=ax)
     if title:
         ax.set_title("\n".join(textwrap.wrap(title, 50)), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_loss_curves(
@@ -129,10 +123,7 @@ def plot_loss_curves(
     axes[0, 0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=110)
 
 
 def plot_by_step(
@@ -160,16 +151,8 @@ def plot_by_step(
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     for i, (label, step) in enumerate((marks or {}).items()):
         ax.axvline(step, color="grey", linestyle=["--", ":", "-."][i % 3], label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(key.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    if title:
-        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    _label_steps(ax, key.replace("_", " "), title)
+    return _save(fig, path)
 
 
 def plot_depth_map(
@@ -189,10 +172,7 @@ def plot_depth_map(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_grad_norms(norms: Mapping[str, Mapping[int, Sequence[float]]], path: str | Path, title: str = "") -> Path:
@@ -208,10 +188,7 @@ def plot_grad_norms(norms: Mapping[str, Mapping[int, Sequence[float]]], path: st
     axes[0][0].set_ylabel("gradient norm of the weight")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_per_step(
@@ -231,13 +208,23 @@ def plot_per_step(
         # Drawn as steps: a value holds from its step to the next (an adaptive alpha between measurements).
         (line,) = ax.plot(steps, values.mean(axis=0), drawstyle="steps-post", label=arm)
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), step="post", color=line.get_color(), alpha=0.2)
+    _label_steps(ax, ylabel, title)
+    return _save(fig, path)
+
+
+def _label_steps(ax: Any, ylabel: str, title: str) -> None:
+    """Axis labels, grid, legend and wrapped title of a plot against the training step."""
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     if title:
         ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+
+
+def _save(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write the PNG and free the figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
