@@ -5,15 +5,14 @@ import math
 
 import pytest
 
-from untrainable.cli import main
 from untrainable.config import ConfigError, DataSpec, DistillSpec, GuidanceSpec, ModelSpec, RunConfig, TrainSpec
 from untrainable.experiment import Arm, Experiment, effect, run_experiment, run_study
-from untrainable.recipes import rescue
+from untrainable.recipes import rescue, rescue_probes, rescue_short
 from untrainable.trainer import train
 
 
 def sweep_table(best: str) -> dict:
-    rows = [{"arm": rescue._sweep_name(o, lr), "val_accuracy": (0.1, 0.0)} for o, lr in rescue.SWEEP]
+    rows = [{"arm": rescue_short._sweep_name(o, lr), "val_accuracy": (0.1, 0.0)} for o, lr in rescue_short.SWEEP]
     next(row for row in rows if row["arm"] == best)["val_accuracy"] = (0.3, 0.01)
     return {"rows": rows}
 
@@ -26,17 +25,21 @@ def test_effect_is_the_difference_in_pooled_seed_stds():
 
 
 def test_the_sweep_choice_becomes_the_baseline_of_both_experiments():
-    best = rescue._sweep_name("sgd", 1e-2)
-    assert rescue.chosen_optimiser(sweep_table(best)) == ("sgd", 1e-2, best)
-    headline = rescue.headline_experiment(sweep_table(best))
-    controls = rescue.controls_experiment(sweep_table(best))
+    best = rescue_short._sweep_name("sgd", 1e-2)
+    assert rescue_short.chosen_optimiser(sweep_table(best)) == ("sgd", 1e-2, best)
+    headline = rescue_short.headline_experiment(sweep_table(best))
+    controls = rescue_short.controls_experiment(sweep_table(best))
     for experiment in (headline, controls):
         arms = {arm.name: arm for arm in experiment.arms}
         alone = arms["deep-fcn"].config
         assert (alone.optim.name, alone.optim.lr, alone.guide) == ("sgd", 1e-2, None)
         guided = arms["deep-fcn+untrained-resnet18"].config
         assert (guided.optim.name, guided.optim.lr, guided.guidance.alpha) == ("adam", 1e-3, 1.0)
-        assert experiment.baseline == "deep-fcn" and experiment.seeds == rescue.SEEDS and len(rescue.SEEDS) >= 5
+        assert (
+            experiment.baseline == "deep-fcn"
+            and experiment.seeds == rescue_short.SEEDS
+            and len(rescue_short.SEEDS) >= 5
+        )
     assert {arm.config.model.args["width"] for arm in headline.arms} == {1024}
     assert {arm.config.model.args["depth"] for arm in headline.arms} == {48}
     assert [arm.name for arm in headline.arms] == [
@@ -47,7 +50,10 @@ def test_the_sweep_choice_becomes_the_baseline_of_both_experiments():
 
 
 def test_controls_cover_trained_guide_longer_stretch_noise_and_distillation():
-    arms = {arm.name: arm for arm in rescue.controls_experiment(sweep_table(rescue._sweep_name("adam", 1e-3))).arms}
+    arms = {
+        arm.name: arm
+        for arm in rescue_short.controls_experiment(sweep_table(rescue_short._sweep_name("adam", 1e-3))).arms
+    }
     assert arms["deep-fcn+trained-resnet18"].guide_from == "resnet18"
     assert arms["deep-fcn+untrained-resnet18-first300"].config.guidance.steps == 300
     noise = arms["deep-fcn+noise-untrained-resnet18"].config.guidance
@@ -81,7 +87,7 @@ def test_distillation_arm_trains_without_guidance_and_logs_per_layer_gradient_no
     assert steps and all(r["guidance_loss"] == 0.0 and r["distill_loss"] > 0 for r in steps)
     with_norms = [r["step"] for r in records if "grad_norm/layers.0.linear.weight" in r]
     assert with_norms == [1, 3]
-    norms = rescue.grad_norms_by_layer([tmp_path])
+    norms = rescue_probes.grad_norms_by_layer([tmp_path])
     assert sorted(norms) == [1, 3] and len(norms[1]) == 3 and all(v > 0 for v in norms[1])
 
 
@@ -122,33 +128,148 @@ def test_a_study_step_is_built_from_the_tables_before_it(tmp_path):
     assert (tmp_path / "second" / "table.md").exists()
 
 
+def tune_table(values: dict[str, tuple[float, float]]) -> dict:
+    """A table whose rows give each arm (best-epoch val, last-epoch val); unnamed arms get (0.1, 0.1)."""
+    arms = [rescue.alone_name(*s) for s in rescue.ALONE_GRID] + [rescue.guided_name(*g) for g in rescue.GUIDED_GRID]
+    arms += [f"{rescue.GUIDED}-first{n}" for n in rescue.FIRST_GRID]
+    rows = []
+    for arm in arms:
+        best, last = values.get(arm, (0.1, 0.1))
+        rows.append({"arm": arm, "best_val_accuracy": (best, 0.0), "val_accuracy": (last, 0.0)})
+    return {"rows": rows}
+
+
+def test_both_arms_are_tuned_over_the_horizon_reported():
+    tune = rescue.tune_experiment()
+    configs = {arm.name: arm.config for arm in tune.arms}
+    assert {(c.train.epochs, c.train.early_stopping, c.model.args["width"]) for c in configs.values()} == {
+        (rescue.LONG_EPOCHS, True, rescue.WIDTH)
+    }
+    assert rescue.LONG_EPOCHS * 2000 // 64 >= 1240  # the horizon in steps
+    alone = {
+        (c.optim.name, c.optim.lr, c.optim.lr_schedule, c.optim.warmup_steps, c.optim.grad_clip)
+        for n, c in configs.items()
+        if c.guide is None
+    }
+    for lr in (3e-4, 1e-3, 3e-3):
+        assert ("adam", lr, "constant", 0, None) in alone
+        assert ("adam", lr, "cosine", rescue.WARMUP_STEPS, rescue.GRAD_CLIP) in alone
+    assert any(name == "sgd" for name, *_ in alone)
+    guided = {(c.optim.lr, c.guidance.alpha) for c in configs.values() if c.guide is not None}
+    assert guided == {(1e-3, 1.0), (1e-3, 3.0), (3e-3, 1.0), (3e-3, 3.0)}
+    assert tune.seeds == rescue.TUNE_SEEDS and len(rescue.SEEDS) >= 5
+
+
+def test_every_arm_of_the_long_study_is_chosen_on_validation():
+    best_alone = rescue.alone_name("adam", 3e-3, True)
+    last_alone = rescue.alone_name("adam", 1e-3, False)
+    tune = tune_table(
+        {
+            best_alone: (0.45, 0.30),  # the best at its best epoch, collapsing by the last
+            last_alone: (0.40, 0.38),  # the best at the last epoch
+            rescue.guided_name(3e-3, 3.0): (0.6, 0.6),
+        }
+    )
+    first = rescue.first_experiment(tune)
+    assert {(a.config.optim.lr, a.config.guidance.alpha, a.config.guidance.steps) for a in first.arms} == {
+        (3e-3, 3.0, n) for n in rescue.FIRST_GRID
+    }
+    long = rescue.long_experiment(tune, tune_table({f"{rescue.GUIDED}-first900": (0.7, 0.7)}))
+    arms = {arm.name: arm for arm in long.arms}
+    assert arms["deep-fcn"].runs_in == f"rescue-tune/{best_alone}"
+    alone = arms["deep-fcn"].config.optim
+    assert (alone.name, alone.lr, alone.lr_schedule, alone.grad_clip) == ("adam", 3e-3, "cosine", rescue.GRAD_CLIP)
+    assert arms["deep-fcn-tuned-for-last-epoch"].runs_in == f"rescue-tune/{last_alone}"
+    assert arms[rescue.GUIDED].runs_in == f"rescue-tune/{rescue.guided_name(3e-3, 3.0)}"
+    assert arms[f"{rescue.GUIDED}-first900"].runs_in == f"rescue-tune-first/{rescue.GUIDED}-first900"
+    assert arms[f"{rescue.GUIDED}-first300"].config.guidance.steps == 300
+    for name in ("deep-fcn+trained-resnet18", "deep-fcn+kd-trained-resnet18"):
+        assert arms[name].guide_from == "resnet18"
+    for name in (rescue.GUIDED, "deep-fcn+trained-resnet18", "deep-fcn+noise-untrained-resnet18"):
+        c = arms[name].config
+        assert (c.optim.lr, c.guidance.alpha, c.train.epochs) == (3e-3, 3.0, rescue.LONG_EPOCHS)
+    assert arms["deep-fcn+noise-untrained-resnet18"].config.guidance.guide_input == "noise"
+    assert arms["deep-fcn+kd-untrained-resnet18"].config.distill.weight == 1.0
+    assert arms["resnet18"].config.guide is None and arms["resnet18"].config.model.name == "resnet18"
+    assert long.baseline == "deep-fcn" and long.seeds == rescue.SEEDS
+    same = rescue.long_experiment(tune_table({best_alone: (0.45, 0.45)}), tune_table({}))
+    assert "deep-fcn-tuned-for-last-epoch" not in {arm.name for arm in same.arms}  # one choice: one arm
+
+
+def test_the_quick_table_says_plainly_when_the_rescue_does_not_show():
+    def table(guided, alone):
+        return {
+            "rows": [
+                {"arm": "deep-fcn", "test_accuracy": (alone, 0.0), "best_accuracy": (alone, 0.0)},
+                {"arm": rescue.GUIDED, "test_accuracy": (guided, 0.0), "best_accuracy": (guided - 0.2, 0.0)},
+            ]
+        }
+
+    held = rescue.verdict(table(0.6, 0.3))
+    assert "last epoch, guided − alone = +0.300: rescued" in held and "NOT rescued" in held  # +0.1 at best
+    assert rescue.verdict(table(0.35, 0.3)).count("NOT rescued") == 2
+
+
+def test_the_loss_after_disconnect_is_set_beside_the_fcn_alone():
+    alone = [[2.0] * 200, [2.2] * 200]
+    first = [[1.0] * 100 + [0.5] * 100, [1.0] * 100 + [0.7] * 100]
+    rows = rescue.after_disconnect({"deep-fcn": alone, f"{rescue.GUIDED}-first100": first}, (100,))
+    row = rows[f"{rescue.GUIDED}-first100"]
+    assert row["after"] == pytest.approx(0.6) and row["alone_after"] == pytest.approx(2.1)
+    assert row["end"] == pytest.approx(0.6) and row["end_step"] == 200
+    assert "0.600 just after step 100" in rescue.disconnect_note(rows)
+
+
 @pytest.mark.slow
-def test_quick_rescue_shows_the_rescue(tmp_path, capsys):
-    assert main(["run", "rescue", "--quick", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]) == 0
-    assert "Δ vs deep-fcn" in capsys.readouterr().out
-    table = json.loads((tmp_path / "table.json").read_text())
-    test = {row["arm"]: row["per_seed_test"][0] for row in table["rows"]}
-    # Seed 0 of the main job: with the guided arms' own optimiser the FCN alone stays at chance, and the
-    # untrained guide lifts it well clear; the FCN alone at its tuned rate is reported beside them.
-    assert test["deep-fcn-adam-lr0.001"] < 0.15
-    assert test["deep-fcn+untrained-resnet18"] > test["deep-fcn-adam-lr0.001"] + 0.1
-    assert table["baseline"] == "deep-fcn" and "deep-fcn" in test
-    assert (tmp_path / "rescue_curves.png").stat().st_size > 10_000
+def test_the_long_study_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
+    base = rescue.base_config
+
+    def toy(width):
+        return (
+            base(width)
+            .with_args("model", width=16, depth=4)
+            .with_args("guide", width=4)
+            .with_args("data", train_size=256, val_size=128)
+            .with_section("data", train_eval_size=64)
+            .with_section("train", epochs=3, progress=False)
+        )
+
+    monkeypatch.setattr(rescue, "base_config", toy)
+    monkeypatch.setattr(rescue, "FIRST_GRID", (4, 8))
+    monkeypatch.setattr(rescue, "CONTROL_FIRST", 4)
+    monkeypatch.setattr(rescue, "SEEDS", (0, 1, 2))
+    steps = rescue.study()
+    steps[2] = lambda tables: rescue.long_experiment(
+        tables["rescue-tune"], tables["rescue-tune-first"], seeds=(0, 1, 2)
+    )
+    done = run_study(steps, tmp_path, log=lambda _: None)
+    assert [e.name for e, _, _ in done] == ["rescue-tune", "rescue-tune-first", "rescue-long"]
+    table = done[2][2]
+    rows = {row["arm"]: row for row in table["rows"]}
+    assert {"deep-fcn", "resnet18", rescue.GUIDED, "deep-fcn+trained-resnet18"} <= set(rows)
+    assert all(len(row["per_seed_best"]) == 3 and None not in row["per_seed_best"] for row in rows.values())
+    # The tuning seeds' runs of the chosen arms are the long table's: seeds 0 and 1 reused, seed 2 trained there.
+    alone = next(arm for arm in done[2][0].arms if arm.name == "deep-fcn").runs_in
+    assert sorted(p.name for p in (tmp_path / alone).iterdir()) == ["seed0", "seed1", "seed2"]
+    assert (tmp_path / "rescue-long" / "rescue_curves.png").exists() and (
+        tmp_path / "rescue-long" / "first_loss.png"
+    ).exists()
+    assert "test accuracy (best val epoch)" in (tmp_path / "rescue-long" / "table.md").read_text()
 
 
 @pytest.mark.slow
 def test_quick_alpha_study_runs_every_arm_and_plots_alpha(tmp_path):
-    experiment = rescue.alpha_experiment(quick=True)
+    experiment = rescue_probes.alpha_experiment(quick=True)
     assert [arm.name for arm in experiment.arms] == [
         "deep-fcn",
         "deep-fcn+untrained-resnet18",
         "deep-fcn+untrained-resnet18-first150",
-        rescue.ADAPTIVE_ARM,
+        rescue_probes.ADAPTIVE_ARM,
     ]
     table = run_experiment(experiment, tmp_path, log=lambda _: None)
     assert {row["arm"] for row in table["rows"]} == {arm.name for arm in experiment.arms}
-    constant = rescue.alpha_by_step(tmp_path / "deep-fcn+untrained-resnet18" / "seed0")
-    adaptive = rescue.alpha_by_step(tmp_path / rescue.ADAPTIVE_ARM / "seed0")
+    constant = rescue_probes.alpha_by_step(tmp_path / "deep-fcn+untrained-resnet18" / "seed0")
+    adaptive = rescue_probes.alpha_by_step(tmp_path / rescue_probes.ADAPTIVE_ARM / "seed0")
     assert constant == [1.0] * 4  # 256 images, batch 64
     assert adaptive[0] == 1.0 and adaptive[1] == adaptive[2] != 1.0 and adaptive[3] > 0  # measured at steps 2 and 4
     assert (tmp_path / "alpha.png").stat().st_size > 10_000 and (tmp_path / "rescue_curves.png").exists()
@@ -156,7 +277,7 @@ def test_quick_alpha_study_runs_every_arm_and_plots_alpha(tmp_path):
 
 
 def test_guides_experiment_pairs_each_guide_alone_and_both_at_alpha_one():
-    experiment = rescue.guides_experiment()
+    experiment = rescue_probes.guides_experiment()
     arms = {arm.name: arm.config for arm in experiment.arms}
     assert list(arms) == [
         "deep-fcn",
@@ -164,9 +285,9 @@ def test_guides_experiment_pairs_each_guide_alone_and_both_at_alpha_one():
         "deep-fcn+untrained-vit",
         "deep-fcn+untrained-resnet18+untrained-vit",
     ]
-    assert experiment.baseline == "deep-fcn" and experiment.seeds == rescue.QUICK_SEEDS
+    assert experiment.baseline == "deep-fcn" and experiment.seeds == rescue_short.QUICK_SEEDS
     assert {(c.model.args["depth"], c.model.args["width"], c.train.epochs) for c in arms.values()} == {(48, 256, 10)}
-    assert (arms["deep-fcn"].optim.name, arms["deep-fcn"].optim.lr) == rescue.QUICK_BASELINE
+    assert (arms["deep-fcn"].optim.name, arms["deep-fcn"].optim.lr) == rescue_short.QUICK_BASELINE
     assert {(c.optim.name, c.optim.lr) for name, c in arms.items() if name != "deep-fcn"} == {("adam", 1e-3)}
     assert arms["deep-fcn"].guide is None and arms["deep-fcn"].guides is None
     resnet, vit = arms["deep-fcn+untrained-resnet18"], arms["deep-fcn+untrained-vit"]
@@ -181,7 +302,7 @@ def test_guides_experiment_pairs_each_guide_alone_and_both_at_alpha_one():
 
 @pytest.mark.slow
 def test_quick_guides_experiment_runs_end_to_end(tmp_path):
-    table = run_experiment(rescue.guides_experiment(quick=True), tmp_path, log=lambda _: None)
+    table = run_experiment(rescue_probes.guides_experiment(quick=True), tmp_path, log=lambda _: None)
     assert [row["arm"] for row in table["rows"]][-1] == "deep-fcn+untrained-resnet18+untrained-vit"
     records = (tmp_path / "deep-fcn+untrained-resnet18+untrained-vit" / "seed0" / "metrics.jsonl").read_text()
     first = json.loads(records.splitlines()[0])
@@ -192,13 +313,13 @@ def test_quick_guides_experiment_runs_end_to_end(tmp_path):
 
 
 def test_each_width_has_its_own_sweep_and_the_controls_take_theirs():
-    steps = rescue.rescue()
-    assert [steps[0].name, steps[1].name] == ["rescue-lr", f"rescue-lr-{rescue.CONTROL_WIDTH}"]
-    assert {arm.config.model.args["width"] for arm in steps[1].arms} == {rescue.CONTROL_WIDTH}
-    assert {arm.config.train.epochs for arm in steps[1].arms} == {rescue.CONTROL_EPOCHS}
-    narrow, wide = rescue._sweep_name("adam", 3e-4), rescue._sweep_name("sgd", 1e-2)
-    tables = {"rescue-lr": sweep_table(wide), f"rescue-lr-{rescue.CONTROL_WIDTH}": sweep_table(narrow)}
+    steps = rescue_short.rescue_short()
+    assert [steps[0].name, steps[1].name] == ["rescue-lr", f"rescue-lr-{rescue_short.CONTROL_WIDTH}"]
+    assert {arm.config.model.args["width"] for arm in steps[1].arms} == {rescue_short.CONTROL_WIDTH}
+    assert {arm.config.train.epochs for arm in steps[1].arms} == {rescue_short.CONTROL_EPOCHS}
+    narrow, wide = rescue_short._sweep_name("adam", 3e-4), rescue_short._sweep_name("sgd", 1e-2)
+    tables = {"rescue-lr": sweep_table(wide), f"rescue-lr-{rescue_short.CONTROL_WIDTH}": sweep_table(narrow)}
     headline, controls = steps[2](tables), steps[3](tables)
     assert {arm.name: arm for arm in headline.arms}["deep-fcn"].config.optim.name == "sgd"
     alone = {arm.name: arm for arm in controls.arms}["deep-fcn"].config
-    assert (alone.optim.name, alone.optim.lr, alone.model.args["width"]) == ("adam", 3e-4, rescue.CONTROL_WIDTH)
+    assert (alone.optim.name, alone.optim.lr, alone.model.args["width"]) == ("adam", 3e-4, rescue_short.CONTROL_WIDTH)

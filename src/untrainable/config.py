@@ -271,6 +271,9 @@ class TrainSpec:
     grad_norm_steps: list[int] = field(
         default_factory=list
     )  # steps (from 1) at which per-layer gradient norms are logged
+    # Early stopping: keep the weights of the epoch with the best validation metric
+    # (accuracy, else loss); the test set is evaluated with them too (result.json "best").
+    early_stopping: bool = False
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.epochs", self.epochs)

@@ -24,12 +24,21 @@ class Arm:
     """One row of an experiment's table: a run configuration trained once per seed.
 
     `guide_from` names an earlier arm whose final weights (same seed) become
-    this arm's guide: how a trained guide is made and then used.
+    this arm's guide: how a trained guide is made and then used. `runs_in`
+    (`EXPERIMENT/ARM`) names an arm of an earlier experiment of the same study
+    with this very config: its run folders are this arm's, so the seeds run
+    there (a tuning sweep's) are reused and the others trained there.
     """
 
     name: str
     config: RunConfig
     guide_from: str | None = None
+    runs_in: str | None = None
+
+
+def arm_folder(arm: Arm, seed: int, out: Path) -> Path:
+    """The run folder of `arm` for `seed` in the experiment folder `out`."""
+    return (out.parent / arm.runs_in if arm.runs_in else out / arm.name) / f"seed{seed}"
 
 
 @dataclass
@@ -66,7 +75,7 @@ def register_experiment(name: str) -> Callable[[Callable[..., Experiment]], Call
 def _arm_config(arm: Arm, seed: int, out: Path) -> RunConfig:
     config = arm.config
     train = dataclasses.replace(config.train, seed=seed)
-    changes: dict[str, Any] = {"train": train, "name": arm.name}
+    changes: dict[str, Any] = {"train": train, "name": arm.runs_in.split("/")[-1] if arm.runs_in else arm.name}
     if arm.guide_from is not None:
         if config.guide is None:
             raise ValueError(f"arm {arm.name!r} takes its guide from {arm.guide_from!r} but has no guide model")
@@ -97,12 +106,14 @@ def run_experiment(
     for arm in experiment.arms:
         if arm.guide_from is not None and arm.guide_from not in names[: names.index(arm.name)]:
             raise ValueError(f"arm {arm.name!r}: guide_from {arm.guide_from!r} must name an earlier arm")
+        if arm.runs_in is not None and (arm.guide_from is not None or arm.runs_in.count("/") != 1):
+            raise ValueError(f"arm {arm.name!r}: runs_in {arm.runs_in!r} must be EXPERIMENT/ARM, without guide_from")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     started = time.time()
     tasks = [(arm, seed) for arm in experiment.arms for seed in seeds]
     for arm, seed in tasks:  # refuse a folder of other runs before anything trains
-        folder = out / arm.name / f"seed{seed}"
+        folder = arm_folder(arm, seed, out)
         if (folder / "config.json").exists():
             _check_folder(folder, _arm_config(arm, seed, out))
     if jobs == 1:
@@ -143,7 +154,7 @@ def _run_arm(
     arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True
 ) -> RunResult:
     """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
-    folder = out / arm.name / f"seed{seed}"
+    folder = arm_folder(arm, seed, out)
     config = _arm_config(arm, seed, out)
     _check_folder(folder, config)
     if not progress:
@@ -297,6 +308,12 @@ def summarise(experiment: Experiment, results: dict[str, list[RunResult]], seeds
             "gap": gap,
             "per_seed_test": [r.final["test"].get(metric) for r in runs],
         }
+        if any("best" in r.final for r in runs):  # early stopping: test at each run's best validation epoch
+            best = [r.final.get("best", {}).get("test", {}).get(metric) for r in runs]
+            row[f"best_{metric}"] = _mean_std(best)
+            row[f"best_val_{metric}"] = _mean_std([r.final.get("best", {}).get("val", {}).get(metric) for r in runs])
+            row["per_seed_best"] = best
+            row["best_epoch"] = [r.final.get("best", {}).get("epoch") for r in runs]
         for extra in sorted({k for r in runs for k in r.final.get("extra_test", {})}):
             row[f"{extra}_{metric}"] = _mean_std([r.final["extra_test"].get(extra, {}).get(metric) for r in runs])
         rows.append(row)
@@ -326,9 +343,13 @@ def add_effects(table: dict[str, Any], baseline: str) -> None:
     if base is None:
         raise ValueError(f"baseline arm {baseline!r} is not among the arms {[row['arm'] for row in table['rows']]}")
     table["baseline"] = baseline
+    best = f"best_{table['metric']}"
     for row in table["rows"]:
         difference, sds = effect(row[key], base[key])
         row["vs_baseline"] = {"difference": difference, "sd": sds}
+        if best in row and best in base:
+            difference, sds = effect(row[best], base[best])
+            row["best_vs_baseline"] = {"difference": difference, "sd": sds}
 
 
 def _fmt(pair: tuple[float, float], scale: float = 1.0) -> str:
@@ -336,34 +357,45 @@ def _fmt(pair: tuple[float, float], scale: float = 1.0) -> str:
     return f"{mean * scale:.3f} ± {std * scale:.3f}"
 
 
+def _effect_cells(vs: dict[str, Any]) -> list[str]:
+    return [f"{vs['difference']:+.3f}", "—" if vs["sd"] is None else f"{vs['sd']:+.1f}"]
+
+
+def _seeds(values: list[float | None]) -> str:
+    return " ".join("—" if v is None else f"{v:.3f}" for v in values)
+
+
 def format_table(table: dict[str, Any]) -> str:
-    """The table in Markdown: mean ± std over seeds."""
+    """The table in Markdown: mean ± std over seeds; with early stopping, the test at the best validation epoch too."""
     metric = table["metric"]
+    best = f"best_{metric}"
+    rows = table["rows"]
     extras = (
-        [k for k in table["rows"][0] if k.endswith(f"_{metric}") and k.split("_")[0] not in ("test", "val", "train")]
-        if table["rows"]
+        [k for k in rows[0] if k.endswith(f"_{metric}") and k.split("_")[0] not in ("test", "val", "train", "best")]
+        if rows
         else []
     )
-    header = ["arm", "seeds", f"test {metric}", f"val {metric}", f"train {metric}", "train − test"] + [
-        e.replace("_", " ") for e in extras
-    ]
+    with_best = any(best in row for row in rows)
+    header = ["arm", "seeds", f"test {metric}" + (" (last epoch)" if with_best else "")]
+    header += [f"test {metric} (best val epoch)"] if with_best else []
+    header += [f"val {metric}", f"train {metric}", "train − test"] + [e.replace("_", " ") for e in extras]
     if "baseline" in table:
-        header += [f"Δ vs {table['baseline']}", "Δ / std", "per-seed test"]
+        header += [f"Δ vs {table['baseline']}", "Δ / std"]
+        header += ["Δ (best)", "Δ / std (best)"] if with_best else []
+        header += ["per-seed test"] + (["per-seed test (best)"] if with_best else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table["rows"]:
-        cells = [
-            row["arm"],
-            str(row["seeds"]),
-            _fmt(row[f"test_{metric}"]),
-            _fmt(row[f"val_{metric}"]),
-            _fmt(row[f"train_{metric}"]),
-            _fmt(row["gap"]),
-        ]
+    for row in rows:
+        cells = [row["arm"], str(row["seeds"]), _fmt(row[f"test_{metric}"])]
+        cells += [_fmt(row[best]) if best in row else "—"] if with_best else []
+        cells += [_fmt(row[f"val_{metric}"]), _fmt(row[f"train_{metric}"]), _fmt(row["gap"])]
         cells += [_fmt(row[e]) for e in extras]
         if "baseline" in table:
-            vs = row["vs_baseline"]
-            sds = "—" if vs["sd"] is None else f"{vs['sd']:+.1f}"
-            cells += [f"{vs['difference']:+.3f}", sds, " ".join(f"{v:.3f}" for v in row["per_seed_test"])]
+            cells += _effect_cells(row["vs_baseline"])
+            if with_best:
+                cells += _effect_cells(row["best_vs_baseline"]) if "best_vs_baseline" in row else ["—", "—"]
+            cells.append(_seeds(row["per_seed_test"]))
+            if with_best:
+                cells.append(_seeds(row.get("per_seed_best", [])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

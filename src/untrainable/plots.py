@@ -149,10 +149,15 @@ def plot_by_step(
         mean, std = values.mean(axis=0), values.std(axis=0)
         (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=arm)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for i, (label, step) in enumerate((marks or {}).items()):
-        ax.axvline(step, color="grey", linestyle=["--", ":", "-."][i % 3], label=label)
+    _marks(ax, marks)
     _label_steps(ax, key.replace("_", " "), title)
     return _save(fig, path)
+
+
+def _marks(ax: Any, marks: Mapping[str, float] | None) -> None:
+    """Vertical dashed lines at the steps of `marks` (label -> step)."""
+    for i, (label, step) in enumerate((marks or {}).items()):
+        ax.axvline(step, color="grey", linestyle=["--", ":", "-."][i % 3], label=label)
 
 
 def plot_depth_map(
@@ -192,22 +197,35 @@ def plot_grad_norms(norms: Mapping[str, Mapping[int, Sequence[float]]], path: st
 
 
 def plot_per_step(
-    series: Mapping[str, Sequence[Sequence[float]]], path: str | Path, ylabel: str, title: str = ""
+    series: Mapping[str, Sequence[Sequence[float]]],
+    path: str | Path,
+    ylabel: str,
+    title: str = "",
+    marks: Mapping[str, float] | None = None,
+    log_y: bool = False,
+    smooth: int = 1,
 ) -> Path:
-    """A value logged every step (alpha), one line per arm: mean over runs, band from min to max.
+    """A value logged every step (alpha, a loss), one line per arm: mean over runs, band from min to max.
 
-    `series`: arm -> one list per run of the value at steps 1, 2, ...
+    `series`: arm -> one list per run of the value at steps 1, 2, ...;
+    `marks`: label -> step (dashed lines); `smooth`: a running mean over that many steps.
     """
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm, runs in series.items():
-        if not runs or not min(len(r) for r in runs):
+        if not runs or min(len(r) for r in runs) < smooth:
             continue
         length = min(len(r) for r in runs)
         values = np.array([r[:length] for r in runs], dtype=float)
-        steps = np.arange(1, length + 1)
+        if smooth > 1:
+            kernel = np.ones(smooth) / smooth
+            values = np.array([np.convolve(v, kernel, mode="valid") for v in values])
+        steps = np.arange(smooth, length + 1)
         # Drawn as steps: a value holds from its step to the next (an adaptive alpha between measurements).
         (line,) = ax.plot(steps, values.mean(axis=0), drawstyle="steps-post", label=arm)
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), step="post", color=line.get_color(), alpha=0.2)
+    _marks(ax, marks)
+    if log_y:
+        ax.set_yscale("log")
     _label_steps(ax, ylabel, title)
     return _save(fig, path)
 

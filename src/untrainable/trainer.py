@@ -177,6 +177,8 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_requested: bool = False
     resumed_from: str | None = None  # the checkpoint's file name
+    # Early stopping: the best validation epoch so far, {"epoch", "step", "score", "model"} (weights on the CPU).
+    best: dict[str, Any] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -195,6 +197,7 @@ class _Run:
             "epoch": self.epoch,
             "batch": self.batches_done,
             "history": self.history,
+            "best": self.best,
         }
 
     def checkpoint(self) -> None:
@@ -217,6 +220,7 @@ class _Run:
             state["batch"],
             state["history"],
         )
+        self.best = state.get("best")
         rng = state["rng"]
         if isinstance(rng, list):  # one state per rank of the run that saved it
             rng = rng[p.dist_info.rank] if len(rng) == p.dist_info.world_size else rng[0]
@@ -421,12 +425,27 @@ def _end_epoch(run: _Run, logger: _Logger, started: float) -> None:
     entry.update({f"train_{k}": v for k, v in train_metrics.items()})
     entry.update({f"val_{k}": v for k, v in val_metrics.items()})
     run.history.append(entry)
+    if config.train.early_stopping:
+        _keep_best(run, val_metrics)
     logger.log({"kind": "epoch", **entry}, prefix="epoch")
     if run.is_main:
         (run.folder / "history.json").write_text(json.dumps(run.history, indent=1) + "\n")
     if run.batches_done >= len(run.loader):
         run.epoch, run.batches_done = run.epoch + 1, 0
     run.checkpoint()  # else stopped by max_steps inside the epoch
+
+
+def _score(metrics: dict[str, float]) -> float:
+    """Higher is better: validation accuracy, else minus the validation loss."""
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+
+
+def _keep_best(run: _Run, val_metrics: dict[str, float]) -> None:
+    """Keep the target's weights when this epoch's validation score beats every earlier one (first wins ties)."""
+    score = _score(val_metrics)
+    if run.best is None or score > run.best["score"]:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in run.parts.target.state_dict().items()}
+        run.best = {"epoch": run.epoch + 1, "step": run.step, "score": score, "model": weights}
 
 
 @contextlib.contextmanager
@@ -486,6 +505,18 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     return _finish(run, logger, time.time() - started)
 
 
+def _evaluate_best(run: _Run) -> dict[str, Any]:
+    """Early stopping: the test metrics with the best validation epoch's weights, saved as model_best.pt."""
+    config, parts, best = run.config, run.parts, run.best
+    parts.target.load_state_dict(best["model"])
+    test = evaluate(parts.target, run.data.test, config, parts.device, dist_info=parts.dist_info)
+    if run.is_main:
+        save_checkpoint({"model": best["model"], "config": config.to_dict()}, run.folder / "model_best.pt")
+    entry = next(e for e in run.history if e["epoch"] == best["epoch"] and e["step"] == best["step"])
+    val = {k[len("val_") :]: v for k, v in entry.items() if k.startswith("val_")}
+    return {"epoch": best["epoch"], "step": best["step"], "val": val, "test": test}
+
+
 def _finish(run: _Run, logger: _Logger, seconds: float) -> RunResult:
     """Final evaluation on the test set(s); writes model.pt, predictions and result.json."""
     config, parts, data = run.config, run.parts, run.data
@@ -523,6 +554,9 @@ def _finish(run: _Run, logger: _Logger, seconds: float) -> RunResult:
         save_checkpoint({"model": parts.target.state_dict(), "config": config.to_dict()}, run.folder / "model.pt")
         if predictions is not None:
             np.save(run.folder / "test_predictions.npy", predictions)
+    if run.best is not None:
+        final["best"] = _evaluate_best(run)
+    if run.is_main:
         (run.folder / "result.json").write_text(json.dumps(final, indent=2) + "\n")
     logger.close()
     if parts.guidance is not None:

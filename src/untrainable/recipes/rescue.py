@@ -1,36 +1,33 @@
-"""The untrainable regime: a 48-block Deep FCN that trains slowly or not at all alone, and what guidance does to it.
+"""The rescue at a long horizon: the 48-block Deep FCN alone and guided, both arms tuned over the horizon reported.
 
-`untrainable run rescue` is a study of four experiments, run in order:
+`untrainable run rescue` is a study of three experiments at width 256
+(`rescue-tune`, `rescue-tune-first`, `rescue-long`) and `untrainable run
+rescue-128` the same at width 128 (the main job's width); `rescue --quick`
+(the main job) runs three arms of `rescue-128` with the choices that study
+made. Every run trains LONG_EPOCHS epochs (1,240 steps on 2,000 images) and
+keeps its best validation epoch (early stopping), so each table gives the
+test accuracy at the last epoch and at the best validation epoch.
 
-- `rescue-lr` and `rescue-lr-256`: the FCN alone (width 1024, and the
-  controls' width 256) under a small sweep of optimisers and learning rates;
-  the best final validation accuracy at each width picks that width's
-  baseline, so the FCN "fails alone" only after its own training was tuned.
-- `rescue`: the headline, width 1024, 5 seeds: the FCN alone with the chosen
-  optimiser; + an untrained ResNet-18; + the same guide for the first 150
-  steps only ("guidance as initialisation"), then alone.
-- `rescue-controls`: width 256 (16x cheaper hidden layers), 5 seeds: the
-  same three arms and every control: a trained ResNet-18 guide, guidance for
-  a longer first stretch, the guide fed Gaussian noise, and knowledge
-  distillation from the untrained and the trained ResNet-18.
+- `rescue-tune`: seeds TUNE_SEEDS, the FCN alone under every ALONE_GRID
+  setting (Adam at three rates, constant or with cosine decay, warm-up and
+  gradient clipping; SGD with momentum) and guided by an untrained ResNet-18
+  under every GUIDED_GRID setting (Adam rate, alpha).
+- `rescue-tune-first`: guidance for the first N steps only (FIRST_GRID), at
+  the guided arm's chosen setting.
+- `rescue-long`: 5 seeds, each arm at its choice (the best mean validation
+  accuracy at the best epoch, early stopping's criterion; the FCN alone also
+  at the best last-epoch validation choice when that differs), with the
+  controls: a trained guide, the first 300 steps, the guide fed noise,
+  distillation from the untrained and the trained guide, the guide alone.
+  The tuning seeds' runs are reused (selection read validation only).
 
-`rescue-alpha` (width 256, 3 seeds) sets the adaptive alpha (the guidance
-gradient held at the task gradient's norm, `adaptive_alpha.AdaptiveAlpha`)
-against the constant alpha 1 and the first 150 steps.
-
-`rescue-depth` maps where the FCN stops training alone and how far guidance
-moves that limit, with per-layer gradient norms from the same runs;
-`rescue-convnet` does the same for a plain (skip-less) ConvNet and its ResNet;
-`rescue-guides` asks whether two untrained guides (a ResNet-18 and a ViT)
-rescue the FCN better together than each alone.
-The single-run config is `configs/rescue_deep_fcn.toml`.
+`rescue-1024`: the paper's width, the FCN alone at two rates (the better one
+by validation is the baseline) and guided, 3 seeds, the same horizon.
+`rescue-short` (recipes/rescue_short.py) keeps the earlier 15-epoch study.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,27 +35,37 @@ from untrainable.config import RunConfig, shipped_config
 from untrainable.experiment import Arm, Experiment, register_experiment
 from untrainable.trainer import RunResult
 
+LONG_EPOCHS = 40
+WIDTH = 256
+QUICK_WIDTH = 128
 SEEDS = (0, 1, 2, 3, 4)
-QUICK_SEEDS = (0, 1, 2)
-SWEEP_SEEDS = (0, 1)
-SWEEP_EPOCHS = 8
-# (optimiser, learning rate) tried for the FCN alone; SGD with momentum 0.9.
-SWEEP = (("adam", 1e-4), ("adam", 3e-4), ("adam", 1e-3), ("adam", 3e-3), ("sgd", 1e-2))
-FIRST_STEPS = (150, 300)  # guidance as initialisation: the paper's ~150 steps, and a longer stretch
-CONTROL_WIDTH = 256
-CONTROL_EPOCHS = 15
-DEPTHS = (8, 16, 24, 32, 48)
-DEPTH_SEEDS = (0, 1, 2)
-GRAD_NORM_STEPS = [1, 10, 50]  # per-layer gradient norms: at initialisation and after a few steps
-ADAPTIVE_ARM = "deep-fcn+untrained-resnet18-adaptive"
+TUNE_SEEDS = (0, 1)
+WIDE_SEEDS = (0, 1, 2)
+WARMUP_STEPS, GRAD_CLIP = 100, 1.0
+# (optimiser, lr, stabilised): stabilised = cosine decay, WARMUP_STEPS of warm-up, gradient clipping at GRAD_CLIP.
+ALONE_GRID = tuple(
+    [("adam", lr, stable) for lr in (3e-4, 1e-3, 3e-3) for stable in (False, True)]
+    + [("sgd", lr, True) for lr in (1e-2, 1e-1)]
+)
+GUIDED_GRID = tuple((lr, alpha) for lr in (1e-3, 3e-3) for alpha in (1.0, 3.0))  # Adam, constant rate
+FIRST_GRID = (300, 600, 900)
+CONTROL_FIRST = 300
+GUIDED = "deep-fcn+untrained-resnet18"
 
 
-def _sweep_name(optimiser: str, lr: float) -> str:
-    return f"deep-fcn-{optimiser}-lr{lr:g}"
+def alone_name(optimiser: str, lr: float, stable: bool) -> str:
+    return f"deep-fcn-{optimiser}-lr{lr:g}" + ("-cosine-warmup-clip" if stable else "")
 
 
-def _with_optimiser(config: RunConfig, optimiser: str, lr: float) -> RunConfig:
-    return config.with_section("optim", name=optimiser, lr=lr, fused=optimiser != "sgd")
+def guided_name(lr: float, alpha: float) -> str:
+    return f"{GUIDED}-lr{lr:g}-alpha{alpha:g}"
+
+
+def _with_optimiser(config: RunConfig, optimiser: str, lr: float, stable: bool = False) -> RunConfig:
+    config = config.with_section("optim", name=optimiser, lr=lr, fused=optimiser != "sgd")
+    if stable:
+        config = config.with_section("optim", lr_schedule="cosine", warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP)
+    return config
 
 
 def _first(config: RunConfig, steps: int) -> RunConfig:
@@ -66,8 +73,10 @@ def _first(config: RunConfig, steps: int) -> RunConfig:
 
 
 def _resnet(guided: RunConfig) -> RunConfig:
-    """The guide's architecture trained alone: the trained guide (Adam 1e-3, the FCN's data and length)."""
-    return guided.replace(model=guided.guide, guide=None).with_section("optim", name="adam", lr=1e-3, fused=False)
+    """The guide's architecture trained alone: the trained guide (Adam 1e-3, constant, the FCN's data and length)."""
+    return guided.replace(model=guided.guide, guide=None).with_section(
+        "optim", name="adam", lr=1e-3, fused=False, lr_schedule="constant", warmup_steps=0, grad_clip=None
+    )
 
 
 def _kd(guided: RunConfig) -> RunConfig:
@@ -75,36 +84,17 @@ def _kd(guided: RunConfig) -> RunConfig:
     return guided.with_section("guidance", alpha=0.0).with_section("distill", weight=1.0, temperature=4.0)
 
 
-def chosen_optimiser(sweep: dict[str, Any]) -> tuple[str, float, str]:
-    """(optimiser, lr, arm) of the sweep row with the best mean final validation accuracy (first wins ties)."""
-    best = max(sweep["rows"], key=lambda row: row["val_accuracy"][0])
-    for optimiser, lr in SWEEP:
-        if _sweep_name(optimiser, lr) == best["arm"]:
-            return optimiser, lr, best["arm"]
-    raise ValueError(f"sweep row {best['arm']!r} is not in the sweep {SWEEP}")
-
-
-def sweep_experiment(width: int | None = None) -> Experiment:
-    """The FCN alone under each optimiser and learning rate of SWEEP: width 1024 (`rescue-lr`), or `width`.
-
-    At the controls' width (`rescue-lr-256`) the sweep runs as long as the
-    controls (CONTROL_EPOCHS), so their baseline is tuned at its own size.
-    """
-    alone = shipped_config("rescue_deep_fcn").replace(guide=None).with_section("train", epochs=SWEEP_EPOCHS)
-    name, used_by = "rescue-lr", "`rescue`"
-    if width is not None:
-        alone = alone.with_args("model", width=width).with_section("train", epochs=CONTROL_EPOCHS)
-        name, used_by = f"rescue-lr-{width}", "`rescue-controls`"
-    return Experiment(
-        name=name,
-        description=(
-            f"Learning-rate sweep of the Deep FCN alone ({_shape(alone)}), {alone.train.epochs} epochs, seeds "
-            f"{SWEEP_SEEDS}; Adam, and SGD with momentum 0.9, constant rate. The best mean final validation accuracy "
-            f"picks the baseline of {used_by}."
-        ),
-        arms=[Arm(_sweep_name(o, lr), _with_optimiser(alone, o, lr)) for o, lr in SWEEP],
-        seeds=SWEEP_SEEDS,
+def base_config(width: int) -> RunConfig:
+    """48 x `width`, guided by an untrained ResNet-18, LONG_EPOCHS epochs, early stopping on."""
+    return (
+        shipped_config("rescue_deep_fcn")
+        .with_args("model", width=width)
+        .with_section("train", epochs=LONG_EPOCHS, early_stopping=True)
     )
+
+
+def _guided(base: RunConfig, lr: float, alpha: float) -> RunConfig:
+    return _with_optimiser(base, "adam", lr).with_section("guidance", alpha=alpha)
 
 
 def _shape(config: RunConfig) -> str:
@@ -112,391 +102,313 @@ def _shape(config: RunConfig) -> str:
     return f"{a['depth']} blocks x {a['width']}"
 
 
-def _core_arms(guided: RunConfig, optimiser: str, lr: float, first: tuple[int, ...]) -> list[Arm]:
-    arms = [
-        Arm("deep-fcn", _with_optimiser(guided.replace(guide=None), optimiser, lr)),
-        Arm("deep-fcn+untrained-resnet18", guided),
-    ]
-    arms += [Arm(f"deep-fcn+untrained-resnet18-first{n}", _first(guided, n)) for n in first]
-    return arms
-
-
-def _describe(guided: RunConfig, optimiser: str, lr: float, chosen_by: str) -> str:
+def _setup(config: RunConfig) -> str:
     return (
-        f"Fashion-MNIST ({guided.data.args['train_size']} training images, batch {guided.data.batch_size}, "
-        f"{guided.train.epochs} epochs), test top-1 accuracy, mean ± std over seeds. Deep FCN {_shape(guided)} "
-        "(BatchNorm, dropout 0.1). `deep-fcn`: alone, "
-        f"{optimiser} lr {lr:g} ({chosen_by}). Guided arms: Adam lr 1e-3, ResNet-18 (width {guided.guide.args['width']}, "
-        f"small stem), linear CKA between the FCN's linear outputs and the ResNet's block outputs, even spread, "
-        f"alpha {guided.guidance.alpha:g}; `firstN`: guided for the first N steps, then alone. "
-        "Δ / std: difference to `deep-fcn` in pooled seed standard deviations (more than 2 counts as an effect)."
+        f"Fashion-MNIST ({config.data.args['train_size']} training images, {config.data.args['val_size']} validation, "
+        f"batch {config.data.batch_size}, {config.train.epochs} epochs), Deep FCN {_shape(config)} (BatchNorm, "
+        f"dropout 0.1); guide ResNet-18 (width {config.guide.args['width']}, small stem), linear CKA between the FCN's "
+        "linear outputs and the ResNet's block outputs, even spread. Test top-1 accuracy at the last epoch and at the "
+        "best validation epoch (early stopping), mean ± std over seeds."
     )
 
 
-def headline_experiment(sweep: dict[str, Any]) -> Experiment:
-    """Width 1024, 5 seeds: the FCN alone (best of the sweep), + untrained ResNet-18, + the same for 150 steps."""
-    optimiser, lr, arm = chosen_optimiser(sweep)
-    guided = shipped_config("rescue_deep_fcn")
-    experiment = Experiment(
-        name="rescue",
-        description=_describe(guided, optimiser, lr, f"best validation accuracy of the sweep, `{arm}`"),
-        arms=_core_arms(guided, optimiser, lr, FIRST_STEPS[:1]),
-        seeds=SEEDS,
-        baseline="deep-fcn",
+def tune_experiment(width: int = WIDTH, seeds: tuple[int, ...] = TUNE_SEEDS) -> Experiment:
+    """Every ALONE_GRID and GUIDED_GRID setting at `width`, over the full horizon, on the tuning seeds."""
+    base = base_config(width)
+    arms = [Arm(alone_name(*s), _with_optimiser(base.replace(guide=None), *s)) for s in ALONE_GRID]
+    arms += [Arm(guided_name(lr, alpha), _guided(base, lr, alpha)) for lr, alpha in GUIDED_GRID]
+    return Experiment(
+        name=_name("rescue-tune", width),
+        description=_setup(base)
+        + f" Tuning on validation: the FCN alone under Adam and SGD (momentum 0.9), constant rate or cosine decay "
+        f"with {WARMUP_STEPS} warm-up steps and gradient clipping at {GRAD_CLIP:g}; guided with Adam at two rates "
+        "and two alphas.",
+        arms=arms,
+        seeds=seeds,
     )
-    experiment.after = _curves_after(experiment.name, FIRST_STEPS[:1])
-    return experiment
 
 
-def controls_experiment(sweep: dict[str, Any]) -> Experiment:
-    """Width 256, 5 seeds: the core arms plus trained guide, longer first stretch, noise inputs, distillation."""
-    optimiser, lr, arm = chosen_optimiser(sweep)
-    guided = (
-        shipped_config("rescue_deep_fcn")
-        .with_args("model", width=CONTROL_WIDTH)
-        .with_section("train", epochs=CONTROL_EPOCHS)
+def _name(name: str, width: int) -> str:
+    return name if width == WIDTH else f"{name}-{width}"
+
+
+def choose(table: dict[str, Any], arms: list[str], key: str = "best_val_accuracy") -> str:
+    """The arm among `arms` with the highest mean `key` (first wins ties): how every setting is chosen."""
+    rows = {row["arm"]: row for row in table["rows"]}
+    return max(arms, key=lambda arm: rows[arm][key][0])
+
+
+def guided_choice(tune: dict[str, Any]) -> tuple[float, float]:
+    """(lr, alpha) of the guided setting with the best validation accuracy at its best epoch."""
+    chosen = choose(tune, [guided_name(lr, alpha) for lr, alpha in GUIDED_GRID])
+    return next((lr, alpha) for lr, alpha in GUIDED_GRID if guided_name(lr, alpha) == chosen)
+
+
+def first_experiment(tune: dict[str, Any], width: int = WIDTH, seeds: tuple[int, ...] = TUNE_SEEDS) -> Experiment:
+    """Guidance for the first N steps only (FIRST_GRID), at the guided arm's chosen setting, on the tuning seeds."""
+    lr, alpha = guided_choice(tune)
+    guided = _guided(base_config(width), lr, alpha)
+    return Experiment(
+        name=_name("rescue-tune-first", width),
+        description=_setup(guided)
+        + f" Guided (Adam lr {lr:g}, alpha {alpha:g}, the tuned setting) for the first N steps only, then alone.",
+        arms=[Arm(f"{GUIDED}-first{n}", _first(guided, n)) for n in FIRST_GRID],
+        seeds=seeds,
     )
-    arms = [Arm("resnet18", _resnet(guided))]
-    arms += _core_arms(guided, optimiser, lr, FIRST_STEPS)
+
+
+def long_experiment(
+    tune: dict[str, Any], first: dict[str, Any], width: int = WIDTH, seeds: tuple[int, ...] = SEEDS
+) -> Experiment:
+    """Every arm at its tuned setting, with the controls; the tuning runs are reused for their seeds."""
+    base = base_config(width)
+    tune_name, first_name = _name("rescue-tune", width), _name("rescue-tune-first", width)
+    settings = {alone_name(*s): s for s in ALONE_GRID}
+    alone = choose(tune, list(settings))
+    alone_last = choose(tune, list(settings), key="val_accuracy")
+    lr, alpha = guided_choice(tune)
+    guided = _guided(base, lr, alpha)
+    n = int(choose(first, [f"{GUIDED}-first{n}" for n in FIRST_GRID]).rsplit("first", 1)[1])
+    arms = [
+        Arm("deep-fcn", _with_optimiser(base.replace(guide=None), *settings[alone]), runs_in=f"{tune_name}/{alone}"),
+    ]
+    if alone_last != alone:
+        arms.append(
+            Arm(
+                "deep-fcn-tuned-for-last-epoch",
+                _with_optimiser(base.replace(guide=None), *settings[alone_last]),
+                runs_in=f"{tune_name}/{alone_last}",
+            )
+        )
     arms += [
+        Arm("resnet18", _resnet(guided)),
+        Arm(GUIDED, guided, runs_in=f"{tune_name}/{guided_name(lr, alpha)}"),
         Arm("deep-fcn+trained-resnet18", guided, guide_from="resnet18"),
+    ]
+    arms += [
+        Arm(f"{GUIDED}-first{k}", _first(guided, k), runs_in=f"{first_name}/{GUIDED}-first{k}")
+        for k in sorted({n, CONTROL_FIRST})
+    ]
+    arms += [
         Arm("deep-fcn+noise-untrained-resnet18", guided.with_section("guidance", guide_input="noise", cache="none")),
         Arm("deep-fcn+kd-untrained-resnet18", _kd(guided)),
         Arm("deep-fcn+kd-trained-resnet18", _kd(guided), guide_from="resnet18"),
     ]
     experiment = Experiment(
-        name="rescue-controls",
-        description=_describe(
-            guided, optimiser, lr, f"best validation accuracy of the width-{CONTROL_WIDTH} sweep, `{arm}`"
+        name=_name("rescue-long", width),
+        description=_setup(base)
+        + f" Each arm at its choice on validation (seeds {', '.join(map(str, TUNE_SEEDS))}, best validation accuracy "
+        f"at the best epoch): `deep-fcn` alone, `{alone}`"
+        + (
+            f"; `deep-fcn-tuned-for-last-epoch`, the best at the last epoch, `{alone_last}`"
+            if alone_last != alone
+            else ""
         )
-        + " `noise`: the guide sees Gaussian noise of the images' shape instead of the images. `kd`: no guidance; "
-        "distillation from the ResNet's logits (temperature 4, weight 1). `resnet18`: the guide trained alone (the trained guide).",
+        + f"; guided arms Adam lr {lr:g}, alpha {alpha:g}; `firstN`: guided for the first N steps only, then alone "
+        f"(N = {n} chosen from {', '.join(map(str, FIRST_GRID))}). `noise`: the guide sees Gaussian noise of the "
+        "images' shape. `kd`: no guidance; distillation from the ResNet's logits (temperature 4, weight 1). "
+        "`resnet18`: the guide trained alone (Adam 1e-3), the trained guide. Δ / std: difference to `deep-fcn` in "
+        "pooled seed standard deviations (more than 2 counts as an effect). The tuning seeds' runs are reused.",
         arms=arms,
-        seeds=SEEDS,
+        seeds=seeds,
         baseline="deep-fcn",
     )
-    experiment.after = _curves_after(experiment.name, FIRST_STEPS)
+    experiment.after = curves_after(experiment.name, tuple(sorted({n, CONTROL_FIRST})))
     return experiment
 
 
-# The FCN alone in the main job: the optimiser and rate the width-256 sweep chose
-# (`rescue-lr-256`: Adam 3e-3, best mean validation accuracy; results/rescue/).
-QUICK_BASELINE = ("adam", 3e-3)
+def study(width: int = WIDTH) -> list[Any]:
+    """The three steps at `width`: tune both arms, tune the first-N arm, then every arm over 5 seeds."""
+    tune, first = _name("rescue-tune", width), _name("rescue-tune-first", width)
+    return [
+        tune_experiment(width),
+        lambda tables: first_experiment(tables[tune], width),
+        lambda tables: long_experiment(tables[tune], tables[first], width),
+    ]
+
+
+# The main job's choices, from `untrainable run rescue-128` (results/rescue/rescue-tune-128/, -first-128/):
+# the FCN alone at the best validation setting, the guided setting, and the first-N arm.
+QUICK_ALONE = ("adam", 3e-3, True)
+QUICK_GUIDED = (1e-3, 1.0)
+QUICK_FIRST = 600
+QUICK_SEEDS = (0, 1)
+# The rescue the main job must show: guided minus alone, test accuracy at the last epoch.
+QUICK_MARGIN = 0.15
 
 
 def quick_experiment() -> Experiment:
-    """The main job: 48 x 256, 10 epochs, 3 seeds; alone at QUICK_BASELINE and at Adam 1e-3, guided at Adam 1e-3.
-
-    About 2 minutes on 2 cores with 2 processes (133 s measured).
-    """
-    guided = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
-    optimiser, lr = QUICK_BASELINE
+    """The main job: 48 x 128, LONG_EPOCHS epochs, 2 seeds: alone (tuned), guided, guided for the first 600 steps."""
+    base = base_config(QUICK_WIDTH)
+    guided = _guided(base, *QUICK_GUIDED)
     experiment = Experiment(
         name="rescue-quick",
-        description=_describe(guided, optimiser, lr, "the choice of the full study's width-256 sweep, `rescue-lr-256`")
-        + " `deep-fcn-adam-lr0.001`: alone with the guided arms' own optimiser, so that guidance is the only difference.",
-        arms=_quick_arms(guided, optimiser, lr),
+        description=_setup(base)
+        + f" Each arm at the choice of `rescue-128` on validation: `deep-fcn` alone `{alone_name(*QUICK_ALONE)}`; "
+        f"guided Adam lr {QUICK_GUIDED[0]:g}, alpha {QUICK_GUIDED[1]:g}; `first{QUICK_FIRST}`: guided for the first "
+        f"{QUICK_FIRST} steps only, then alone. Δ / std: difference to `deep-fcn` in pooled seed standard deviations.",
+        arms=[
+            Arm("deep-fcn", _with_optimiser(base.replace(guide=None), *QUICK_ALONE)),
+            Arm(GUIDED, guided),
+            Arm(f"{GUIDED}-first{QUICK_FIRST}", _first(guided, QUICK_FIRST)),
+        ],
         seeds=QUICK_SEEDS,
         baseline="deep-fcn",
     )
-    experiment.after = _curves_after(experiment.name, FIRST_STEPS[:1])
-    return experiment
-
-
-def _quick_arms(guided: RunConfig, optimiser: str, lr: float) -> list[Arm]:
-    """The core arms, with the FCN alone also at the guided arms' own optimiser (guidance the only difference)."""
-    arms = _core_arms(guided, optimiser, lr, FIRST_STEPS[:1])
-    same = Arm(_sweep_name("adam", 1e-3), _with_optimiser(guided.replace(guide=None), "adam", 1e-3))
-    return arms[:1] + [same] + arms[1:]
-
-
-def alpha_experiment(quick: bool = False) -> Experiment:
-    """48 x 256, 10 epochs, 3 seeds: alone (QUICK_BASELINE), constant alpha 1, the first 150 steps, adaptive alpha.
-
-    The adaptive arm keeps the rule's defaults. `quick`: width 32, guide
-    width 4, 256 images, 1 epoch, one seed, alpha measured every 2 steps so
-    its 4 steps see two measurements.
-    """
-    guided = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
-    adaptive = {"schedule": "adaptive"}
-    if quick:
-        guided = (
-            guided.with_args("model", width=32)
-            .with_args("guide", width=4)
-            .with_args("data", train_size=256, val_size=128)
-            .with_section("train", epochs=1, progress=False)
-        )
-        adaptive["adapt_every"] = 2
-    arms = _core_arms(guided, *QUICK_BASELINE, FIRST_STEPS[:1])
-    arms.append(Arm(ADAPTIVE_ARM, guided.with_section("guidance", **adaptive)))
-    rule = arms[-1].config.guidance
-    experiment = Experiment(
-        name="rescue-alpha" + ("-quick" if quick else ""),
-        description=_describe(guided, *QUICK_BASELINE, "as in `rescue --quick`, the width-256 sweep's choice")
-        + f" `adaptive`: alpha starts at {rule.alpha:g} and is measured every {rule.adapt_every} steps as "
-        f"min({rule.adapt_ratio:g} ||grad task loss|| / ||grad guidance loss at alpha 1||, {rule.alpha_max:g}) "
-        f"on the FCN's parameters, averaged with momentum {rule.adapt_momentum:g} (bias-corrected).",
-        arms=arms,
-        seeds=(0,) if quick else QUICK_SEEDS,
-        baseline="deep-fcn",
-    )
-    curves = _curves_after(experiment.name, FIRST_STEPS[:1])
+    curves = curves_after(experiment.name, (QUICK_FIRST,))
 
     def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
         curves(out, table, results)
-        _alpha_after(experiment.name, out, table, results)
+        table["notes"].append(verdict(table))
 
     experiment.after = after
     return experiment
 
 
-def alpha_by_step(folder: Path) -> list[float]:
-    """The alpha of every training step of a run, in step order (from its metrics.jsonl)."""
-    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
-    return [r["alpha"] for r in sorted((r for r in records if "kind" not in r), key=lambda r: r["step"])]
+def verdict(table: dict[str, Any]) -> str:
+    """One sentence: whether the guided arm beats the FCN alone by QUICK_MARGIN, at the last and at the best epoch."""
+    rows = {row["arm"]: row for row in table["rows"]}
+    parts = []
+    for label, key in (("last epoch", "test_accuracy"), ("best validation epoch", "best_accuracy")):
+        gain = rows[GUIDED][key][0] - rows["deep-fcn"][key][0]
+        held = "rescued" if gain > QUICK_MARGIN else f"NOT rescued here (less than +{QUICK_MARGIN:g})"
+        parts.append(f"at the {label}, guided − alone = {gain:+.3f}: {held}")
+    return "Rescue: " + "; ".join(parts) + "."
 
 
-def _alpha_after(name: str, out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
-    """alpha.png: alpha per step of the guided arms; a note with the adaptive arm's alpha, mean over seeds."""
-    from untrainable.plots import plot_per_step
-
-    series = {arm: [alpha_by_step(r.folder) for r in runs] for arm, runs in results.items() if "+" in arm}
-    plot_per_step(series, out / "alpha.png", "alpha", title=f"{name}: alpha per step, mean and range over seeds")
-    adaptive = series[ADAPTIVE_ARM]
-    length = min(len(run) for run in adaptive)
-    mean = [statistics.mean(run[i] for run in adaptive) for i in range(length)]
-    table.setdefault("notes", []).append(
-        f"Adaptive alpha, mean over seeds: {mean[0]:.3g} at step 1, {max(mean):.3g} at most, {mean[-1]:.3g} at the "
-        f"last step, {statistics.mean(mean):.3g} on average over the run (alpha.png)."
-    )
-
-
-@register_experiment("rescue-alpha")
-def rescue_alpha(quick: bool = False) -> Experiment:
-    """The rescue at width 256 with an adaptive alpha, against the constant alpha 1 and the first 150 steps."""
-    return alpha_experiment(quick)
-
-
-def _curves_after(
+def curves_after(
     name: str, first: tuple[int, ...]
 ) -> Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None]:
+    """rescue_curves.png (validation accuracy per step, disconnects marked) and first_loss.png (training loss)."""
+
     def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
-        from untrainable.plots import plot_by_step
+        from untrainable.plots import plot_by_step, plot_per_step
 
         fcn_arms = {arm: [r.history for r in runs] for arm, runs in results.items() if arm.startswith("deep-fcn")}
+        marks = {f"guide disconnected (first{n})": n for n in first}
         plot_by_step(
             fcn_arms,
             "val_accuracy",
             out / "rescue_curves.png",
-            marks={f"guide disconnected (first{n})": n for n in first},
+            marks=marks,
             title=f"{name}: validation accuracy per epoch, mean ± std over seeds",
         )
-        table.setdefault("notes", []).append(
-            "Validation curves with the step where each `firstN` guide is disconnected: rescue_curves.png."
+        losses = {
+            arm: [task_loss_by_step(r.folder) for r in runs]
+            for arm, runs in results.items()
+            if arm == "deep-fcn" or any(arm.endswith(f"-first{n}") for n in first)
+        }
+        plot_per_step(
+            losses,
+            out / "first_loss.png",
+            "task loss (training batch)",
+            title=f"{name}: training task loss per step, alone and after the guide is disconnected",
+            marks=marks,
+            log_y=True,
+            smooth=25,
+        )
+        table["after_disconnect"] = after_disconnect(losses, first)
+        table["notes"].append(
+            "Validation curves with the step where each `firstN` guide is disconnected: rescue_curves.png; the training "
+            "task loss per step of the first-N arms against the FCN alone: first_loss.png. "
+            + disconnect_note(table["after_disconnect"])
         )
 
     return after
+
+
+def task_loss_by_step(folder: Path) -> list[float]:
+    """The training task loss of every step of a run, in step order (from its metrics.jsonl)."""
+    import json
+
+    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [r["task_loss"] for r in sorted((r for r in records if "kind" not in r), key=lambda r: r["step"])]
+
+
+def _window(runs: list[list[float]], start: int, width: int = 50) -> float | None:
+    """Mean task loss over steps start+1 .. start+width, averaged over runs (None past the runs' end)."""
+    values = [sum(run[start : start + width]) / width for run in runs if len(run) >= start + width]
+    return sum(values) / len(values) if values else None
+
+
+def after_disconnect(losses: dict[str, list[list[float]]], first: tuple[int, ...]) -> dict[str, Any]:
+    """For each first-N arm: its training task loss (mean of 50 steps) just after N and at the end, beside alone's."""
+    alone = losses.get("deep-fcn", [])
+    end = min((len(run) for runs in losses.values() for run in runs), default=0) - 50
+    out = {}
+    for arm, runs in losses.items():
+        n = next((k for k in first if arm.endswith(f"-first{k}")), None)
+        if n is None or end < n:
+            continue
+        out[arm] = {
+            "steps": n,
+            "after": _window(runs, n),
+            "end": _window(runs, end),
+            "alone_after": _window(alone, n),
+            "alone_end": _window(alone, end),
+            "end_step": end + 50,
+        }
+    return out
+
+
+def disconnect_note(rows: dict[str, Any]) -> str:
+    cells = [
+        f"`{arm}` {r['after']:.3f} just after step {r['steps']} -> {r['end']:.3f} at step {r['end_step']} "
+        f"(alone {r['alone_after']:.3f} -> {r['alone_end']:.3f})"
+        for arm, r in rows.items()
+        if None not in (r["after"], r["end"], r["alone_after"], r["alone_end"])
+    ]
+    return ("Training task loss, mean of 50 steps: " + "; ".join(cells) + ".") if cells else ""
 
 
 @register_experiment("rescue")
 def rescue(quick: bool = False) -> Experiment | list[Any]:
-    """The 48-block Deep FCN fails alone; an untrained ResNet-18 guide rescues it (LR sweep, headline, controls)."""
+    """The 48 x 256 Deep FCN at 1,240 steps: both arms tuned, then every arm and control over 5 seeds."""
     if quick:
         return quick_experiment()
-    return [
-        sweep_experiment(),
-        sweep_experiment(CONTROL_WIDTH),
-        lambda tables: headline_experiment(tables["rescue-lr"]),
-        lambda tables: controls_experiment(tables[f"rescue-lr-{CONTROL_WIDTH}"]),
-    ]
+    return study(WIDTH)
 
 
-def depth_experiment(quick: bool = False) -> Experiment:
-    """Depth 8 to 64 at width 256, alone vs + untrained ResNet-18, with per-layer gradient norms."""
-    guided = (
-        shipped_config("rescue_deep_fcn")
-        .with_args("model", width=CONTROL_WIDTH)
-        .with_section("train", epochs=10, grad_norm_steps=GRAD_NORM_STEPS)
-    )
-    depths = DEPTHS
-    if quick:
-        guided = (
-            guided.with_args("model", width=32)
-            .with_args("data", train_size=256, val_size=128)
-            .with_section("train", epochs=1, progress=False)
-        )
-        guided = guided.with_args("guide", width=4)
-        depths = (4, 8)
-    arms = []
-    for depth in depths:
-        at_depth = guided.with_args("model", depth=depth)
-        arms += [
-            Arm(f"deep-fcn-d{depth}", at_depth.replace(guide=None)),
-            Arm(f"deep-fcn-d{depth}+untrained-resnet18", at_depth),
-        ]
-    experiment = Experiment(
-        name="rescue-depth" + ("-quick" if quick else ""),
-        description=(
-            f"Depth map: the Deep FCN (width {guided.model.args['width']}, BatchNorm, dropout 0.1) at depths "
-            f"{', '.join(map(str, depths))}, alone and with an untrained ResNet-18 guide (alpha 1), Adam lr 1e-3, "
-            f"{guided.train.epochs} epochs on {guided.data.args['train_size']} Fashion-MNIST images; test accuracy, mean ± std "
-            f"over seeds. Per-layer gradient norms logged at steps {', '.join(map(str, GRAD_NORM_STEPS))}."
-        ),
-        arms=arms,
-        seeds=(0,) if quick else DEPTH_SEEDS,
-    )
-    experiment.after = _depth_after(depths)
-    return experiment
+@register_experiment("rescue-128")
+def rescue_128(quick: bool = False) -> list[Any]:
+    """The long-horizon rescue study at width 128: the choices behind the main job (`rescue --quick`)."""
+    return study(QUICK_WIDTH)
 
 
-def _depth_after(depths: tuple[int, ...]) -> Callable[[Path, dict[str, Any], dict[str, list[RunResult]]], None]:
-    def after(out: Path, table: dict[str, Any], results: dict[str, list[RunResult]]) -> None:
-        from untrainable.plots import plot_depth_map, plot_grad_norms
-
-        by_arm = {row["arm"]: row for row in table["rows"]}
-        curve = {
-            kind: [by_arm[f"deep-fcn-d{d}{suffix}"]["test_accuracy"] for d in depths]
-            for kind, suffix in (("alone", ""), ("+ untrained ResNet-18", "+untrained-resnet18"))
-        }
-        plot_depth_map(list(depths), curve, out / "depth_map.png", title="Deep FCN test accuracy against depth")
-        deepest = max(depths)
-        norms = {
-            kind: grad_norms_by_layer([r.folder for r in results[f"deep-fcn-d{deepest}{suffix}"]])
-            for kind, suffix in (("alone", ""), ("guided", "+untrained-resnet18"))
-        }
-        plot_grad_norms(
-            norms,
-            out / "grad_norms.png",
-            title=f"Depth {deepest}: gradient norm of each linear layer's weight, median over seeds",
-        )
-        summary = {
-            kind: {str(step): _spread(values) for step, values in steps.items()} for kind, steps in norms.items()
-        }
-        table["grad_norms"] = {"depth": deepest, "per_layer": norms, "first_over_last": summary}
-        cells = [
-            f"{kind} step {step}: {ratio:.3g}"
-            for kind, steps in summary.items()
-            for step, ratio in steps.items()
-            if ratio is not None
-        ]
-        table.setdefault("notes", []).append(
-            f"Depth {deepest}, gradient norm of the first linear layer over the last's (median over seeds): "
-            + "; ".join(cells)
-            + " (grad_norms.png; depth_map.png)."
-        )
-
-    return after
-
-
-def grad_norms_by_layer(folders: list[Path]) -> dict[int, list[float]]:
-    """step -> the median over runs of each linear layer's weight-gradient norm, in layer order (from metrics.jsonl)."""
-    per_step: dict[int, list[list[float]]] = {}
-    for folder in folders:
-        for line in (Path(folder) / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            keys = sorted(
-                (k for k in record if k.startswith("grad_norm/layers.") and k.endswith(".linear.weight")),
-                key=lambda k: int(k.split(".")[1]),
-            )
-            if keys:
-                per_step.setdefault(int(record["step"]), []).append([record[k] for k in keys])
-    return {step: [statistics.median(v) for v in zip(*runs)] for step, runs in sorted(per_step.items())}
-
-
-def _spread(values: list[float]) -> float | None:
-    return values[0] / values[-1] if values and values[-1] > 0 else None
-
-
-@register_experiment("rescue-depth")
-def rescue_depth(quick: bool = False) -> Experiment:
-    """Where the Deep FCN stops training alone, how far an untrained guide moves that limit, and gradient norms."""
-    return depth_experiment(quick)
-
-
-def convnet_experiment(quick: bool = False) -> Experiment:
-    """Plain-50 (no skips) alone and guided by ResNet-50, trained or untrained; ResNet-50 alone."""
-    guided = shipped_config("rescue_convnet")
-    if quick:
-        guided = guided.with_args("data", train_size=128, val_size=64).with_section("train", epochs=1, progress=False)
-        guided = guided.with_args("model", width=4).with_args("guide", width=4).with_section("data", train_eval_size=64)
-    resnet = guided.replace(model=guided.guide, guide=None)
-    experiment = Experiment(
-        name="rescue-convnet" + ("-quick" if quick else ""),
-        description=(
-            f"Fashion-MNIST ({guided.data.args['train_size']} training images, {guided.train.epochs} epochs, Adam lr 1e-3), "
-            f"test accuracy, mean ± std over seeds. Plain-50: ResNet-50 without skip connections (width {guided.model.args['width']}, "
-            f"ImageNet stem); guide: ResNet-50 of the same shape, untrained (the run's seed) or trained (its own arm, same seed). "
-            f"Linear CKA between block outputs, block i to block i (16 each), alpha {guided.guidance.alpha:g}. "
-            "Δ / std: difference to `plain50` in pooled seed standard deviations."
-        ),
+def wide_experiments() -> list[Any]:
+    """Width 1024, 3 seeds: the FCN alone at Adam 1e-3 and 3e-3, the better on validation as baseline, and guided."""
+    base = base_config(1024)
+    rates = (1e-3, 3e-3)
+    alone = Experiment(
+        name="rescue-1024-alone",
+        description=_setup(base) + " The FCN alone, Adam at two constant rates.",
         arms=[
-            Arm("resnet50", resnet),
-            Arm("plain50", guided.replace(guide=None)),
-            Arm("plain50+trained-resnet50", guided, guide_from="resnet50"),
-            Arm("plain50+untrained-resnet50", guided),
+            Arm(alone_name("adam", lr, False), _with_optimiser(base.replace(guide=None), "adam", lr)) for lr in rates
         ],
-        seeds=(0,) if quick else DEPTH_SEEDS,
-        baseline="plain50",
+        seeds=WIDE_SEEDS,
     )
-    return experiment
 
-
-@register_experiment("rescue-convnet")
-def rescue_convnet(quick: bool = False) -> Experiment:
-    """A plain 50-layer ConvNet that trains worse than its ResNet, guided by a trained or untrained ResNet-50."""
-    return convnet_experiment(quick)
-
-
-def guides_experiment(quick: bool = False) -> Experiment:
-    """48 x 256, 3 seeds: the FCN alone, + an untrained ResNet-18, + an untrained ViT, + both at once (alpha 1 each)."""
-    resnet = shipped_config("rescue_deep_fcn").with_args("model", width=CONTROL_WIDTH).with_section("train", epochs=10)
-    if quick:
-        resnet = (
-            resnet.with_args("model", depth=8, width=32)
-            .with_args("data", train_size=256, val_size=128)
-            .with_section("data", train_eval_size=64)
-            .with_section("train", epochs=1, progress=False)
-            .with_args("guide", width=4)
+    def headline(tables: dict[str, dict[str, Any]]) -> Experiment:
+        chosen = choose(tables[alone.name], [arm.name for arm in alone.arms])
+        lr = next(lr for lr in rates if alone_name("adam", lr, False) == chosen)
+        return Experiment(
+            name="rescue-1024",
+            description=_setup(base)
+            + f" `deep-fcn`: alone, Adam lr {lr:g} (the better of {rates} on validation); guided: Adam lr 1e-3, alpha 1.",
+            arms=[
+                Arm(
+                    "deep-fcn", _with_optimiser(base.replace(guide=None), "adam", lr), runs_in=f"{alone.name}/{chosen}"
+                ),
+                Arm(GUIDED, _guided(base, 1e-3, 1.0)),
+            ],
+            seeds=WIDE_SEEDS,
+            baseline="deep-fcn",
         )
-    vit_guide = shipped_config("vision_deep_fcn_vit").guide
-    if quick:
-        vit_guide = dataclasses.replace(vit_guide, args={**vit_guide.args, "dim": 16, "depth": 2, "heads": 2})
-    vit = resnet.replace(guide=vit_guide).with_section("guidance", guide_layers=["blocks.*"])
-    # Each guide as it pulls alone, alpha 1: the loss is the plain sum of the two single-guide losses.
-    # The guide cache holds one guide: with two, both run every step (the same numbers, more time).
-    entries = [
-        dataclasses.replace(config.guide_entries()[0][1], name=name)
-        for name, config in (("resnet18", resnet), ("vit", vit))
-    ]
-    both = resnet.with_section("guidance", cache="none").with_guides(entries)
-    a, r, v = resnet.model.args, resnet.guide.args, vit_guide.args
-    experiment = Experiment(
-        name="rescue-guides" + ("-quick" if quick else ""),
-        description=(
-            f"Fashion-MNIST ({resnet.data.args['train_size']} training images, batch {resnet.data.batch_size}, "
-            f"{resnet.train.epochs} epochs), test top-1 accuracy, mean ± std over seeds. Deep FCN {a['depth']} blocks x "
-            f"{a['width']} (BatchNorm, dropout 0.1); alone: {QUICK_BASELINE[0]} lr {QUICK_BASELINE[1]:g} (the width-256 sweep's "
-            "choice, as in `rescue --quick`); guided arms: Adam lr 1e-3. Guides untrained (the run's seed, so "
-            f"the two-guide arm uses the very guides of the one-guide arms): ResNet-18 (width {r['width']}, small stem), "
-            f"its block outputs; ViT (dim {v['dim']}, depth {v['depth']}, patch {v['patch_size']}), its block outputs; "
-            "each guide's layers spread evenly over the FCN's linear outputs (the first and last pulled by both in "
-            "the two-guide arm), linear CKA. `+untrained-resnet18+untrained-vit`: both guides at alpha 1 each, the "
-            "plain sum of the two single-guide losses. Δ / std: difference to `deep-fcn` in pooled seed standard "
-            "deviations (more than 2 counts as an effect)."
-        ),
-        arms=[
-            Arm("deep-fcn", _with_optimiser(resnet.replace(guide=None), *QUICK_BASELINE)),
-            Arm("deep-fcn+untrained-resnet18", resnet),
-            Arm("deep-fcn+untrained-vit", vit),
-            Arm("deep-fcn+untrained-resnet18+untrained-vit", both),
-        ],
-        seeds=(0,) if quick else QUICK_SEEDS,
-        baseline="deep-fcn",
-    )
-    return experiment
+
+    return [alone, headline]
 
 
-@register_experiment("rescue-guides")
-def rescue_guides(quick: bool = False) -> Experiment:
-    """Two untrained guides at once (ResNet-18 and ViT) against each alone, on the 48 x 256 Deep FCN."""
-    return guides_experiment(quick)
+@register_experiment("rescue-1024")
+def rescue_1024(quick: bool = False) -> list[Any]:
+    """The paper's width, 48 x 1024, at the long horizon: the FCN alone at its better rate, and guided."""
+    return wide_experiments()
