@@ -104,6 +104,36 @@ def test_fashion_mnist_env_root_and_bad_sizes(tmp_path, monkeypatch):
         fashion_mnist(val_size=4, train_size=37)
 
 
+def test_fashion_mnist_on_a_canvas_keeps_each_image_whole_at_a_fixed_position(tmp_path):
+    write_fake_fashion(tmp_path)
+    plain = fashion_mnist(root=str(tmp_path), train_size=20, val_size=8, seed=1, normalize=False)
+    data = fashion_mnist(root=str(tmp_path), train_size=20, val_size=8, seed=1, normalize=False, canvas=56)
+    assert data.input_shape == (1, 56, 56) and data.meta["canvas"] == 56
+    positions = set()
+    for image, big in zip(plain.train.tensors[0][:, 0], data.train.tensors[0][:, 0]):
+        assert big.sum().item() == pytest.approx(image.sum().item(), rel=1e-5)  # nothing cropped
+        rows, cols = torch.nonzero(big, as_tuple=True)
+        top, left = rows.min().item(), cols.min().item()
+        window = big[top : top + 28, left : left + 28]
+        if window.shape == (28, 28) and torch.equal(window, image):
+            positions.add((top, left))
+    assert len(positions) > 10  # images sit at many places, each intact
+    fewer = fashion_mnist(root=str(tmp_path), train_size=5, val_size=8, seed=1, normalize=False, canvas=56)
+    assert torch.equal(fewer.val.tensors[0], data.val.tensors[0])  # positions do not move with the split
+    assert torch.equal(fewer.train.tensors[0], data.train.tensors[0][:5])
+    with pytest.raises(ValueError, match="canvas must be at least"):
+        fashion_mnist(root=str(tmp_path), val_size=8, canvas=20)
+
+
+def test_fashion_mnist_labels_out_of_range_name_the_file(tmp_path):
+    write_fake_fashion(tmp_path)
+    labels = (np.arange(40) % 10).astype(np.uint8)
+    labels[7] = 200
+    (tmp_path / FILES["train_labels"]).write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: label 200 at index 7 .*\[0, 9\]"):
+        fashion_mnist(root=str(tmp_path), val_size=8)
+
+
 def test_fashion_mnist_missing_files_names_package(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         fashion_mnist(root=str(tmp_path))

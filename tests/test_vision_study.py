@@ -135,3 +135,24 @@ def test_run_vision_quick_writes_tables(tmp_path, capsys):
     assert np.allclose(np.diag(consistency["mean"]), 1.0)
     assert (fcn / "deep-fcn" / "seed0" / "test_predictions.npy").exists()
     assert "vision-convnet-quick" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_canvas_study_sets_the_wide_fcn_on_a_larger_image(tmp_path):
+    from untrainable.experiment import run_experiment
+    from untrainable.recipes import vision
+
+    experiment = vision.canvas_experiment(quick=True)
+    arms = {arm.name: arm for arm in experiment.arms}
+    assert list(arms) == ["resnet18", "wide-fcn", "wide-fcn+trained-resnet18", "wide-fcn+untrained-resnet18"]
+    assert arms["wide-fcn+trained-resnet18"].guide_from == "resnet18" and experiment.baseline == "wide-fcn"
+    assert {arm.config.data.args["canvas"] for arm in arms.values()} == {vision.CANVAS}
+    table = run_experiment(experiment, tmp_path, log=lambda _: None)
+    config = json.loads((tmp_path / "wide-fcn" / "seed0" / "config.json").read_text())
+    assert config["data"]["args"]["canvas"] == vision.CANVAS
+    from untrainable.checkpoint import load_weights
+
+    weights = load_weights(tmp_path / "wide-fcn" / "seed0" / "model.pt")
+    first = next(v for k, v in weights.items() if k.endswith("linear.weight"))
+    assert first.shape[1] == vision.CANVAS * vision.CANVAS  # the FCN sees the whole canvas
+    assert all(row["per_seed_best"][0] is not None for row in table["rows"])

@@ -90,7 +90,30 @@ def _read_pair(root: Path, images: str, labels: str) -> tuple[np.ndarray, np.nda
         raise ValueError(
             f"{root}: {FILES[images]} {x.shape} and {FILES[labels]} {y.shape} must be (N, H, W) images and (N,) labels"
         )
+    bad = np.flatnonzero((y < 0) | (y >= len(CLASSES)))
+    if len(bad):
+        raise ValueError(
+            f"{root / FILES[labels]}: label {int(y[bad[0]])} at index {int(bad[0])} ({len(bad)} such) is not a class "
+            f"index in [0, {len(CLASSES) - 1}]; replace the file with the data set's own"
+        )
     return x, y
+
+
+def place_on_canvas(images: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """(N, H, W) images each placed at a random but fixed position on a zero (N, size, size) canvas.
+
+    The position of image i depends only on `seed` and i, so it is the same in
+    every run and does not move with the train/validation split.
+    """
+    n, h, w = images.shape
+    if size < max(h, w):
+        raise ValueError(f"canvas must be at least the images' size {max(h, w)}, got {size}")
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(0, size - h + 1, n), rng.integers(0, size - w + 1, n)
+    canvas = np.zeros((n, size, size), dtype=images.dtype)
+    for i in range(n):
+        canvas[i, rows[i] : rows[i] + h, cols[i] : cols[i] + w] = images[i]
+    return canvas
 
 
 def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +139,14 @@ def fashion_mnist(
     val_size: int = 5000,
     seed: int = 0,
     normalize: bool = True,
+    canvas: int = 28,
 ) -> DataSplits:
     """Fashion-MNIST 28x28 grey images, 10 classes; validation carved from the training set.
+
+    `canvas` > 28 places each image at a random but fixed position on a black
+    canvas x canvas image (positions seeded by `seed`, the test set's apart):
+    a task where a ConvNet's translation prior matters and an FCN must learn
+    every position from the training images.
 
     `root` defaults to $UNTRAINABLE_FASHION_MNIST, then /usr/share/datasets/fashion-mnist
     (Debian package dataset-fashion-mnist). Images are float32 (N, 1, 28, 28) in [0, 1],
@@ -129,6 +158,8 @@ def fashion_mnist(
     train_x, train_y = _read_pair(root_path, "train_images", "train_labels")
     test_x, test_y = _read_pair(root_path, "test_images", "test_labels")
     train_idx, val_idx = split_indices(len(train_x), val_size, train_size, seed)
+    if canvas != train_x.shape[1] or canvas != train_x.shape[2]:
+        train_x, test_x = place_on_canvas(train_x, canvas, seed), place_on_canvas(test_x, canvas, seed + 1)
 
     def images(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
@@ -138,7 +169,7 @@ def fashion_mnist(
         "val": (images(train_x[val_idx]), train_y[val_idx]),
         "test": (images(test_x), test_y),
     }
-    meta: dict = {"classes": list(CLASSES), "root": str(root_path)}
+    meta: dict = {"classes": list(CLASSES), "root": str(root_path), "canvas": canvas}
     if normalize:
         # Statistics of the training split only, so nothing leaks from val/test.
         mean, std = splits["train"][0].mean().item(), splits["train"][0].std().item()

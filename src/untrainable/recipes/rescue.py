@@ -227,10 +227,10 @@ def study(width: int = WIDTH) -> list[Any]:
     ]
 
 
-# The main job's choices, from `untrainable run rescue-128` (results/rescue/rescue-tune-128/, -first-128/):
-# the FCN alone at the best validation setting, the guided setting, and the first-N arm.
-QUICK_ALONE = ("adam", 3e-3, True)
-QUICK_GUIDED = (1e-3, 1.0)
+# The main job's choices, from `untrainable run rescue-128` (results/rescue/rescue-tune-128/): the FCN
+# alone and the guided arm at their best validation settings (best epoch); the first 600 steps (of 1,240).
+QUICK_ALONE = ("adam", 1e-3, True)
+QUICK_GUIDED = (3e-3, 3.0)
 QUICK_FIRST = 600
 QUICK_SEEDS = (0, 1)
 # The rescue the main job must show: guided minus alone, test accuracy at the last epoch.

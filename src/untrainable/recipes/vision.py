@@ -12,6 +12,10 @@ Two experiments, run into sub-folders of one output folder:
 - `vision-convnet`: a plain ConvNet (ResNet-34 without skips) alone and with a
   trained or untrained ResNet-50; ResNet-50 alone for reference.
 
+`vision-canvas` sets the Wide FCN where a ConvNet's prior matters: each
+image at a random but fixed place on a CANVAS x CANVAS canvas, the FCN alone,
+guided by a trained or untrained ResNet-18, and the ResNet-18 alone.
+
 The arms' single-run configs are `configs/vision_*.toml`.
 """
 
@@ -39,6 +43,7 @@ from untrainable.trainer import RunResult
 FIRST_STEPS = 150  # "guidance as initialisation": the paper's ~150 steps (here 150 of 1240)
 SIMILARITY_EXAMPLES = 500  # validation images behind each layer-similarity map
 SEEDS = (0, 1, 2)
+CANVAS = 56  # vision-canvas: 28 x 28 images placed on a 56 x 56 canvas
 # `--quick` checks the pipeline, not the results: one seed, and these arms
 # left out because they only repeat code paths the other arms already take.
 QUICK_SKIPS = ("deep-fcn+untrained-resnet18", "wide-fcn", "wide-fcn+trained-resnet18", "plain34+untrained-resnet50")
@@ -249,3 +254,41 @@ def convnet_experiment(quick: bool = False) -> Experiment:
 def vision(quick: bool = False) -> list[Experiment]:
     """Fashion-MNIST: Deep/Wide FCN + ResNet-18 or ViT guide, plain ConvNet + ResNet-50 guide, error consistency."""
     return [fcn_experiment(quick), convnet_experiment(quick)]
+
+
+def canvas_experiment(quick: bool = False) -> Experiment:
+    """The Wide FCN on images placed at random on a CANVAS x CANVAS canvas: alone, guided (trained or not), the ResNet."""
+    wide = (
+        _load("wide_fcn", quick)
+        .with_args("data", canvas=CANVAS)
+        .with_section("guidance", cache="memory")
+        .with_section("train", early_stopping=True)
+    )
+    w = wide.model.args
+    experiment = Experiment(
+        name="vision-canvas" + ("-quick" if quick else ""),
+        description=(
+            f"Fashion-MNIST on a {CANVAS} x {CANVAS} canvas: each 28 x 28 image at a random but fixed position "
+            f"({wide.data.args['train_size']} training images, batch {wide.data.batch_size}, {wide.train.epochs} epochs, "
+            f"Adam lr {wide.optim.lr:g}, cosine decay). Test top-1 accuracy at the last epoch and at the best validation "
+            f"epoch, mean ± std over seeds. Wide FCN {w['depth']} x {w['width']} (BatchNorm); guide ResNet-18 (width "
+            f"{wide.guide.args['width']}, small stem), untrained (the run's seed) or trained (its own arm, same seed); "
+            f"linear CKA between the FCN's linear outputs and the ResNet's block outputs, alpha {wide.guidance.alpha:g}. "
+            "Δ / std: difference to `wide-fcn` in pooled seed standard deviations."
+        ),
+        arms=[
+            Arm("resnet18", wide.replace(model=wide.guide, guide=None)),
+            Arm("wide-fcn", wide.replace(guide=None)),
+            Arm("wide-fcn+trained-resnet18", wide, guide_from="resnet18"),
+            Arm("wide-fcn+untrained-resnet18", wide),
+        ],
+        seeds=(0,) if quick else SEEDS,
+        baseline="wide-fcn",
+    )
+    return experiment
+
+
+@register_experiment("vision-canvas")
+def vision_canvas(quick: bool = False) -> Experiment:
+    """The Wide FCN where it overfits: Fashion-MNIST at random places on a canvas, alone and guided by ResNet-18."""
+    return canvas_experiment(quick)
