@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     digest, payload = data[len(_MAGIC) : header - 1].decode(errors="replace"), data[header:]
     if hashlib.sha256(payload).hexdigest() != digest:
         raise CheckpointError(f"{path} is truncated or corrupted (checksum mismatch, {len(payload)} payload bytes)")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    try:  # weights and plain types only: a file that names any other object is refused before it can run
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds objects other than weights and plain values; refused without loading it "
+            "(only checkpoints written by untrainable, or plain state_dicts, are read)"
+        ) from None
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
