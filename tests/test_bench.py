@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from untrainable.bench import VARIANTS, authors_cka, format_results, run_bench, write_results
-from untrainable.cost_scaling import run_scaling, write_scaling
+from untrainable.bench.cost_scaling import run_scaling, write_scaling
 from untrainable.similarity import linear_cka, sample_space_is_cheaper
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from untrainable.build import build_model
+from untrainable.build import build_guidance, build_guides, build_model
 from untrainable.capture import resolve_layers
 from untrainable.config import RunConfig, load_config, shipped_config
 from untrainable.data import load_data
@@ -50,6 +50,13 @@ def test_config_layers_exist(path):
     if config.guide is not None:
         guide = build_model(config.guide, data, seed=0)
         assert resolve_layers(guide, config.guidance.guide_layers)
+    if config.guides:  # each entry's layers and pairs, checked by the builder that names the entry
+        guidance = build_guidance(config, target, build_guides(config, data))
+        assert [g.name for g in guidance.guides] == [spec.label for spec in config.guides if spec.pulls]
+
+
+def test_a_config_with_two_guides_is_shipped():
+    assert any(load_config(path).guides for path in RUNNABLE)
 
 
 def test_a_field_missing_from_a_saved_config_counts_as_its_default():

@@ -72,3 +72,33 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(ValueError, match="optim.lr"):
         train(changed, tmp_path, resume=True)
     assert train(config, tmp_path, resume=True).final["steps"] == 10  # 270 examples, batch 50, 2 epochs
+
+
+def test_a_study_moved_or_spelled_otherwise_is_reused_and_resumed(tmp_path, monkeypatch):
+    run_experiment(experiment(), tmp_path / "study", log=lambda _: None)
+    interrupted = tmp_path / "study" / "fcn+trained-cnn" / "seed0"
+    (interrupted / "result.json").unlink()  # as if killed after its last checkpoint
+    (tmp_path / "study").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")  # and named by a relative path from elsewhere
+    messages = []
+    run_experiment(experiment(), "../moved", log=messages.append)
+    assert any("seed 0] training" in m for m in messages) and any("reusing" in m for m in messages)
+    saved = json.loads((tmp_path / "moved" / "fcn+trained-cnn" / "seed0" / "config.json").read_text())
+    assert saved["guide"]["checkpoint"] == str(tmp_path / "moved" / "cnn" / "seed0" / "model.pt").replace(
+        str(tmp_path / "moved"), "../moved"
+    )
+    resumes = [
+        json.loads(line)
+        for line in (tmp_path / "moved" / "fcn+trained-cnn" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any(r.get("kind") == "resume" for r in resumes)
+
+
+def test_a_guide_of_another_arm_or_seed_is_still_a_different_config(tmp_path):
+    run_experiment(experiment(), tmp_path, log=lambda _: None)
+    path = tmp_path / "fcn+trained-cnn" / "seed0" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["guide"]["checkpoint"] = saved["guide"]["checkpoint"].replace("seed0", "seed1")
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="guide.checkpoint"):
+        run_experiment(experiment(), tmp_path, log=lambda _: None)

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from untrainable.bench.paper_estimates import OpCost, estimate, format_table, paper_config
 from untrainable.build import build_guidance, build_model
 from untrainable.checkpoint import load_weights
 from untrainable.config import ConfigError, RunConfig, load_config
-from untrainable.paper_estimates import OpCost, estimate, format_table, paper_config
 from untrainable.trainer import train
 
 CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
@@ -51,7 +51,10 @@ SHRUNK = {
 
 
 def test_the_paper_configs_are_shipped():
-    assert sorted(path.stem for path in CONFIG_DIR.glob("paper_*.toml")) == sorted(PAPER)
+    # paper_deep_fcn_torchvision needs torchvision (no CPU build here): tests/test_imported_models.py reads it.
+    assert sorted(path.stem for path in CONFIG_DIR.glob("paper_*.toml")) == sorted(
+        [*PAPER, "paper_deep_fcn_torchvision"]
+    )
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -170,7 +173,7 @@ def test_estimate_of_the_deep_fcn_counts_its_products(deep_fcn_estimate):
 def test_readme_shows_what_the_estimates_command_prints(deep_fcn_estimate):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Paper-scale runs\n")[1].split("\n## ")[0]
-    assert "python -m untrainable.paper_estimates" in section and "**Estimated**" in section
+    assert "python -m untrainable.bench.paper_estimates" in section and "**Estimated**" in section
     assert format_table([deep_fcn_estimate]).splitlines()[-1] in section
     assert all(f"{name}.toml" in section for name in PAPER)
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -74,3 +75,40 @@ def test_two_processes_train_and_resume_like_one_unbroken_run(tmp_path):
     w_full, w_resumed = load_weights(full / "model.pt"), load_weights(tmp_path / "resumed" / "model.pt")
     for key in w_full:
         assert torch.allclose(w_full[key], w_resumed[key], atol=1e-6), key
+
+
+HANGING_RANK = """
+import sys, time
+from untrainable import cli, trainer
+
+original = trainer.train_step
+
+def hang_on_rank_1(parts, batch, step, **kwargs):
+    if parts.dist_info.rank == 1 and step == 2:
+        time.sleep(120)  # alive but stuck: rank 0 waits in the gradient all-reduce
+    return original(parts, batch, step, **kwargs)
+
+trainer.train_step = hang_on_rank_1
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_other_with_one_line_after_the_timeout(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG + "timeout_s = 3\n")
+    (tmp_path / "hang.py").write_text(HANGING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "hang.py"]
+    started = time.monotonic()
+    done = subprocess.run(
+        [*command, "train", "--config", "run.toml", "--out", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert time.monotonic() - started < 100  # the hang lasts 120 s: the time-out ended it
+    lines = [line for line in done.stderr.splitlines() if "did not answer within train.timeout_s" in line]
+    assert lines and lines[0].startswith("untrainable train (rank 0): error:"), done.stderr[-3000:]

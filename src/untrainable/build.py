@@ -16,12 +16,14 @@ from torch import nn
 
 from untrainable import distributed
 from untrainable.adaptive_alpha import ADAPTIVE, AdaptiveAlpha
-from untrainable.checkpoint import _MAGIC, load_checkpoint
+from untrainable.capture import resolve_layers
+from untrainable.checkpoint import CheckpointError, read_weights
 from untrainable.config import ConfigError, DataSpec, GuidanceSpec, GuideSpec, ModelSpec, RunConfig
 from untrainable.data import DataSplits, load_data
 from untrainable.data.registry import DATASETS
 from untrainable.guidance import Guidance, Guide
 from untrainable.models import create_model
+from untrainable.models.imported import build_imported, import_callable, is_import_path
 from untrainable.models.registry import MODELS
 from untrainable.optim import make_lr_schedule, make_optimizer
 from untrainable.schedule import AlphaSchedule
@@ -103,33 +105,46 @@ def build_data(spec: DataSpec, where: str = "data") -> DataSplits:
 
 
 def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "model") -> nn.Module:
-    """Create a registered model, filling `input_shape`, `num_classes` and `vocab_size` from the data.
+    """Create a model, seeded by `spec.seed` (or `seed`), and load `spec.checkpoint` when given, checked to fit.
 
-    The initialisation is seeded by `spec.seed` (or `seed`), and weights are
-    loaded from `spec.checkpoint` when given, after checking that they fit.
+    A registered name gets `input_shape`, `num_classes` and `vocab_size` from
+    the data where it takes them; an import path (`package.module:callable`)
+    is called with `spec.args` alone (see `models.imported`).
     """
-    builder = MODELS.get(spec.name)
-    check_args(where, builder, spec.args)
-    accepted = inspect.signature(builder).parameters
-    known = {
-        "input_shape": data.input_shape,
-        "num_classes": data.num_classes,
-        "vocab_size": data.meta.get("vocab_size"),
-    }
-    kwargs = {k: v for k, v in known.items() if k in accepted and v is not None}
-    kwargs.update(spec.args)
-    if "input_shape" in kwargs:
-        kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    imported = is_import_path(spec.name)
+    builder = import_callable(spec.name, f"{where}.name") if imported else MODELS.get(spec.name)
+    kwargs = dict(spec.args)
+    if not imported:
+        check_args(where, builder, spec.args)
+        accepted = inspect.signature(builder).parameters
+        known = {
+            "input_shape": data.input_shape,
+            "num_classes": data.num_classes,
+            "vocab_size": data.meta.get("vocab_size"),
+        }
+        kwargs = {k: v for k, v in known.items() if k in accepted and v is not None} | kwargs
+        if "input_shape" in kwargs:
+            kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    elif _has_signature(builder):  # one without (a C extension's) is called as it is
+        check_args(where, builder, spec.args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed if spec.seed is not None else seed)
         try:
-            model = create_model(spec.name, **kwargs)
+            model = build_imported(spec.name, kwargs, where) if imported else create_model(spec.name, **kwargs)
         except TypeError as err:
             raise ConfigError(f"{where}.args: {err}") from None
     if spec.checkpoint:
         model.load_state_dict(checked_weights(spec, model, f"{where}.checkpoint"))
     check_runs_on(model, data, spec.name, kwargs.get("input_shape"), where)
     return model
+
+
+def _has_signature(builder: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(builder)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_runs_on(
@@ -166,19 +181,16 @@ def check_runs_on(
 def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, Any]:
     """The state dict in `spec.checkpoint`, refused with a ConfigError naming what does not fit `model`."""
     path = Path(spec.checkpoint).expanduser()
-    saved_name = None
     try:
-        if path.read_bytes()[: len(_MAGIC)] == _MAGIC:
-            state = load_checkpoint(path)
-            saved_name = (state.get("config") or {}).get("model", {}).get("name")
-            state = state["model"]
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, dict) else state
+        state, saved = read_weights(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{where}: {err}") from None
     except Exception as err:  # torch's own message suggests unsafe loading: never pass it on
         raise ConfigError(
-            f"{where}: {path} is not a model checkpoint ({type(err).__name__}); give a run's model.pt or a saved state_dict"
+            f"{where}: {path} is not a model checkpoint ({type(err).__name__}); "
+            "give a run's model.pt or model.safetensors, or a saved state_dict"
         ) from None
+    saved_name = (saved or {}).get("model", {}).get("name")
     if saved_name is not None and saved_name != spec.name:
         raise ConfigError(
             f"{where}: {path} holds a {saved_name!r} model, not {spec.name!r}; set the model name to {saved_name!r} or give another file"
@@ -204,6 +216,12 @@ def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, 
     ]
     if problems:
         raise ConfigError(f"{where}: {path} does not fit a {spec.name!r} model with these args ({'; '.join(problems)})")
+    broken = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise ConfigError(
+            f"{where}: {path} holds NaN or inf in {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}; "
+            "these weights cannot guide or train: give the checkpoint of a run that did not diverge"
+        )
     return state
 
 
@@ -222,6 +240,9 @@ def build_guidance(config: RunConfig, target: nn.Module, guides: nn.Module | Seq
     entries = config.guide_entries()
     if len(models) != len(entries):
         raise ValueError(f"the config has {len(entries)} guide(s) but {len(models)} guide model(s) were given")
+    for (where, spec), model in zip(entries, models):
+        if spec.pulls:
+            _check_layers(where.removesuffix(".model") if config.guides else "guidance", spec, target, model)
     pulling = [
         Guide(
             model,
@@ -246,6 +267,19 @@ def build_guidance(config: RunConfig, target: nn.Module, guides: nn.Module | Seq
         gather=distributed.gather_for_similarity if g.scope == "global" else None,
         gram_dtype=None if g.gram_dtype == "float32" else getattr(torch, g.gram_dtype),
     )
+
+
+def _check_layers(where: str, spec: GuideSpec, target: nn.Module, guide: nn.Module) -> None:
+    """Refuse, naming the config field, a layer name or glob of a guide's entry that matches no layer."""
+    fields = [("target_layers", target, spec.target_layers), ("guide_layers", guide, spec.guide_layers)]
+    for i, pair in enumerate(spec.pairs or []):
+        fields += [(f"pairs[{i}]", target, pair[:1]), (f"pairs[{i}]", guide, pair[1:2])]
+    for field, model, layers in fields:
+        if layers:
+            try:
+                resolve_layers(model, layers)
+            except KeyError as err:
+                raise ConfigError(f"{where}.{field}: {err.args[0]}") from None
 
 
 def build_schedule(g: GuidanceSpec | GuideSpec) -> AlphaSchedule | AdaptiveAlpha:

@@ -1,19 +1,23 @@
-"""Checkpoints written atomically, checked on load, the last few kept."""
+"""Checkpoints written atomically, checked on load, the last few kept; final weights also as safetensors."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 
 _MAGIC = b"UNTRAINABLE-CKPT-1\n"
 _DIGEST = 64  # hex characters of a sha256
+_CONFIG_KEY = "untrainable_config"  # the run's config, as JSON, in a .safetensors file's metadata
 
 
 class CheckpointError(RuntimeError):
@@ -26,14 +30,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     The file holds a header and a sha256 of the payload, so a truncated or
     altered file is detected on load instead of half-loaded.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
+    return _write_atomic(Path(path), _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def save_safetensors(weights: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any] | None = None) -> Path:
+    """Write a state dict's tensors to a `.safetensors` file atomically, the run's config in its metadata.
+
+    Tensors are copied to the CPU (tied weights become two copies: the format
+    stores no shared storage); entries that are not tensors are left out.
+    """
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    metadata = {"format": "pt"} | ({_CONFIG_KEY: json.dumps(config)} if config is not None else {})
+    return _write_atomic(Path(path), safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, fsync, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -69,13 +88,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
 
 
-def load_weights(path: str | Path) -> dict[str, Any]:
-    """A model state dict from a checkpoint of ours (its `model` entry) or a plain `torch.save`d state dict."""
+def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A model state dict and the config of the run that saved it (None if unknown).
+
+    Reads a `.safetensors` file, a checkpoint of ours (its `model` entry), or
+    a plain `torch.save`d state dict (weights and plain values only). Raises
+    CheckpointError naming the file when it is none of these; nothing in a
+    file can run code.
+    """
     path = Path(path).expanduser()
-    if path.read_bytes()[: len(_MAGIC)] == _MAGIC:
-        return load_checkpoint(path)["model"]
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    if path.suffix == ".safetensors":
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}
+        except (safetensors.SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is not a readable .safetensors file: {' '.join(str(err).split())}") from None
+        config = json.loads(metadata[_CONFIG_KEY]) if _CONFIG_KEY in metadata else None
+        return state, config
+    with open(path, "rb") as f:
+        ours = f.read(len(_MAGIC)) == _MAGIC
+    if ours:
+        saved = load_checkpoint(path)
+        return saved["model"], saved.get("config")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds objects other than weights and plain values; refused without loading it "
+            "(give a run's model.pt or model.safetensors, or a plain state_dict)"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path} is not a weights file ({' '.join(str(err).split())[:200]})") from None
+    return (state.get("model", state) if isinstance(state, dict) else state), None
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """A model state dict from any file `read_weights` reads."""
+    return read_weights(path)[0]
 
 
 class CheckpointManager:

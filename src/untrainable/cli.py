@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -98,8 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     """Print the guide-target pairs with their shapes and similarity at initialisation."""
     from untrainable.build import build_data, build_model
-    from untrainable.config import DataSpec, ModelSpec
-    from untrainable.guidance import describe_pairs
+    from untrainable.config import ConfigError, DataSpec, ModelSpec
+    from untrainable.guidance import MIN_EXAMPLES, describe_pairs
+
+    least = MIN_EXAMPLES.get(args.similarity, 2)
+    if args.batch < least:
+        raise ConfigError(
+            f"--batch {args.batch}: {args.similarity} needs at least {least} examples to compare layers; "
+            "give --batch 256 (the default) or another number >= " + str(least)
+        )
 
     data_args, target_args, guide_args = (
         _json_args(text, flag)
@@ -225,6 +233,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
+    from untrainable.guidance import NonFiniteError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted before or after the subcommand
@@ -242,8 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if _is_main_process():
             print(f"untrainable {args.command}: interrupted: {_one_line(err)}", file=sys.stderr)
-        return 130
-    except (ConfigError, CheckpointError, ValueError, TypeError, KeyError, OSError) as err:
+        return 128 + getattr(err, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell counts
+    except (ConfigError, CheckpointError, NonFiniteError, ValueError, TypeError, KeyError, OSError) as err:
         if debug:
             raise
         if _is_main_process():
@@ -254,6 +263,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"untrainable {args.command} (rank {rank}): error: {_one_line(err)} (--debug shows the traceback)",
                 file=sys.stderr,
             )
+        return 2
+    except RuntimeError as err:
+        from untrainable.distributed import is_timeout
+
+        if debug or not is_timeout(err):
+            raise
+        print(
+            f"untrainable {args.command} (rank {os.environ.get('RANK', '0')}): error: another process did not answer "
+            f"within train.timeout_s ({_one_line(err)[:160]}); it hung or died: see its log (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

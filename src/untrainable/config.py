@@ -51,7 +51,7 @@ def _positive(where: str, value: float | int | None, allow_zero: bool = False, o
 
 @dataclass
 class ModelSpec:
-    """A model by registry name, its keyword arguments, and optional weights to load."""
+    """A model by registry name or import path (`package.module:callable`), its keyword arguments, optional weights."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -60,8 +60,15 @@ class ModelSpec:
 
     def validate(self, where: str) -> None:
         from untrainable.models import list_models
+        from untrainable.models.imported import check_import_path, is_import_path
 
-        _choice(f"{where}.name", self.name, tuple(list_models()))
+        if is_import_path(self.name):  # imported when the model is built
+            check_import_path(self.name, f"{where}.name")
+        elif self.name not in list_models():
+            raise ConfigError(
+                f"{where}.name: {self.name!r} is not one of {', '.join(list_models())}, "
+                "nor an import path 'package.module:callable' (e.g. 'torchvision.models:resnet18')"
+            )
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().exists():
             raise ConfigError(f"{where}.checkpoint: file {self.checkpoint!r} does not exist")
 
@@ -116,6 +123,14 @@ def _check_pull(where: str, spec: "GuidanceSpec | GuideSpec") -> None:
     for i, pair in enumerate(spec.pairs or []):
         if not (isinstance(pair, list) and len(pair) in (2, 3)):
             raise ConfigError(f"{where}.pairs[{i}]: expected [target, guide] or [target, guide, weight], got {pair!r}")
+        if not all(isinstance(name, str) and name for name in pair[:2]):
+            raise ConfigError(
+                f"{where}.pairs[{i}]: the target and guide layers must be layer paths (strings), got {pair[:2]!r}"
+            )
+        if len(pair) == 3 and (isinstance(pair[2], bool) or not isinstance(pair[2], (int, float))):
+            raise ConfigError(f"{where}.pairs[{i}]: the weight must be a number >= 0, got {pair[2]!r}")
+        if len(pair) == 3:
+            _positive(f"{where}.pairs[{i}] weight", pair[2], allow_zero=True)
         if any(other[:2] == pair[:2] for other in (spec.pairs or [])[:i]):
             raise ConfigError(f"{where}.pairs[{i}]: {pair[:2]!r} is given twice; use one pair with a weight instead")
 
@@ -274,8 +289,11 @@ class TrainSpec:
     # Early stopping: keep the weights of the epoch with the best validation metric
     # (accuracy, else loss); the test set is evaluated with them too (result.json "best").
     early_stopping: bool = False
+    # Under torchrun: seconds a process waits for the others in a collective before it stops with an error.
+    timeout_s: float = 300.0
 
     def validate(self, where: str) -> None:
+        _positive(f"{where}.timeout_s", self.timeout_s)
         _positive(f"{where}.epochs", self.epochs)
         _choice(f"{where}.task", self.task, TASKS)
         _choice(f"{where}.precision", self.precision, PRECISIONS)
@@ -312,6 +330,15 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> "RunConfig":
+        if (
+            not isinstance(self.name, str)
+            or self.name.strip() in ("", ".", "..")
+            or any(c in self.name for c in "/\\\0")
+        ):
+            raise ConfigError(
+                f"name: {self.name!r} is not a folder name (it names the run folder under runs/); "
+                "use letters, digits, '-', '_' and '.', without '/'; give --out to write elsewhere"
+            )
         self.model.validate("model")
         self.data.validate("data")
         if self.guide is not None:
@@ -484,7 +511,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         )
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
-    return from_dict(RunConfig, data)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
 
 
 def shipped_config(name: str) -> RunConfig:

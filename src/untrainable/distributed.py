@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +20,12 @@ class DistInfo:
     device: torch.device
 
 
-def setup(device_name: str = "auto") -> DistInfo:
+def setup(device_name: str = "auto", timeout_s: float = 300.0) -> DistInfo:
     """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on GPU).
 
     Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) this is a single process.
+    A collective that waits longer than `timeout_s` for another process (one
+    that hangs) raises, so no process waits forever: see `is_timeout`.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -32,9 +35,19 @@ def setup(device_name: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def is_timeout(err: BaseException) -> bool:
+    """Whether `err` is a collective's time-out (another process hung), as gloo and nccl raise it."""
+    return (
+        isinstance(err, RuntimeError)
+        and dist.is_available()
+        and dist.is_initialized()
+        and "timed out" in str(err).lower()
+    )
 
 
 def is_distributed() -> bool:

@@ -115,7 +115,7 @@ def run_experiment(
     for arm, seed in tasks:  # refuse a folder of other runs before anything trains
         folder = arm_folder(arm, seed, out)
         if (folder / "config.json").exists():
-            _check_folder(folder, _arm_config(arm, seed, out))
+            _check_folder(folder, _arm_config(arm, seed, out), arm.guide_from)
     if jobs == 1:
         data_sets: dict[str, DataSplits] = {}
         done = {(arm.name, seed): _run_arm(arm, seed, out, log, data_sets) for arm, seed in tasks}
@@ -138,16 +138,39 @@ def run_experiment(
     return table
 
 
-def _check_folder(folder: Path, config: RunConfig) -> None:
-    if (folder / "config.json").exists():
-        changed = config_differences(
-            json.loads((folder / "config.json").read_text()), config, ignore=("train.progress",)
+def _read_json(path: Path) -> Any:
+    """A run folder's JSON file, refused with a ValueError naming it when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); restore it, or remove that run folder ({path.parent}) to train it again"
+        ) from None
+
+
+def _check_folder(folder: Path, config: RunConfig, guide_from: str | None = None) -> None:
+    """Refuse a run folder of another config; a guide's checkpoint at another spelling of the study folder is the same.
+
+    Guided arms name their guide's model.pt under the study folder; a study
+    resumed with `--out` spelled otherwise, or moved, records the guide's
+    current path in config.json (the same arm and seed: the same guide).
+    """
+    path = folder / "config.json"
+    if not path.exists():
+        return
+    saved = _read_json(path)
+    changed = config_differences(saved, config, ignore=("train.progress",))
+    if changed == ["guide.checkpoint"] and guide_from is not None and config.guide is not None:
+        recorded = Path((saved.get("guide") or {}).get("checkpoint") or "")
+        if recorded.parts[-3:] == Path(config.guide.checkpoint).parts[-3:]:
+            saved["guide"]["checkpoint"] = config.guide.checkpoint
+            path.write_text(json.dumps(saved, indent=2) + "\n")
+            changed = []
+    if changed:
+        raise ValueError(
+            f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
+            "choose another --out or remove the folder"
         )
-        if changed:
-            raise ValueError(
-                f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
-                "choose another --out or remove the folder"
-            )
 
 
 def _run_arm(
@@ -156,14 +179,12 @@ def _run_arm(
     """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
     folder = arm_folder(arm, seed, out)
     config = _arm_config(arm, seed, out)
-    _check_folder(folder, config)
+    _check_folder(folder, config, arm.guide_from)
     if not progress:
         config = config.with_section("train", progress=False)
     if (folder / "result.json").exists():
         log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
-        return RunResult(
-            folder, json.loads((folder / "history.json").read_text()), json.loads((folder / "result.json").read_text())
-        )
+        return RunResult(folder, _read_json(folder / "history.json"), _read_json(folder / "result.json"))
     log(f"[{arm.name} seed {seed}] training")
     # A checkpoint, good or set aside, means the run started; a temporary file of a killed first write does not.
     checkpoints = CheckpointManager(folder / "checkpoints")

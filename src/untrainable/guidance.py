@@ -36,14 +36,29 @@ GUIDE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 MIN_EXAMPLES = {"cka": 3, "rsa": 3, "cka_unbiased": 4}
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in the inputs, the activations or a loss term; the message names where."""
+
+
 def _check_not_shared(target: nn.Module, guide: nn.Module) -> None:
-    """Refuse a guide that shares parameters with the target: freezing it would freeze the target."""
+    """Refuse a guide that shares parameters or modules with the target: freezing it would freeze the target.
+
+    A shared module without parameters (a BatchNorm with affine=False) would
+    be put in eval mode with the guide, and the target's statistics frozen.
+    """
     target_params = {id(p) for p in target.parameters()}
     shared = [name for name, p in guide.named_parameters() if id(p) in target_params]
     if shared:
         raise ValueError(
             f"the guide shares {len(shared)} parameters with the target (e.g. {shared[0]!r}); "
             "freezing the guide would freeze the target: give the guide its own copy (copy.deepcopy)"
+        )
+    target_modules = {id(m) for m in target.modules()}
+    modules = [name or type(guide).__name__ for name, m in guide.named_modules() if id(m) in target_modules]
+    if modules:
+        raise ValueError(
+            f"the guide shares {len(modules)} module(s) with the target (e.g. {modules[0]!r}); "
+            "freezing the guide would put them in eval mode for the target too: give the guide its own copy (copy.deepcopy)"
         )
 
 
@@ -455,6 +470,12 @@ class Guidance(nn.Module):
             for pair in guide.pairs
         ]
         sims = self._similarities(items, target_acts, mask)
+        if sims and not bool(torch.isfinite(torch.stack([v.detach().float() for v in sims.values()])).all()):
+            bad = [key for key, value in sims.items() if not bool(torch.isfinite(value))]
+            raise NonFiniteError(
+                f"guidance: the similarity of {', '.join(bad[:4])} is not finite: the target's or the guide's "
+                "activations hold NaN or inf (check the inputs and the weights)"
+            )
         zero = torch.zeros((), device=_device_of(output, x))
         guide_losses = {guide.name: zero for guide in self.guides}
         for guide in pulling:

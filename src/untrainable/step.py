@@ -12,14 +12,9 @@ from torch import Tensor, nn
 from untrainable import distributed
 from untrainable.adaptive_alpha import AdaptiveAlpha
 from untrainable.distillation import Distillation
-from untrainable.guidance import Guidance, GuidanceOutput
+from untrainable.guidance import Guidance, GuidanceOutput, NonFiniteError
 from untrainable.guide_cache import GuideCache
 from untrainable.tasks import Classification, padding_mask
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or inf in the inputs or a loss term; the message names the step and the term."""
-
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -190,7 +185,11 @@ def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dic
             guidance = parts.guidance
             if parts.guide_cache is not None and (guidance.alpha != 0.0 or guidance.measuring(guidance.guides[0])):
                 cached = parts.guide_cache.activations(batch[-1], x, parts.guidance.run_guide)
-            out = parts.guidance(x, mask=padding_mask(x, parts.pad_id), guide_activations=cached)
+            try:
+                out = parts.guidance(x, mask=padding_mask(x, parts.pad_id), guide_activations=cached)
+            except NonFiniteError as err:
+                check_finite(step, parts.dist_info, input=raw_x)  # names a bad input first
+                raise NonFiniteError(f"step {step}: {err}; the run stops, its checkpoints are kept") from None
             output, guidance_loss = out.output, out.guidance_loss
         else:
             output, guidance_loss = parts.model(x), zero

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,12 +33,13 @@ from untrainable.build import (
     build_optimizer,
     pick_device,
 )
-from untrainable.checkpoint import CheckpointError, CheckpointManager, save_checkpoint
-from untrainable.config import RunConfig, config_differences
+from untrainable.checkpoint import CheckpointManager, save_checkpoint, save_safetensors
+from untrainable.config import RunConfig
 from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
 from untrainable.guide_cache import GuideCache, IndexedDataset
-from untrainable.runs import holds_logs, seed_everything, write_run_files
+from untrainable.logs import MetricsLog, ProgressLines
+from untrainable.runs import check_folder, refuse_changed, seed_everything, write_run_files, writer_lock
 from untrainable.step import NonFiniteError, StepParts, autocast, train_step
 from untrainable.tasks import add_sums, get_task
 
@@ -123,46 +126,6 @@ def evaluate(
     return metrics
 
 
-class _Logger:
-    """Rank-0 sinks for step records: JSONL and TensorBoard."""
-
-    def __init__(self, folder: Path, enabled: bool, resume_step: int | None) -> None:
-        self.enabled = enabled
-        self.path = folder / "metrics.jsonl"
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # Drop records written after the checkpoint we resume from: those steps run again.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        self.file = open(self.path, "a")
-
-    def log(self, record: dict[str, Any], prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        step = int(record["step"])
-        for key, value in record.items():
-            if key not in ("step", "epoch", "kind") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.writer.close()
-
-
 @dataclass
 class _Run:
     """A run in progress: its parts, where it is, and where it writes."""
@@ -182,8 +145,15 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_requested: bool = False
     resumed_from: str | None = None  # the checkpoint's file name
-    # Early stopping: the best validation epoch so far, {"epoch", "step", "score", "model"} (weights on the CPU).
+    stop_signal: int = signal.SIGINT
+    # Early stopping: the best validation epoch so far, {"epoch", "step", "score", "val", "model"} (weights on the CPU).
     best: dict[str, Any] | None = None
+    started: float = field(default_factory=time.time)  # when this process started training
+    earlier_seconds: float = 0.0  # training time of the sessions before a resume
+
+    def seconds(self) -> float:
+        """Training time so far, over every session of the run."""
+        return self.earlier_seconds + time.time() - self.started
 
     @property
     def is_main(self) -> bool:
@@ -203,6 +173,8 @@ class _Run:
             "batch": self.batches_done,
             "history": self.history,
             "best": self.best,
+            "seconds": self.seconds(),
+            "config": self.config.to_dict(),  # compared on resume when config.json is gone
         }
 
     def checkpoint(self) -> None:
@@ -226,6 +198,7 @@ class _Run:
             state["history"],
         )
         self.best = state.get("best")
+        self.earlier_seconds = state.get("seconds", 0.0)
         rng = state["rng"]
         if isinstance(rng, list):  # one state per rank of the run that saved it
             rng = rng[p.dist_info.rank] if len(rng) == p.dist_info.world_size else rng[0]
@@ -233,7 +206,11 @@ class _Run:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run after a checkpoint of its last finished step."""
+    """Ctrl-C or SIGTERM stopped the run after a checkpoint of its last finished step; `signum` says which."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def _build_parts(
@@ -291,7 +268,7 @@ def _build_parts(
 
 def _set_up(config: RunConfig, folder: Path, resume: bool, data: DataSplits | None) -> _Run:
     """Build a run, restore it from its newest good checkpoint when resuming, and refuse what must not start."""
-    dist_info = distributed.setup(config.train.device)
+    dist_info = distributed.setup(config.train.device, config.train.timeout_s)
     device = dist_info.device if dist_info.world_size > 1 else pick_device(config.train.device)
     if config.train.precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
@@ -329,12 +306,12 @@ def _set_up(config: RunConfig, folder: Path, resume: bool, data: DataSplits | No
     lr_schedule = build_lr_schedule(config, parts.optimizer, total_steps)
     checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
     run = _Run(config, folder, data, parts, lr_schedule, loader, sampler, total_steps, checkpoints)
-    _check_folder(run, resume)
+    _resume(run, resume)
     return run
 
 
-def _check_folder(run: _Run, resume: bool) -> None:
-    """Resume from the newest good checkpoint, or refuse a folder the run must not write into."""
+def _resume(run: _Run, resume: bool) -> None:
+    """Restore the newest good checkpoint (after `runs.check_folder` accepted the folder), or clear leftovers."""
     folder, checkpoints, dist_info = run.folder, run.checkpoints, run.parts.dist_info
     loaded = None
     if resume:
@@ -344,40 +321,24 @@ def _check_folder(run: _Run, resume: bool) -> None:
         distributed.barrier(dist_info)
         if not run.is_main:
             loaded = checkpoints.load_latest(map_location=run.parts.device, quarantine=False)
-    saved_config = folder / "config.json"
-    if resume and saved_config.exists():
-        # The run length and the progress bar may change on resume; nothing else.
-        changed = config_differences(
-            json.loads(saved_config.read_text()), run.config, ignore=("train.max_steps", "train.progress")
-        )
-        if changed:
-            raise ValueError(
-                f"{folder} holds a run with a different config (differs in {', '.join(changed)}); resume it with its own config.json or choose another folder"
-            )
-    if not resume and checkpoints.paths():
-        raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
-    if not resume and (checkpoints.set_aside() or holds_logs(folder)):
-        # Starting over would throw the earlier run's logs away.
-        raise FileExistsError(
-            f"{folder} already holds a run's logs (metrics.jsonl, or checkpoints set aside as *.corrupt); "
-            "continue it with --resume, choose another --out, or remove the folder yourself"
-        )
-    if resume and loaded is None and (checkpoints.set_aside() or (folder / "metrics.jsonl").exists()):
-        # The run did start: starting over would silently throw its logs away.
-        raise CheckpointError(
-            f"{folder} holds a started run but no checkpoint that loads (set aside: "
-            f"{', '.join(p.name for p in checkpoints.set_aside()) or 'none'}); restore a checkpoint or choose another folder"
-        )
+    if loaded is not None and not (folder / "config.json").exists() and loaded[0].get("config"):
+        refuse_changed(folder, loaded[0]["config"], run.config, f"checkpoints/{loaded[1].name}")
     if run.is_main:
-        checkpoints.remove_leftovers(folder / "model.pt")
+        checkpoints.remove_leftovers(
+            *(folder / f"{stem}.{ext}" for stem in ("model", "model_best") for ext in ("pt", "safetensors"))
+        )
     if loaded is not None:
         run.restore(loaded[0])
         run.resumed_from = loaded[1].name
 
 
-def _train_epoch(run: _Run, logger: _Logger) -> None:
-    """Steps of the current epoch from `run.batches_done` on, until its end, `total_steps` or a stop request."""
+def _train_epoch(run: _Run, logger: MetricsLog, lines: ProgressLines) -> dict[str, Any]:
+    """Steps of the current epoch from `run.batches_done` on, until its end, `total_steps` or a stop request.
+
+    Returns the last step's record (empty when no step ran).
+    """
     config, parts = run.config, run.parts
+    record: dict[str, Any] = {}
     run.sampler.set_epoch(run.epoch)
     bar = tqdm(
         itertools.islice(iter(run.loader), run.batches_done, None),
@@ -397,12 +358,14 @@ def _train_epoch(run: _Run, logger: _Logger) -> None:
         if similarities and (run.step % config.guidance.log_every == 0 or run.step == 1):
             record.update({f"similarity/{k}": float(v) for k, v in similarities.items()})
         logger.log(record)
+        lines.step(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", guide=f"{record['guidance_loss']:.3f}")
         if run.step >= run.total_steps or _stop_requested(run):
             break
         if config.train.checkpoint_every and run.step % config.train.checkpoint_every == 0:
             run.checkpoint()
     bar.close()
+    return record
 
 
 def _stop_requested(run: _Run) -> bool:
@@ -415,8 +378,12 @@ def _stop_requested(run: _Run) -> bool:
     return bool(flag.item())
 
 
-def _end_epoch(run: _Run, logger: _Logger, started: float) -> None:
-    """Evaluate on train and validation examples, record the epoch, checkpoint."""
+def _end_epoch(run: _Run, logger: MetricsLog) -> dict[str, Any]:
+    """Evaluate on train and validation examples, record the epoch (its history entry, returned), checkpoint.
+
+    An epoch cut short by `max_steps` and continued on resume keeps one entry:
+    the one at its end replaces the one at the cut.
+    """
     config, parts = run.config, run.parts
     distributed.broadcast_buffers(parts.target, parts.dist_info)
     rng_eval = torch.Generator().manual_seed(config.train.seed)
@@ -426,9 +393,11 @@ def _end_epoch(run: _Run, logger: _Logger, started: float) -> None:
         evaluate(parts.target, train_eval, config, parts.device, dist_info=parts.dist_info) if len(train_eval) else {}
     )
     val_metrics = evaluate(parts.target, run.data.val, config, parts.device, dist_info=parts.dist_info)
-    entry = {"epoch": run.epoch + 1, "step": run.step, "seconds": time.time() - started}
+    entry = {"epoch": run.epoch + 1, "step": run.step, "seconds": run.seconds()}
     entry.update({f"train_{k}": v for k, v in train_metrics.items()})
     entry.update({f"val_{k}": v for k, v in val_metrics.items()})
+    if run.history and run.history[-1]["epoch"] == entry["epoch"]:
+        run.history.pop()
     run.history.append(entry)
     if config.train.early_stopping:
         _keep_best(run, val_metrics)
@@ -438,6 +407,7 @@ def _end_epoch(run: _Run, logger: _Logger, started: float) -> None:
     if run.batches_done >= len(run.loader):
         run.epoch, run.batches_done = run.epoch + 1, 0
     run.checkpoint()  # else stopped by max_steps inside the epoch
+    return entry
 
 
 def _score(metrics: dict[str, float]) -> float:
@@ -450,7 +420,7 @@ def _keep_best(run: _Run, val_metrics: dict[str, float]) -> None:
     score = _score(val_metrics)
     if run.best is None or score > run.best["score"]:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in run.parts.target.state_dict().items()}
-        run.best = {"epoch": run.epoch + 1, "step": run.step, "score": score, "model": weights}
+        run.best = {"epoch": run.epoch + 1, "step": run.step, "score": score, "val": val_metrics, "model": weights}
 
 
 @contextlib.contextmanager
@@ -460,7 +430,7 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
     def request(signum: int, frame: Any) -> None:
         if run.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        run.stop_requested = True
+        run.stop_requested, run.stop_signal = True, signum
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -478,36 +448,52 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
     step), tensorboard/ events, checkpoints/ (atomic, the last
-    `train.keep_checkpoints`), history.json (per epoch), model.pt (final
-    weights, usable as a guide checkpoint) and result.json.
+    `train.keep_checkpoints`), history.json (per epoch), model.pt and
+    model.safetensors (final weights, usable as a guide checkpoint) and result.json.
 
-    Under torchrun, each process trains on its shard; only rank 0 writes.
-    Ctrl-C or SIGTERM stops the run after a checkpoint of its last step
-    (raising TrainingInterrupted); `resume=True` continues from there.
+    One process writes a folder at a time (an OS lock, `runs.writer_lock`);
+    a folder that must not be written is refused before data and models are
+    built. Under torchrun, each process trains on its shard; only rank 0
+    writes. Ctrl-C or SIGTERM stops the run after a checkpoint of its last
+    step (raising TrainingInterrupted); `resume=True` continues from there.
     """
     folder = Path(folder)
+    if resume and not folder.is_dir():
+        check_folder(folder, config, resume)  # refuses: nothing to resume, and nothing to lock
+    with writer_lock(folder, hold=os.environ.get("RANK", "0") == "0"):
+        check_folder(folder, config, resume)
+        return _train_locked(config, folder, resume, data)
+
+
+def _train_locked(config: RunConfig, folder: Path, resume: bool, data: DataSplits | None) -> RunResult:
     run = _set_up(config, folder, resume, data)
-    resumed_from = run.resumed_from
     if run.is_main:
         write_run_files(folder, config)
-    logger = _Logger(folder, run.is_main, run.step if resumed_from else None)
-    if resumed_from:
-        logger.log({"kind": "resume", "step": run.step, "checkpoint": resumed_from}, prefix="resume")
-    started = time.time()
+    logger = MetricsLog(folder, run.is_main, run.step if run.resumed_from else None)
+    if run.resumed_from:
+        logger.log({"kind": "resume", "step": run.step, "checkpoint": run.resumed_from}, prefix="resume")
+    # Lines for a log file where no progress bar shows (tqdm draws on stderr only when it is a terminal).
+    lines = ProgressLines(
+        config.name, run.total_steps, config.train.progress and run.is_main and not sys.stderr.isatty(), run.step
+    )
+    run.started = time.time()
     run.parts.model.train()
     if run.parts.guidance is not None:
         run.parts.guidance.train()
     with _stop_on_signals(run):
         while run.epoch < config.train.epochs and run.step < run.total_steps:
-            _train_epoch(run, logger)
+            record = _train_epoch(run, logger, lines)
             if _stop_requested(run):
                 run.checkpoint()
                 logger.close()
                 raise TrainingInterrupted(
-                    f"stopped at step {run.step}; checkpoint written to {run.checkpoints.folder}; continue with --resume"
+                    f"stopped at step {run.step}; checkpoint written to {run.checkpoints.folder}; continue with --resume",
+                    run.stop_signal,
                 )
-            _end_epoch(run, logger, started)
-    return _finish(run, logger, time.time() - started)
+            entry = _end_epoch(run, logger)
+            if record:
+                lines.epoch(record, entry, config.train.epochs)
+    return _finish(run, logger, run.seconds())
 
 
 def _evaluate_best(run: _Run) -> dict[str, Any]:
@@ -516,13 +502,21 @@ def _evaluate_best(run: _Run) -> dict[str, Any]:
     parts.target.load_state_dict(best["model"])
     test = evaluate(parts.target, run.data.test, config, parts.device, dist_info=parts.dist_info)
     if run.is_main:
-        save_checkpoint({"model": best["model"], "config": config.to_dict()}, run.folder / "model_best.pt")
-    entry = next(e for e in run.history if e["epoch"] == best["epoch"] and e["step"] == best["step"])
-    val = {k[len("val_") :]: v for k, v in entry.items() if k.startswith("val_")}
+        _save_model(best["model"], config, run.folder / "model_best.pt")
+    val = best.get("val")
+    if val is None:  # a checkpoint written before the best epoch kept its own metrics
+        entry = next(e for e in run.history if e["epoch"] == best["epoch"] and e["step"] == best["step"])
+        val = {k[len("val_") :]: v for k, v in entry.items() if k.startswith("val_")}
     return {"epoch": best["epoch"], "step": best["step"], "val": val, "test": test}
 
 
-def _finish(run: _Run, logger: _Logger, seconds: float) -> RunResult:
+def _save_model(weights: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """Final weights as `path` (a checkpoint with the config) and beside it as `.safetensors`, for sharing."""
+    save_checkpoint({"model": weights, "config": config.to_dict()}, path)
+    save_safetensors(weights, path.with_suffix(".safetensors"), config.to_dict())
+
+
+def _finish(run: _Run, logger: MetricsLog, seconds: float) -> RunResult:
     """Final evaluation on the test set(s); writes model.pt, predictions and result.json."""
     config, parts, data = run.config, run.parts, run.data
     if parts.guide_cache is not None and run.is_main:
@@ -556,7 +550,7 @@ def _finish(run: _Run, logger: _Logger, seconds: float) -> RunResult:
         if metric in final["train"]:
             final["gap"] = final["train"][metric] - test[metric]
     if run.is_main:
-        save_checkpoint({"model": parts.target.state_dict(), "config": config.to_dict()}, run.folder / "model.pt")
+        _save_model(parts.target.state_dict(), config, run.folder / "model.pt")
         if predictions is not None:
             np.save(run.folder / "test_predictions.npy", predictions)
     if run.best is not None:

@@ -8,17 +8,20 @@ Expected layouts (class names are sub-folder names, sorted to give indices):
     root/train/...  root/test/...                      test/ is the test set
     root/train/...  root/val/...  root/test/...        val/ validates, test/ tests
 
-Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored.
+Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored. 16-bit greyscale PNGs are
+scaled to 8 bits; images above Pillow's pixel limit count as unreadable (refused, or skipped with skip_bad).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ LAYOUT = (
     "(root/<class>/<image>), or root/train/<class>/..., alone or beside root/val/ or root/test/"
 )
 SPLITS = ("train", "val", "test")
+SIXTEEN_BIT_MAX = 65535
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -54,6 +58,8 @@ def find_images(
     """
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            raise NotADirectoryError(f"image folder {root} is a file, not a folder; {LAYOUT}")
         raise FileNotFoundError(f"image folder {root} does not exist; {LAYOUT}")
     found = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if classes is None:
@@ -75,14 +81,104 @@ def find_images(
     return paths, labels, list(classes)
 
 
+def checked_folder(value: str | os.PathLike, field: str) -> Path:
+    """`value` as the path of an existing folder, or a one-line error naming `field` (e.g. `data.args.root`)."""
+    if not str(value).strip():
+        # Path("") is ".", which would quietly scan whatever folder the command runs in.
+        raise ValueError(f"{field} is empty; {LAYOUT}; set {field} to the folder that holds them")
+    path = Path(value)
+    relative = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+    if not path.exists():
+        raise FileNotFoundError(f"{field}: image folder {path}{relative} does not exist; {LAYOUT}; check the path")
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"{field}: {path}{relative} is a file, not a folder; {LAYOUT}; set {field} to the folder that holds them"
+        )
+    return path
+
+
+def _claimed_size(path: Path) -> tuple[int, int] | None:
+    """(W, H) that a file's header claims, read without Pillow's pixel limit (Image.open refuses before telling)."""
+    Image.init()
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for factory, accept in Image.OPEN.values():
+                verdict = accept(prefix) if accept else True
+                if verdict and not isinstance(verdict, str):
+                    fp.seek(0)
+                    return factory(fp, str(path)).size
+    except Exception:  # only a detail for the message: any failure falls back to Pillow's pixel count
+        return None
+    return None
+
+
+def _too_large(err: Exception, size: tuple[int, int] | None = None) -> str:
+    """Why an image is refused, from Pillow's decompression-bomb error or warning and the claimed (W, H)."""
+    if size is not None:
+        claimed = f"{size[0]} x {size[1]} pixels"
+    else:
+        count = re.search(r"(\d+) pixels", str(err))
+        claimed = f"{count.group(1)} pixels" if count else "too many pixels"
+    return f"image too large: {claimed}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels"
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Image.open, refusing images above Pillow's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`) with a ValueError.
+
+    Pillow raises DecompressionBombError (not an OSError) above twice the
+    limit and only warns above it; both would otherwise escape the scan, and a
+    warned-about image is too slow and large to decode on every step anyway.
+    """
+    bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except bomb as err:
+        raise ValueError(_too_large(err, _claimed_size(Path(path)))) from None
+    with image:
+        try:
+            yield image
+        except Image.DecompressionBombError as err:  # a frame larger than the header (GIF, MPO), met while decoding
+            raise ValueError(_too_large(err)) from None
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """The image with 8-bit channels, ready for `convert`: 16-bit greyscale scaled by 255 / 65535.
+
+    Pillow's own `convert` clips 16-bit values ("I;16", "I") at 255, which
+    turns nearly every pixel white. "I" (32-bit) holds 16-bit data in files
+    this module reads (older Pillow opens 16-bit PNGs so) and is refused
+    outside 0..65535; float "F" has no agreed range and is refused. Other
+    modes are returned as they are.
+    """
+    if image.mode == "F":
+        raise ValueError("float images (mode F) are not supported; save them as 8- or 16-bit PNGs")
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image)
+    lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if lo < 0 or hi > SIXTEEN_BIT_MAX:
+        raise ValueError(
+            f"32-bit greyscale (mode I) values {lo}..{hi} are outside 0..{SIXTEEN_BIT_MAX}; save as 8- or 16-bit PNGs"
+        )
+    return Image.fromarray(np.round(values * (255 / SIXTEEN_BIT_MAX)).astype(np.uint8))
+
+
 def unreadable_images(paths: Sequence[Path], image_size: int) -> list[tuple[Path, str]]:
-    """(path, reason) for each file Pillow cannot decode; JPEGs decode at reduced size to keep the scan quick."""
+    """(path, reason) for each file Pillow cannot decode or this module cannot use (too large, float).
+
+    JPEGs decode at reduced size to keep the scan quick.
+    """
     bad = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 image.draft("RGB", (image_size, image_size))
                 image.load()
+                eight_bit(image)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             bad.append((path, str(err) or type(err).__name__))
     return bad
@@ -98,7 +194,7 @@ def _drop_unreadable(
     listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:5]) + (" ..." if len(bad) > 5 else "")
     if not skip_bad:
         raise ValueError(
-            f"{len(bad)} unreadable image(s): {listed}; fix or remove them, or set data.args.skip_bad = true"
+            f"{len(bad)} unreadable image(s): {listed}; fix, resize or remove them, or set data.args.skip_bad = true"
         )
     warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(paths)}: {listed}", stacklevel=3)
     dropped = {path for path, _ in bad}
@@ -107,19 +203,29 @@ def _drop_unreadable(
 
 
 def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB") -> Tensor:
-    """Read an image as float (C, S, S) in [0, 1]: shorter side resized to S, centre-cropped."""
-    with Image.open(path) as image:
-        image = image.convert(mode)
-        w, h = image.size
-        scale = image_size / min(w, h)
-        new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        array = np.asarray(image, dtype=np.float32) / 255.0
+    """Read an image as float (C, S, S) in [0, 1]: shorter side resized to S, centre-cropped.
+
+    16-bit greyscale is scaled to 8 bits first (see `eight_bit`); a ValueError names the file.
+    """
+    try:
+        with open_image(path) as image:
+            array = _resized_crop(eight_bit(image).convert(mode), image_size)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     if array.ndim == 2:  # single-channel modes come back as (S, S)
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _resized_crop(image: Image.Image, image_size: int) -> np.ndarray:
+    """Pixels as float (S, S) or (S, S, C) in [0, 1]: shorter side resized to S, centre-cropped."""
+    w, h = image.size
+    scale = image_size / min(w, h)
+    new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(image, dtype=np.float32) / 255.0
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -262,13 +368,13 @@ def image_folder(
     if min(std_c) <= 0:
         raise ValueError(f"std must be positive, got {std!r}")
 
-    root_path = Path(root)
+    root_path = checked_folder(root, "data.args.root")
+    if test_root is not None:
+        checked_folder(test_root, "data.args.test_root")
     splits = {name: root_path / name for name in SPLITS if (root_path / name).is_dir()}
     split_layout = "train" in splits and ("val" in splits or "test" in splits)
     # A lone train/ is the tree itself, not one class named "train".
-    visible = (
-        [e for e in root_path.iterdir() if e.is_dir() and not e.name.startswith(".")] if root_path.is_dir() else []
-    )
+    visible = [e for e in root_path.iterdir() if e.is_dir() and not e.name.startswith(".")]
     tree = splits["train"] if split_layout or (list(splits) == ["train"] and len(visible) == 1) else root_path
     if test_root is None and split_layout:
         test_root = str(splits.get("test", splits.get("val")))

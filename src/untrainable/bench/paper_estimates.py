@@ -16,7 +16,7 @@ pass at the end of the forward (activations, autocast's bf16 weight copies,
 the CKA terms' saved tensors), plus the guide activations the CKA needs (its
 (n, n) Gram matrix where that is smaller). Temporary buffers come on top.
 
-    python -m untrainable.paper_estimates          # the table in README.md, "Paper-scale runs"
+    python -m untrainable.bench.paper_estimates    # the table in README.md, "Paper-scale runs"
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How the guided step's cost grows with the batch and the number of pairs, and where CKA's two spaces cross over.
 
-    python -m untrainable.cost_scaling --threads 1 --out results/bench
+    python -m untrainable.bench.cost_scaling --threads 1 --out results/bench
 
 writes `scaling.md`, `scaling.json` and `scaling.png`. Three measurements, on
 the bench's first pair (the 24 x 256 Deep FCN guided by ResNet-18 at width
@@ -25,7 +25,9 @@ from typing import Any, Callable
 
 import torch
 
-from untrainable import bench
+from untrainable.bench.cases import Case, build_case
+from untrainable.bench.measure import machine, time_variants
+from untrainable.bench.variants import PRODUCTS, case_steps
 from untrainable.capture import default_layers
 from untrainable.similarity import linear_cka, sample_space_is_cheaper
 
@@ -33,19 +35,19 @@ BATCHES = (64, 128, 256, 512, 1024)
 PAIR_COUNTS = (1, 2, 5, 10, 20, 30, 40)
 KERNEL_WIDTHS = ((256, 2048), (1024, 1024))  # (d target, d guide)
 KERNEL_BATCHES = (64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
-STEPS = ("target", "+guide", "guided", bench.PRODUCTS)
+STEPS = ("target", "+guide", "guided", PRODUCTS)
 
 
-def _case(batch: int, depth: int = 24) -> bench.Case:
+def _case(batch: int, depth: int = 24) -> Case:
     mnist = (1, 28, 28)
     target_args = {"input_shape": mnist, "depth": depth}
     guide_args = {"input_shape": mnist, "width": 16}
-    return bench.Case(f"b{batch}", "deep_fcn", target_args, "resnet18", guide_args, batch, mnist)
+    return Case(f"b{batch}", "deep_fcn", target_args, "resnet18", guide_args, batch, mnist)
 
 
-def _spread_pairs(case: bench.Case, count: int) -> list[tuple[str, str]]:
+def _spread_pairs(case: Case, count: int) -> list[tuple[str, str]]:
     """`count` pairs: target linear layers spread over the whole depth, each with the guide conv at its relative depth."""
-    target, guide, _, _ = bench.build_case(case, torch.device("cpu"))
+    target, guide, _, _ = build_case(case, torch.device("cpu"))
     targets = [f"layers.{i}.linear" for i in range(case.target_args["depth"])]
     guides = default_layers(guide)
     if count == 1:
@@ -57,7 +59,7 @@ def _spread_pairs(case: bench.Case, count: int) -> list[tuple[str, str]]:
 
 
 def sweep(
-    points: list[tuple[bench.Case, list[tuple[str, str]] | None]], device: torch.device, repeats: int
+    points: list[tuple[Case, list[tuple[str, str]] | None]], device: torch.device, repeats: int
 ) -> list[dict[str, Any]]:
     """One row per (case, pairs): (a), (b), (c) and the floor, every point's steps taking turns in one rotation.
 
@@ -66,14 +68,14 @@ def sweep(
     """
     steps, infos = {}, []
     for i, (case, pairs) in enumerate(points):
-        point_steps, info = bench.case_steps(case, device, pairs)
+        point_steps, info = case_steps(case, device, pairs)
         steps.update({(i, name): point_steps[name] for name in STEPS})
         infos.append(info)
-    timing = bench.time_variants(steps, repeats, device)
+    timing = time_variants(steps, repeats, device)
     rows = []
     for i, (case, _) in enumerate(points):
         ms = {name: timing[(i, name)] * 1e3 for name in STEPS}
-        floor = ms["+guide"] + ms[bench.PRODUCTS]
+        floor = ms["+guide"] + ms[PRODUCTS]
         rows.append(
             {
                 "batch": case.batch,
@@ -103,7 +105,7 @@ def kernel_crossover(
         def run(space: str) -> Callable[[], None]:
             return lambda: linear_cka(x, y, space=space).backward()
 
-        timing = bench.time_variants({"sample": run("sample"), "feature": run("feature")}, repeats, device)
+        timing = time_variants({"sample": run("sample"), "feature": run("feature")}, repeats, device)
         rows.append(
             {
                 "n": n,
@@ -147,7 +149,7 @@ def run_scaling(device: str = "cpu", log: Callable[[str], None] = print, quick: 
         crossovers.append(crossover(rows))
         log(f"crossover {crossovers[-1]}")
     return {
-        "machine": bench.machine(),
+        "machine": machine(),
         "by_batch": by_batch,
         "by_pairs": by_pairs,
         "kernels": kernels,
@@ -251,7 +253,9 @@ def write_scaling(results: dict[str, Any], out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m untrainable.cost_scaling", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m untrainable.bench.cost_scaling", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--out", default="results/bench", help="folder for scaling.md, scaling.json, scaling.png")

@@ -1,0 +1,124 @@
+"""Models by import path (`package.module:callable`): built, guided, trained from the CLI, refused clearly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from untrainable.build import build_data, build_model
+from untrainable.cli import main
+from untrainable.config import ConfigError, DataSpec, ModelSpec
+
+HERE = Path(__file__).parent
+DATA = '[data]\nname = "mnist1d"\nargs = { num_samples = 400, val_size = 50 }\nbatch_size = 50\n'
+TRAIN = "[train]\nepochs = 2\nprogress = false\n"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_data(DataSpec("mnist1d", {"num_samples": 400, "val_size": 50}))
+
+
+def test_a_torch_constructor_builds_with_its_args_and_the_seed(data):
+    spec = ModelSpec("torch.nn:Linear", {"in_features": 40, "out_features": 10})
+    a, b = build_model(spec, data, seed=3), build_model(spec, data, seed=3)
+    assert isinstance(a, torch.nn.Linear) and a.weight.shape == (10, 40)
+    assert torch.equal(a.weight, b.weight)
+    assert not torch.equal(a.weight, build_model(spec, data, seed=4).weight)
+
+
+def test_a_dotted_attribute_after_the_colon(data):
+    model = build_model(ModelSpec("importable_models:Factory.small"), data, seed=0)
+    assert model[0].out_features == 8
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "match"),
+    [
+        ("no_such_package.models:x", {}, r"model.name: module 'no_such_package.models' does not import"),
+        ("torch.nn:NoSuchLayer", {}, r"model.name: 'torch.nn' has no attribute 'NoSuchLayer'"),
+        ("torch:float32", {}, r"model.name: 'torch:float32' is a dtype, not a callable"),
+        (
+            "importable_models:not_a_model",
+            {},
+            r"model.name: 'importable_models:not_a_model' returned a list, not a torch.nn.Module",
+        ),
+        ("torch.nn:Linear", {"in_features": 40, "colour": 1}, r"model.args.colour: not an argument of Linear"),
+        (
+            "torch.nn:Linear",
+            {"in_features": 7, "out_features": 10},
+            r"model.args: a 'torch.nn:Linear' model does not run on the data",
+        ),
+    ],
+)
+def test_import_errors_are_one_clear_error_naming_the_field(data, name, args, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(ModelSpec(name, args), data, seed=0)
+
+
+@pytest.mark.parametrize("name", ["torch.nn:", ":Linear", "torch nn:Linear", "torch.nn:Lin-ear"])
+def test_a_malformed_import_path_is_refused_when_the_config_is_read(name):
+    with pytest.raises(ConfigError, match="is not an import path"):
+        ModelSpec(name).validate("guide")
+
+
+def test_weights_load_into_an_imported_model_from_pt_and_safetensors(data, tmp_path):
+    from untrainable.checkpoint import save_safetensors
+
+    source = build_model(ModelSpec("importable_models:mlp"), data, seed=5)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    save_safetensors(source.state_dict(), tmp_path / "w.safetensors")
+    for path in ("w.pt", "w.safetensors"):
+        model = build_model(ModelSpec("importable_models:mlp", checkpoint=str(tmp_path / path)), data, seed=0)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
+    wider = ModelSpec("importable_models:mlp", {"width": 16}, checkpoint=str(tmp_path / "w.pt"))
+    with pytest.raises(ConfigError, match=r"shapes \(file vs model\): 0.weight \(32, 40\) vs \(16, 40\)"):
+        build_model(wider, data, seed=0)
+
+
+def test_a_config_of_torch_nn_constructors_trains_from_the_cli(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "linear.toml"
+    model = '[model]\nname = "torch.nn:Linear"\nargs = { in_features = 40, out_features = 10 }\n'
+    config.write_text('name = "linear"\n' + model + DATA + "[optim]\nlr = 0.01\n" + TRAIN)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history[-1]["train_loss"] < 0.95 * history[0]["train_loss"]  # it learns
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["name"] == "torch.nn:Linear"
+
+
+@pytest.mark.slow
+def test_an_imported_target_guided_by_an_imported_guide_in_a_subprocess(tmp_path):
+    target = '[model]\nname = "importable_models:mlp"\nargs = { width = 32 }\n'
+    guide = '[guide]\nname = "importable_models:mlp"\nargs = { width = 16 }\nseed = 1\n'
+    guidance = '[guidance]\ntarget_layers = ["1", "3"]\nguide_layers = ["1", "3"]\n'
+    (tmp_path / "run.toml").write_text('name = "imported"\n' + target + DATA + guide + guidance + TRAIN)
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "untrainable", "train", "--config", "run.toml", "--out", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(key.startswith("similarity/3<-3") for r in records for key in r)
+
+
+def test_the_torchvision_config_names_its_guide_by_import_path_and_says_what_it_needs():
+    from importlib import resources
+
+    from untrainable.config import load_config
+
+    path = Path(str(resources.files("untrainable") / "configs" / "paper_deep_fcn_torchvision.toml"))
+    config = load_config(path)  # validated without importing torchvision
+    assert config.guide.name == "torchvision.models:resnet18"
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "untrainable train --config src/untrainable/configs/paper_deep_fcn_torchvision.toml" in header
+    assert "CUDA build of torch with torchvision" in header and "--set guide.checkpoint=" in header
