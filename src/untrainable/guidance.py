@@ -473,7 +473,7 @@ class Guidance(nn.Module):
         if sims and not bool(torch.isfinite(torch.stack([v.detach().float() for v in sims.values()])).all()):
             bad = [key for key, value in sims.items() if not bool(torch.isfinite(value))]
             raise NonFiniteError(
-                f"guidance: the similarity of {', '.join(bad[:4])} is not finite: the target's or the guide's "
+                f"guidance_loss: the similarity of {', '.join(bad[:4])} is not finite: the target's or the guide's "
                 "activations hold NaN or inf (check the inputs and the weights)"
             )
         zero = torch.zeros((), device=_device_of(output, x))

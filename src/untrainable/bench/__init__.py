@@ -29,16 +29,18 @@ similarity kernel alone is timed against its matrix products.
     untrainable bench [--quick] [--device auto|cpu|cuda|cuda:N] [--threads N] [--out results/bench]
 
 `cases.py` holds the pairs and sizes, `variants.py` the steps, `measure.py`
-timing and memory, `report.py` the tables, `run.py` one run. Two studies
-beside it: `cost_scaling.py` (`python -m untrainable.bench.cost_scaling`,
-how the cost grows with batch and pairs) and `paper_estimates.py`
+timing and memory, `report.py` the tables, `run.py` one run. Beside it, none
+imported here: `cost_scaling.py` (`python -m untrainable.bench.cost_scaling`,
+how the cost grows with batch and pairs), `paper_estimates.py`
 (`python -m untrainable.bench.paper_estimates`, the paper-scale configs'
-estimated step cost); neither is imported here.
+estimated step cost), `paper_measure.py` (one paper-scale config's step
+measured on a device, beside its estimate) and `gpu_check.py` with
+`gpu_report.py` (`bash scripts/gpu_check.sh`: the GPU check in one command).
 """
 
 from untrainable.bench.cases import Case, build_case, cases, kernel_shapes
-from untrainable.bench.measure import machine, peak_memory, time_kernel, time_variants
-from untrainable.bench.report import format_mib, format_results, write_results
+from untrainable.bench.measure import machine, peak_memory, step_peaks, time_kernel, time_variants
+from untrainable.bench.report import format_mib, format_number, format_results, write_results
 from untrainable.bench.run import bench_device, check_threads, measure_case, run_bench
 from untrainable.bench.variants import (
     AUTHORS_TYPES,
@@ -64,6 +66,7 @@ __all__ = [
     "cases",
     "check_threads",
     "format_mib",
+    "format_number",
     "format_results",
     "kernel_shapes",
     "machine",
@@ -71,6 +74,7 @@ __all__ = [
     "peak_memory",
     "positional_names",
     "run_bench",
+    "step_peaks",
     "time_kernel",
     "time_variants",
     "unavoidable_products",

@@ -28,6 +28,8 @@ class Case:
     note: str = ""
     target_layers: tuple[str, ...] | None = None  # None: the library's default layers
     guide_layers: tuple[str, ...] | None = None
+    precision: str = "fp32"  # the trainer's train.precision: fp32, bf16 or fp16 (autocast)
+    fused: bool = False  # Adam's fused update, as optim.fused (the paper-scale configs use it)
 
 
 def cases(quick: bool = False) -> list[Case]:

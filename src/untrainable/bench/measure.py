@@ -139,13 +139,23 @@ def _case_peaks(case: Case, device_name: str, threads: int | None) -> dict[str, 
         torch.set_num_threads(threads)
     device = torch.device(device_name)
     steps, _ = case_steps(case, device)
+    return step_peaks({name: steps[name] for name in VARIANTS}, device)
+
+
+def step_peaks(steps: dict[str, Callable[[], None]], device: torch.device) -> dict[str, float | None]:
+    """Peak memory (MiB) of one call of each step above the memory in use before it, after a warm-up call.
+
+    On a CPU this fixes glibc's mmap threshold for the rest of the process
+    (see `_Memory`), which slows steps down: call it where nothing is timed
+    afterwards (`peak_memory` runs it in a fresh process).
+    """
     memory = _Memory(device)
     peaks = {}
-    for name in VARIANTS:
-        steps[name]()  # warm-up: optimiser state and caches are not part of a step's peak
+    for name, step in steps.items():
+        step()  # warm-up: optimiser state and caches are not part of a step's peak
         _sync(device)
         memory.begin()
-        steps[name]()
+        step()
         _sync(device)
         peaks[name] = memory.peak_mib()
     return peaks

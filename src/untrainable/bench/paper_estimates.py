@@ -247,10 +247,14 @@ def estimate(config: RunConfig, batch: int = BATCH) -> Estimate:
     )
 
 
-def paper_config(name: str) -> RunConfig:
-    """A shipped paper-scale config as far as its shapes go: the guide's checkpoint (which may not exist yet) left out."""
+def paper_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A shipped paper-scale config as far as its shapes go: the guide's checkpoint (which may not exist yet) left out.
+
+    `overrides` are dotted keys, as `--set` gives them (`{"model.args.width": 64}`).
+    """
     path = resources.files("untrainable") / "configs" / f"{name}.toml"
-    return load_config(path, {"guide.checkpoint": None} if "[guide]" in path.read_text() else None)
+    unguided = {"guide.checkpoint": None} if "[guide]" in path.read_text() else {}
+    return load_config(path, {**unguided, **(overrides or {})})
 
 
 def format_table(estimates: list[Estimate]) -> str:

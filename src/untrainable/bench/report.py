@@ -12,6 +12,13 @@ def format_mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def format_number(value: float | None, digits: int = 1) -> str:
+    """A number for a table: `digits` decimals from 1 up, three significant figures below (toy sizes), n/a for None."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
+
+
 def format_results(results: dict[str, Any]) -> str:
     """The step table and the kernel table in Markdown."""
     head = (

@@ -22,7 +22,7 @@ from untrainable.capture import as_activation, named_layers
 from untrainable.guidance import Guidance
 from untrainable.guide_cache import GuideCache
 from untrainable.similarity import sample_space_is_cheaper
-from untrainable.step import StepParts, train_step
+from untrainable.step import StepParts, autocast, train_step
 from untrainable.tasks import get_task
 
 VARIANTS = ("target", "+guide", "guided", "cached", "authors")
@@ -142,10 +142,11 @@ def case_steps(
     """One closure per variant, each doing one full optimisation step on the same batch, and the products' closure.
 
     (a), (b), (c) and (e) run the trainer's step, `step.train_step`; (d) its
-    own. `pairs` replaces the case's layers and the default spread.
+    own. Every step's forward runs under the case's precision (autocast).
+    `pairs` replaces the case's layers and the default spread.
     """
     target, guide, x, y = build_case(case, device)
-    optimizer = torch.optim.Adam(target.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(target.parameters(), lr=1e-4, fused=case.fused or None)
     layers = {"target_layers": case.target_layers, "guide_layers": case.guide_layers} if pairs is None else {}
     guidance = Guidance(target, guide, pairs=pairs, **layers).train()
     cache = GuideCache(case.batch, "memory")
@@ -164,7 +165,8 @@ def case_steps(
             task=get_task("tokens" if case.tokens else "classification"),
             device=device,
             dist_info=distributed.DistInfo(0, 1, 0, torch.device("cpu")),  # one process, as the trainer's
-            scaler=torch.amp.GradScaler("cuda", enabled=False),
+            scaler=torch.amp.GradScaler("cuda", enabled=case.precision == "fp16"),
+            precision=case.precision,
             **terms,
         )
 
@@ -174,12 +176,13 @@ def case_steps(
         return step
 
     def step_authors() -> None:
-        loss = _task_loss(target(x), y)
-        target_features = authors_features(target, x, types)
-        with torch.no_grad():
-            guide_features = authors_features(guide, x, types)
-        for t_name, g_name, weight in authors_pairs:
-            loss = loss + weight * (1.0 - authors_cka(target_features[t_name], guide_features[g_name]))
+        with autocast(device, case.precision):
+            loss = _task_loss(target(x), y)
+            target_features = authors_features(target, x, types)
+            with torch.no_grad():
+                guide_features = authors_features(guide, x, types)
+            for t_name, g_name, weight in authors_pairs:
+                loss = loss + weight * (1.0 - authors_cka(target_features[t_name], guide_features[g_name]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -208,7 +211,7 @@ def unavoidable_products(guidance: Guidance, x: Tensor) -> tuple[Callable[[], No
     per pair in feature space, Y^T X, X^T X, Y^T Y and the gradient's
     Y (Y^T X)^T and X (X^T X). The space is chosen as `Guidance` chooses it.
     Returns a closure running them on random tensors of those shapes, and
-    the multiply-add count (`gmacs`).
+    the multiply-add count (`gmacs`) and the MiB those tensors take (`buffers_mib`).
     """
     with torch.no_grad():
         _, target_acts = guidance.target_capture.run(x)
@@ -244,4 +247,6 @@ def unavoidable_products(guidance: Guidance, x: Tensor) -> tuple[Callable[[], No
                 y @ cross
                 a @ own
 
-    return run, {"gmacs": macs / 1e9, "sample_guide_layers": len(grams), "feature_pairs": len(features)}
+    held = [*grams, *(t for pair in sides for t in pair), *(t for pair in features for t in pair)]
+    counted = {"gmacs": macs / 1e9, "sample_guide_layers": len(grams), "feature_pairs": len(features)}
+    return run, {**counted, "buffers_mib": sum(t.numel() * t.element_size() for t in held) / 2**20}
