@@ -1,8 +1,20 @@
-"""Tiers the hardware decides: a test marked `gpu` is skipped, with its reason, where torch sees no CUDA device."""
+"""The suite's surroundings: GPU tests skipped where torch sees no CUDA device; caches kept out of the user's home.
+
+A test marked `gpu` is skipped, with its reason, where there is no CUDA device.
+The image index (and any other cache under XDG_CACHE_HOME) goes to a folder of
+this session's own, which subprocesses inherit through the environment.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -407,7 +407,8 @@ def rescue(check: Check) -> list[StepResult]:
     commands = rescue_commands(check)
     ended = run_processes(commands, check, budget)
     results = []
-    for name, (rc, seconds) in ended.items():
+    for name in commands:  # in step order, whichever arm ended first
+        rc, seconds = ended[name]
         folder = check.out / "rescue" / name.removeprefix("rescue-")
         log = check.relative(check.log(name))
         details = {"folder": check.relative(folder), "wall_s": seconds, "exit_code": rc, **_rescue_setup(check)}

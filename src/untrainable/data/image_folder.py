@@ -30,9 +30,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from untrainable.data.image_index import ImageListing, default_cache_dir, scan_tree, verdicts
 from untrainable.data.registry import DataSplits, register_dataset
 
-EXTENSIONS = (".png", ".jpg", ".jpeg")
 # ImageNet channel statistics, the usual default for RGB photographs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,11 +41,28 @@ LAYOUT = (
     "(root/<class>/<image>), or root/train/<class>/..., alone or beside root/val/ or root/test/"
 )
 SPLITS = ("train", "val", "test")
+VERIFY = ("header", "decode", "none")
 SIXTEEN_BIT_MAX = 65535
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _listed(root: Path, classes: Sequence[str] | None) -> tuple[ImageListing, list[int], list[str]]:
+    """A tree's listing, its labels as indices of `classes` (by default its sorted sub-folders), and the classes."""
+    if not root.is_dir():
+        if root.exists():
+            raise NotADirectoryError(f"image folder {root} is a file, not a folder; {LAYOUT}")
+        raise FileNotFoundError(f"image folder {root} does not exist; {LAYOUT}")
+    listing = scan_tree(root)
+    if classes is None:
+        classes = listing.classes
+    else:
+        unknown = sorted(set(listing.classes) - set(classes))
+        if unknown:
+            raise ValueError(f"{root} has classes not in the training set: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(classes)}
+    if not listing.files:
+        raise ValueError(f"no images found under {root}; {LAYOUT}")
+    labels = [index[listing.classes[label]] for label in listing.labels]
+    return listing, labels, list(classes)
 
 
 def find_images(
@@ -57,28 +74,8 @@ def find_images(
     training tree's); by default it is the sorted sub-folder names.
     """
     root = Path(root)
-    if not root.is_dir():
-        if root.exists():
-            raise NotADirectoryError(f"image folder {root} is a file, not a folder; {LAYOUT}")
-        raise FileNotFoundError(f"image folder {root} does not exist; {LAYOUT}")
-    found = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if classes is None:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(f"{root} has classes not in the training set: {', '.join(unknown)}")
-    index = {name: i for i, name in enumerate(classes)}
-    paths: list[Path] = []
-    labels: list[int] = []
-    for name in found:
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in EXTENSIONS and path.is_file() and not _hidden(path, root):
-                paths.append(path)
-                labels.append(index[name])
-    if not paths:
-        raise ValueError(f"no images found under {root}; {LAYOUT}")
-    return paths, labels, list(classes)
+    listing, labels, classes = _listed(root, classes)
+    return [root / name for name in listing.files], labels, classes
 
 
 def checked_folder(value: str | os.PathLike, field: str) -> Path:
@@ -167,49 +164,60 @@ def eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values * (255 / SIXTEEN_BIT_MAX)).astype(np.uint8))
 
 
-def unreadable_images(paths: Sequence[Path], image_size: int) -> list[tuple[Path, str]]:
-    """(path, reason) for each file Pillow cannot decode or this module cannot use (too large, float).
+def unreadable_reason(path: Path, verify: str, image_size: int) -> str | None:
+    """Why Pillow cannot read a file or this module cannot use it (too large, float), or None where it can.
 
-    JPEGs decode at reduced size to keep the scan quick.
+    `verify="header"` opens the file and reads its header (format, size,
+    mode), which catches non-images, cut headers and images too large;
+    `"decode"` also decodes the pixels (JPEGs at reduced size, to keep it
+    quick), which catches files cut or corrupted in their pixel data.
     """
-    bad = []
-    for path in paths:
-        try:
-            with open_image(path) as image:
+    try:
+        with open_image(path) as image:
+            if verify == "decode":
                 image.draft("RGB", (image_size, image_size))
                 image.load()
                 eight_bit(image)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            bad.append((path, str(err) or type(err).__name__))
-    return bad
+            elif image.mode == "F":
+                eight_bit(image)  # refuses float images, known from the header alone
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        return str(err) or type(err).__name__
+    return None
 
 
 def _drop_unreadable(
-    paths: list[Path], labels: list[int], image_size: int, skip_bad: bool
+    paths: list[Path], labels: list[int], bad: dict[int, str], skip_bad: bool
 ) -> tuple[list[Path], list[int]]:
-    """Scan the files once at set-up: refuse unreadable ones by path, or skip them (with a count)."""
-    bad = unreadable_images(paths, image_size)
+    """Refuse the unreadable files found at set-up by path, or skip them (with a count)."""
     if not bad:
         return paths, labels
-    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    listed = "; ".join(f"{paths[i]} ({reason})" for i, reason in list(bad.items())[:5]) + (
+        " ..." if len(bad) > 5 else ""
+    )
     if not skip_bad:
         raise ValueError(
             f"{len(bad)} unreadable image(s): {listed}; fix, resize or remove them, or set data.args.skip_bad = true"
         )
     warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(paths)}: {listed}", stacklevel=3)
-    dropped = {path for path, _ in bad}
-    kept = [(p, y) for p, y in zip(paths, labels) if p not in dropped]
-    return [p for p, _ in kept], [y for _, y in kept]
+    kept = [i for i in range(len(paths)) if i not in bad]
+    return [paths[i] for i in kept], [labels[i] for i in kept]
 
 
-def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB") -> Tensor:
+def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB", draft: bool = False) -> Tensor:
     """Read an image as float (C, S, S) in [0, 1]: shorter side resized to S, centre-cropped.
 
     16-bit greyscale is scaled to 8 bits first (see `eight_bit`); a ValueError names the file.
+    `draft` lets a JPEG decode at 1/2, 1/4 or 1/8 scale where both sides stay
+    >= S (`Image.draft`), so the resize still shrinks to S from the same
+    extent of the picture: same shape and crop, the pixels a shade different
+    from a full decode's where a scale applies.
     """
     try:
         with open_image(path) as image:
-            array = _resized_crop(eight_bit(image).convert(mode), image_size)
+            # Other formats ignore the draft; a JPEG's reduced image may cover a fraction of a pixel more.
+            drafted = image.draft(image.mode, (image_size, image_size)) if draft else None
+            extent = drafted[1] if drafted else None
+            array = _resized_crop(eight_bit(image).convert(mode), image_size, extent)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     if array.ndim == 2:  # single-channel modes come back as (S, S)
@@ -217,12 +225,18 @@ def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB") -> T
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _resized_crop(image: Image.Image, image_size: int) -> np.ndarray:
-    """Pixels as float (S, S) or (S, S, C) in [0, 1]: shorter side resized to S, centre-cropped."""
-    w, h = image.size
+def _resized_crop(
+    image: Image.Image, image_size: int, extent: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
+    """Pixels as float (S, S) or (S, S, C) in [0, 1]: shorter side resized to S, centre-cropped.
+
+    `extent` (left, top, right, bottom), by default the whole image, is the region resized.
+    """
+    left, top, right, bottom = extent if extent is not None else (0, 0, *image.size)
+    w, h = right - left, bottom - top
     scale = image_size / min(w, h)
     new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, box=extent)
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.float32) / 255.0
@@ -296,15 +310,16 @@ class ImageFolderDataset(Dataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         mode: str = "RGB",
+        draft: bool = False,
     ):
         self.paths, self.labels = list(paths), list(labels)
-        self.image_size, self.mean, self.std, self.mode = image_size, mean, std, mode
+        self.image_size, self.mean, self.std, self.mode, self.draft = image_size, mean, std, mode, draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        x = load_image(self.paths[i], self.image_size, self.mode)
+        x = load_image(self.paths[i], self.image_size, self.mode, self.draft)
         if self.mean is not None and self.std is not None:
             x = normalize(x, self.mean, self.std)
         return x, self.labels[i]
@@ -334,6 +349,47 @@ def _channel_stats(value: float | Sequence[float] | None, default: Sequence[floa
     return stats
 
 
+def _layout(root: Path, test_root: str | None) -> tuple[Path, Path | None, str | None]:
+    """The (training tree, validation tree or None, test tree or None) of a root, as the module docstring lays out."""
+    splits = {name: root / name for name in SPLITS if (root / name).is_dir()}
+    split_layout = "train" in splits and ("val" in splits or "test" in splits)
+    # A lone train/ is the tree itself, not one class named "train".
+    visible = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".")]
+    tree = splits["train"] if split_layout or (list(splits) == ["train"] and len(visible) == 1) else root
+    if test_root is None and split_layout:
+        test_root = str(splits.get("test", splits.get("val")))
+    val_root = splits["val"] if split_layout and "val" in splits and "test" in splits else None
+    return tree, val_root, test_root
+
+
+def _cache_dir(index_cache: str | None, verify: str) -> Path | None:
+    """The folder that `data.args.index_cache` names (the default one, none for "none", or a path), `verify` checked."""
+    if verify not in VERIFY:
+        raise ValueError(
+            f"data.args.verify is {verify!r}; expected one of {', '.join(map(repr, VERIFY))} "
+            "(how each image is checked at set-up)"
+        )
+    if index_cache is None:
+        return default_cache_dir()
+    if not isinstance(index_cache, str) or not index_cache.strip():
+        raise ValueError(
+            f"data.args.index_cache is {index_cache!r}; expected a folder for the image index, or 'none' for no cache"
+        )
+    return None if index_cache == "none" else Path(index_cache).expanduser()
+
+
+def _usable_images(
+    tree: Path, classes: Sequence[str] | None, verify: str, image_size: int, cache: Path | None, skip_bad: bool
+) -> tuple[list[Path], list[int], list[str]]:
+    """(paths, labels, classes) of a tree, its unreadable files (found at the `verify` level) refused or skipped."""
+    listing, labels, classes = _listed(tree, classes)
+    level = f"decode@{image_size}" if verify == "decode" else verify  # decode drafts JPEGs to image_size
+    check = None if verify == "none" else functools.partial(unreadable_reason, verify=verify, image_size=image_size)
+    bad = verdicts(listing, level, check, cache)
+    paths = [tree / name for name in listing.files]
+    return (*_drop_unreadable(paths, labels, bad, skip_bad), classes)
+
+
 @register_dataset("image_folder")
 def image_folder(
     root: str,
@@ -345,6 +401,9 @@ def image_folder(
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     skip_bad: bool = False,
+    verify: str = "header",
+    index_cache: str | None = None,
+    draft: bool = False,
 ) -> DataSplits:
     """RGB images in class sub-folders, resized and centre-cropped to image_size x image_size.
 
@@ -353,9 +412,15 @@ def image_folder(
     or, without one, a seeded `val_fraction` carved from the training tree
     (root, or root/train when it is root's only folder). Validation is
     otherwise a seeded `val_fraction` of the training tree, which needs
-    images of at least 2 classes. Every file is
-    decoded once here: unreadable ones are refused by path, or skipped with a
-    count when `skip_bad`.
+    images of at least 2 classes. Files are verified once, at the `verify` level: "header" (each opened, its
+    header read, nothing decoded), "decode" (each fully decoded) or "none"
+    (nothing opened: a bad file is then found only when a batch loads it, and
+    the run stops there even with `skip_bad`). Unreadable files are refused
+    by path, or skipped with a count when `skip_bad`. The verdicts are cached
+    (see `image_index`) in `index_cache`, a folder (by default
+    `~/.cache/untrainable/image_index`, or under `$XDG_CACHE_HOME`), or
+    "none" for no cache. `draft` lets JPEGs decode at a reduced scale that
+    still covers image_size (see `load_image`).
     `mean`/`std` default to ImageNet's (pass 0 and 1 for none). `augment` sets
     `train_transform` to random-resized crop + horizontal flip on batches.
     """
@@ -367,25 +432,18 @@ def image_folder(
     std_c = _channel_stats(std, IMAGENET_STD, "std")
     if min(std_c) <= 0:
         raise ValueError(f"std must be positive, got {std!r}")
+    cache = _cache_dir(index_cache, verify)
 
     root_path = checked_folder(root, "data.args.root")
     if test_root is not None:
         checked_folder(test_root, "data.args.test_root")
-    splits = {name: root_path / name for name in SPLITS if (root_path / name).is_dir()}
-    split_layout = "train" in splits and ("val" in splits or "test" in splits)
-    # A lone train/ is the tree itself, not one class named "train".
-    visible = [e for e in root_path.iterdir() if e.is_dir() and not e.name.startswith(".")]
-    tree = splits["train"] if split_layout or (list(splits) == ["train"] and len(visible) == 1) else root_path
-    if test_root is None and split_layout:
-        test_root = str(splits.get("test", splits.get("val")))
-    val_root = splits["val"] if split_layout and "val" in splits and "test" in splits else None
+    tree, val_root, test_root = _layout(root_path, test_root)
 
     def scan(tree: Path | str, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-        found, labels, classes = find_images(tree, classes)
-        return (*_drop_unreadable(found, labels, image_size, skip_bad), classes)
+        return _usable_images(Path(tree), classes, verify, image_size, cache, skip_bad)
 
     def dataset(chosen_paths: Sequence[Path], chosen_labels: Sequence[int]) -> ImageFolderDataset:
-        return ImageFolderDataset(chosen_paths, chosen_labels, image_size, mean_c, std_c)
+        return ImageFolderDataset(chosen_paths, chosen_labels, image_size, mean_c, std_c, draft=draft)
 
     paths, labels, classes = scan(tree)
     present = [classes[i] for i in sorted(set(labels))]
