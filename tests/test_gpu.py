@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from test_torchrun import CONFIG, torchrun
 from untrainable import distributed
 from untrainable.checkpoint import CheckpointManager, load_checkpoint, load_weights
 from untrainable.config import RunConfig, from_dict, load_config, save_config
@@ -281,41 +282,16 @@ def test_global_batch_cka_over_two_gpus_with_nccl_matches_one_gpu_on_the_whole_b
     assert torch.allclose(sum(r["task_loss"] for r in ranks) / 2, one["task_loss"], atol=1e-4)
 
 
-TORCHRUN_CONFIG = """
-[model]
-name = "fcn"
-args = { depth = 2, width = 32, batch_norm = false }
-[data]
-name = "mnist1d"
-args = { num_samples = 800, val_size = 100 }
-batch_size = 40
-train_eval_size = 100
-[guide]
-name = "cnn1d"
-args = { channels = 4 }
-[optim]
-lr = 0.003
-[train]
-epochs = 2
-device = "cuda"
-progress = false
-checkpoint_every = 3
-"""
-
-
-def _torchrun(cwd: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "untrainable", "train", *args]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+# The CPU torchrun test's run, on the GPUs.
+TORCHRUN_CONFIG = CONFIG + 'device = "cuda"\n'
 
 
 @two_gpus
 def test_torchrun_on_two_gpus_trains_with_nccl_and_resumes_like_one_unbroken_run(tmp_path):
     (tmp_path / "run.toml").write_text(TORCHRUN_CONFIG)
-    _torchrun(tmp_path, "--config", "run.toml", "--out", "full")
-    _torchrun(tmp_path, "--config", "run.toml", "--out", "resumed", "--set", "train.max_steps=8")
-    _torchrun(tmp_path, "--config", "run.toml", "--out", "resumed", "--resume")
+    torchrun(tmp_path, "--config", "run.toml", "--out", "full")
+    torchrun(tmp_path, "--config", "run.toml", "--out", "resumed", "--set", "train.max_steps=8")
+    torchrun(tmp_path, "--config", "run.toml", "--out", "resumed", "--resume")
     full, resumed = (json.loads((tmp_path / f / "result.json").read_text()) for f in ("full", "resumed"))
     # 540 training examples, 2 ranks x batch 40: 6 steps an epoch.
     assert full["steps"] == resumed["steps"] == 12

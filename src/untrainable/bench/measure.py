@@ -213,8 +213,8 @@ def time_kernel(n: int, d1: int, d2: int, repeats: int, device: torch.device) ->
 # ---------------------------------------------------------------- the machine
 
 
-def machine() -> str:
-    """CPU model and core count from /proc/cpuinfo, and the GPU if used."""
+def cpu_model() -> tuple[str, int]:
+    """The CPU's model name and logical core count, from /proc/cpuinfo (0 cores where it cannot be read)."""
     model, cores = platform.processor() or "unknown CPU", 0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -223,6 +223,12 @@ def machine() -> str:
                 cores += 1
     except OSError:
         pass
+    return model, cores
+
+
+def machine() -> str:
+    """CPU model and core count from /proc/cpuinfo, and the GPU if used."""
+    model, cores = cpu_model()
     text = f"{model}, {cores} logical cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name()}"

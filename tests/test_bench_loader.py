@@ -1,4 +1,4 @@
-"""The loader measurement (`python -m untrainable.data.loader_bench`) runs end to end on a tiny tree."""
+"""The loader measurement (`python -m untrainable.bench.loader`) runs end to end on a tiny tree."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from untrainable.data.loader_bench import main, photo, workers_needed
+from untrainable.bench.loader import main, photo, workers_needed
 
 
 def test_photo_has_the_size_asked_and_is_not_flat():
@@ -26,7 +26,7 @@ def test_the_measurement_writes_its_numbers_and_command(tmp_path):
         + "--images 80 --large-images 48 --classes 2 --batches 2".split()
     )
     record = json.loads((tmp_path / "out" / "loader.json").read_text())
-    assert record["command"].startswith("python -m untrainable.data.loader_bench")
+    assert record["command"].startswith("python -m untrainable.bench.loader")
     assert record["index"]["files"] == 80 and {"header_cold_s", "decode_cached_s"} <= set(record["index"])
     assert {(r["batches"], r["workers"], r["draft"]) for r in record["throughput"]} >= {
         ("train", 1, False),

@@ -1,6 +1,6 @@
 """Measure the image_folder loader on a generated ImageNet-like tree: index time, images per second per worker.
 
-    python -m untrainable.data.loader_bench --tree /tmp/imagenet_like --out results/data
+    python -m untrainable.bench.loader --tree /tmp/imagenet_like --out results/data
 
 writes `loader.json` and `loader.md` into `--out`. The tree (JPEGs of about
 500 x 375, quality 90, smooth noise that compresses like photographs, plus a
@@ -27,6 +27,7 @@ import torch
 from PIL import Image, features
 from torch.utils.data import DataLoader
 
+from untrainable.bench.measure import cpu_model
 from untrainable.data.image_folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -164,9 +165,9 @@ def throughput(tree: Path, large: Path, batches: int, repeats: int) -> list[dict
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    """The CPU, load, and the versions that decide decoding speed (Pillow, libjpeg-turbo)."""
     return {
-        "cpu": model,
+        "cpu": cpu_model()[0],
         "cores": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "python": platform.python_version(),
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[3000, 10000], help="images/s to feed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core per loading process, the main one included
-    record = {"command": " ".join(["python -m untrainable.data.loader_bench", *sys.argv[1:]]), "machine": machine()}
+    record = {"command": " ".join(["python -m untrainable.bench.loader", *sys.argv[1:]]), "machine": machine()}
     print("generating", flush=True)
     record["tree"] = make_tree(args.tree / "tree", args.images, args.classes, (500, 375), os.cpu_count() or 1)
     record["large_tree"] = make_tree(args.tree / "large", args.large_images, 8, (1600, 1200), os.cpu_count() or 1)
