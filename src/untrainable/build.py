@@ -50,12 +50,26 @@ def check_args(where: str, builder: Callable[..., Any], args: dict[str, Any]) ->
         if key not in params and open_ended:
             continue
         if key not in params:
-            raise ConfigError(f"{where}.args.{key}: not an argument of {builder.__name__}; accepted: {accepted}")
+            raise ConfigError(
+                f"{_field(where, 'args.' + key)}: not an argument of {builder.__name__}; accepted: {accepted}"
+            )
         if expected[key] is not None and _fits(value, expected[key]) is False:
             raise ConfigError(
-                f"{where}.args.{key}: {value!r} is not {_type_name(expected[key])}; "
+                f"{_field(where, 'args.' + key)}: {value!r} is not {_type_name(expected[key])}; "
                 f"accepted arguments of {builder.__name__}: {accepted}"
             )
+
+
+def _field(where: str, sub: str) -> str:
+    """The name of a field of `where` as the user wrote it: `guide.checkpoint` in a config, `--guide-checkpoint` as a flag.
+
+    `where` is a config section (`model`, `guides[1].model`) or a command-line
+    flag (`--guide`, whose fields are the flags `--guide-args` and `--guide-checkpoint`).
+    """
+    if not where.startswith("--"):
+        return f"{where}.{sub}"
+    head, _, key = sub.partition(".")
+    return where if head == "name" else f"{where}-{head}" + (f" {key}" if key else "")
 
 
 def _type_name(hint: Any) -> str:
@@ -100,8 +114,10 @@ def build_data(spec: DataSpec, where: str = "data") -> DataSplits:
     check_args(where, DATASETS.get(spec.name), spec.args)
     try:
         return load_data(spec.name, **spec.args)
-    except TypeError as err:
-        raise ConfigError(f"{where}.args: {err}") from None
+    except (TypeError, ValueError) as err:  # a value the data set refuses: it names the argument
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{_field(where, 'args')}: {err}") from None
 
 
 def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "model") -> nn.Module:
@@ -112,7 +128,7 @@ def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "mode
     is called with `spec.args` alone (see `models.imported`).
     """
     imported = is_import_path(spec.name)
-    builder = import_callable(spec.name, f"{where}.name") if imported else MODELS.get(spec.name)
+    builder = import_callable(spec.name, _field(where, "name")) if imported else MODELS.get(spec.name)
     kwargs = dict(spec.args)
     if not imported:
         check_args(where, builder, spec.args)
@@ -132,9 +148,9 @@ def build_model(spec: ModelSpec, data: DataSplits, seed: int, where: str = "mode
         try:
             model = build_imported(spec.name, kwargs, where) if imported else create_model(spec.name, **kwargs)
         except TypeError as err:
-            raise ConfigError(f"{where}.args: {err}") from None
+            raise ConfigError(f"{_field(where, 'args')}: {err}") from None
     if spec.checkpoint:
-        model.load_state_dict(checked_weights(spec, model, f"{where}.checkpoint"))
+        model.load_state_dict(checked_weights(spec, model, _field(where, "checkpoint")))
     check_runs_on(model, data, spec.name, kwargs.get("input_shape"), where)
     return model
 
@@ -170,8 +186,8 @@ def check_runs_on(
         built_for = f"; the model was built for input_shape {tuple(input_shape)}" if input_shape is not None else ""
         reason = " ".join(str(err).split())
         raise ConfigError(
-            f"{where}.args: a {name!r} model does not run on the data's examples (shape {tuple(x.shape[1:])}, "
-            f"{x.dtype}{built_for}): {reason[:300]}; make {where}.args fit the data "
+            f"{_field(where, 'args')}: a {name!r} model does not run on the data's examples (shape {tuple(x.shape[1:])}, "
+            f"{x.dtype}{built_for}): {reason[:300]}; make {_field(where, 'args')} fit the data "
             "(input_shape, num_classes and vocab_size are taken from the data when left out)"
         ) from err
     finally:
@@ -205,12 +221,19 @@ def checked_weights(spec: ModelSpec, model: nn.Module, where: str) -> dict[str, 
         for k, v in expected.items()
         if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape
     ]
+    # Integers copied into float parameters would load silently (and guide toward nothing).
+    dtypes = [
+        f"{k} {state[k].dtype} vs {v.dtype}"
+        for k, v in expected.items()
+        if k in state and torch.is_tensor(state[k]) and v.is_floating_point() and not state[k].is_floating_point()
+    ]
     problems = [
         f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
         for label, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shapes (file vs model)", shapes),
+            ("types (file vs model)", dtypes),
         )
         if items
     ]

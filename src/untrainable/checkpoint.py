@@ -33,7 +33,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    return _write_atomic(Path(path), _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    return write_atomic(Path(path), _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
 def save_safetensors(weights: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any] | None = None) -> Path:
@@ -44,11 +44,13 @@ def save_safetensors(weights: dict[str, torch.Tensor], path: str | Path, config:
     """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items() if isinstance(v, torch.Tensor)}
     metadata = {"format": "pt"} | ({_CONFIG_KEY: json.dumps(config)} if config is not None else {})
-    return _write_atomic(Path(path), safetensors.torch.save(tensors, metadata=metadata))
+    return write_atomic(Path(path), safetensors.torch.save(tensors, metadata=metadata))
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, fsync, then rename: a reader never sees half a file."""
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` (text as UTF-8) to a temporary file beside `path`, fsync, then rename: a reader never sees half a file."""
+    path = Path(path)
+    data = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -80,12 +82,78 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if hashlib.sha256(payload).hexdigest() != digest:
         raise CheckpointError(f"{path} is truncated or corrupted (checksum mismatch, {len(payload)} payload bytes)")
     try:  # weights and plain types only: a file that names any other object is refused before it can run
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path} holds objects other than weights and plain values; refused without loading it "
             "(only checkpoints written by untrainable, or plain state_dicts, are read)"
         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path} has a checkpoint header but no readable payload ({_short(err)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        got = "a dict without a 'model' state_dict" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(
+            f"{path} holds {got}, not an untrainable checkpoint; give a run's model.pt or a checkpoint"
+        )
+    _check_state_dict(state["model"], path, "'model'")
+    _check_config(state.get("config"), path, "its 'config'")
+    return state
+
+
+_TRAINING_STATE = {
+    "model": dict,
+    "optimizer": dict,
+    "lr_schedule": dict,
+    "scaler": dict,
+    "step": int,
+    "epoch": int,
+    "batch": int,
+    "history": list,
+    "rng": (dict, list),
+}
+_OPTIONAL_STATE = {"best": (dict, type(None)), "seconds": (int, float), "config": (dict, type(None))}
+
+
+def check_training_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`state` (as `load_checkpoint` gives it) when it holds what resuming a run needs, else CheckpointError naming `path`."""
+    problems = [f"no {key!r}" for key in _TRAINING_STATE if key not in state]
+    for key, kind in (_TRAINING_STATE | _OPTIONAL_STATE).items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kind) or isinstance(value, bool)):
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            problems.append(f"{key!r} is a {type(value).__name__}, not {expected}")
+    if problems:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint ({'; '.join(problems[:4])}); it cannot resume a run"
+        )
+    return state
+
+
+def _check_state_dict(state: Any, path: Path, what: str) -> None:
+    """Refuse a state dict whose keys are not names or whose values are not tensors (bar a module's extra state)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {what} is a {type(state).__name__}, not a state_dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: {what} has a key {key!r} that is not a parameter name")
+        if not isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
+            raise CheckpointError(f"{path}: {what} entry {key!r} is a {type(value).__name__}, not a tensor")
+
+
+def _check_config(config: Any, path: Path, what: str) -> None:
+    """Refuse a stored run config that is not a table whose `model` is a table naming a model."""
+    if config is None:
+        return
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("name", ""), str):
+        raise CheckpointError(
+            f"{path}: {what} is not a run's config (expected a JSON object with a 'model' table, "
+            f"got {_short(config, 80)}); the file was not written by untrainable"
+        )
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    return " ".join(str(value).split())[:limit]
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -97,6 +165,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | Non
     file can run code.
     """
     path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file")
     if path.suffix == ".safetensors":
         try:
             with safetensors.safe_open(str(path), framework="pt") as f:
@@ -104,7 +176,13 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | Non
                 state = {key: f.get_tensor(key) for key in f.keys()}
         except (safetensors.SafetensorError, OSError) as err:
             raise CheckpointError(f"{path} is not a readable .safetensors file: {' '.join(str(err).split())}") from None
-        config = json.loads(metadata[_CONFIG_KEY]) if _CONFIG_KEY in metadata else None
+        config = None
+        if _CONFIG_KEY in metadata:
+            try:
+                config = json.loads(metadata[_CONFIG_KEY])
+            except json.JSONDecodeError as err:
+                raise CheckpointError(f"{path}: its metadata {_CONFIG_KEY!r} is not valid JSON ({err.msg})") from None
+            _check_config(config, path, f"its metadata {_CONFIG_KEY!r}")
         return state, config
     with open(path, "rb") as f:
         ours = f.read(len(_MAGIC)) == _MAGIC
@@ -118,9 +196,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | Non
             f"{path} holds objects other than weights and plain values; refused without loading it "
             "(give a run's model.pt or model.safetensors, or a plain state_dict)"
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path} is not a weights file ({' '.join(str(err).split())[:200]})") from None
-    return (state.get("model", state) if isinstance(state, dict) else state), None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a weights file ({_short(err)})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    _check_state_dict(state, path, "the state_dict")
+    return state, None
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
@@ -180,7 +260,7 @@ class CheckpointManager:
         errors = []
         for path in reversed(paths):
             try:
-                return load_checkpoint(path, map_location), path
+                return check_training_state(load_checkpoint(path, map_location), path), path
             except CheckpointError as err:
                 errors.append(str(err))
                 warnings.warn(f"skipping checkpoint: {err}; falling back to the previous one", stacklevel=2)

@@ -45,6 +45,21 @@ def _json_args(text: str, flag: str) -> dict[str, Any]:
     return value
 
 
+def _out_folder(text: str | None, default: Path | None = None, flag: str = "--out") -> Path | None:
+    """The folder `flag` names, refused in one line when empty or an existing file; `default` when not given."""
+    from untrainable.config import ConfigError
+
+    if text is None:
+        return default
+    if not text.strip():
+        raise ConfigError(f"{flag} is empty; give a folder, e.g. {flag} runs/one (or leave {flag} out)")
+    path = Path(text).expanduser()
+    file = next((p for p in (path, *path.parents) if p.exists()), None)
+    if file is not None and not file.is_dir():
+        raise ConfigError(f"{flag} {text}: {file} is a file, not a folder; give {flag} a folder")
+    return path
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the experiments, models, data sets and similarity measures."""
     import untrainable.recipes  # noqa: F401  (registration)
@@ -68,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     built = EXPERIMENTS.create(args.experiment, quick=args.quick)
     # Quick runs get their own folder: finished runs in a folder are reused.
-    root = Path(args.out) if args.out else Path("runs") / (args.experiment + ("-quick" if args.quick else ""))
+    root = _out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else "")))
     seeds = tuple(args.seeds) if args.seeds else None
     for experiment, out, table in run_study(built, root, seeds=seeds, jobs=args.jobs):
         print(f"\n## {experiment.name}\n\n{format_table(table)}")
@@ -83,15 +98,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from untrainable.config import ConfigError, load_config
     from untrainable.trainer import train
 
+    if args.accept_config and not args.resume:
+        raise ConfigError("--accept-config lets a resumed run change its config: it needs --resume")
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.epochs=5; got {item!r}")
         overrides[key] = _parse_value(value)
-    config = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / config.name
-    result = train(config, out, resume=args.resume)
+    out = _out_folder(args.out)
+    config = load_config(args.config, overrides, overrides_label="--set")
+    result = train(config, out or Path("runs") / config.name, resume=args.resume, accept_config=args.accept_config)
     print(json.dumps(result.final, indent=2))
     return 0
 
@@ -117,7 +134,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
             (args.guide_args, "--guide-args"),
         )
     )
-    data = build_data(DataSpec(args.data, data_args), where="--data")
+    data = build_data(DataSpec(args.data, data_args), where="--data")  # a flag: its fields read --data-args KEY
     target = build_model(ModelSpec(args.target, target_args), data, args.seed, where="--target")
     guide_spec = ModelSpec(args.guide, guide_args, checkpoint=args.guide_checkpoint)
     guide = build_model(guide_spec, data, args.seed + 1, where="--guide")
@@ -140,10 +157,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time and measure the memory of unguided, guided, cached and the authors' guided steps."""
     from untrainable.bench import format_results, run_bench, write_results
 
+    out = _out_folder(args.out)  # refused before the benchmark runs, not after
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"--out {args.out}: cannot make the folder ({err.strerror}); give another --out") from None
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"--out {args.out}: the folder is not writable; give another --out")
     results = run_bench(quick=args.quick, device=args.device, threads=args.threads)
     print(f"\nMachine: {results['machine']}\n\n{format_results(results)}")
-    if args.out:
-        print(f"\nWritten to {write_results(results, args.out)}/")
+    if out is not None:
+        print(f"\nWritten to {write_results(results, out)}/")
     return 0
 
 
@@ -174,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    p.add_argument(
+        "--accept-config",
+        action="store_true",
+        help="with --resume: continue with a config other than the run's, or one that cannot be checked "
+        "(the changes are recorded in meta.json)",
+    )
     p.add_argument(
         "--set",
         action="append",

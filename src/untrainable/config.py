@@ -493,8 +493,14 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a RunConfig from a .toml or .json file, with optional dotted-key overrides."""
+def load_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, overrides_label: str = "override"
+) -> RunConfig:
+    """Read a RunConfig from a .toml or .json file, with optional dotted-key overrides.
+
+    An error in a field an override set names the override (`overrides_label`,
+    e.g. `--set`), not the file.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -509,11 +515,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(
             f"config file {path}: expected a table of sections (model, data, ...), got {type(data).__name__}"
         )
-    for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
+    overrides = overrides or {}
+    for key, value in overrides.items():
+        try:
+            set_dotted(data, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{overrides_label} {key}: {err}") from None
     try:
         return from_dict(RunConfig, data)
     except ConfigError as err:
+        field = str(err).split(":", 1)[0].split(" ", 1)[0]
+        for key in overrides:
+            if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+                raise ConfigError(f"{overrides_label} {key}={json.dumps(overrides[key])}: {err}") from None
         raise ConfigError(f"config file {path}: {err}") from None
 
 
@@ -531,7 +545,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part!r} is not a table")
+            raise ConfigError(f"{part!r} is not a table")
     node[last] = value
 
 

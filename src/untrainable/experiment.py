@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from untrainable.checkpoint import CheckpointManager
+from untrainable.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, write_atomic
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
-from untrainable.runs import holds_logs
+from untrainable.runs import holds_logs, writer_lock
 from untrainable.trainer import RunResult, train
 
 
@@ -80,7 +80,7 @@ def _arm_config(arm: Arm, seed: int, out: Path) -> RunConfig:
         if config.guide is None:
             raise ValueError(f"arm {arm.name!r} takes its guide from {arm.guide_from!r} but has no guide model")
         changes["guide"] = dataclasses.replace(
-            config.guide, checkpoint=str(out / arm.guide_from / f"seed{seed}" / "model.pt")
+            config.guide, checkpoint=str(out.absolute() / arm.guide_from / f"seed{seed}" / "model.pt")
         )
     return config.replace(**changes)
 
@@ -114,8 +114,8 @@ def run_experiment(
     tasks = [(arm, seed) for arm in experiment.arms for seed in seeds]
     for arm, seed in tasks:  # refuse a folder of other runs before anything trains
         folder = arm_folder(arm, seed, out)
-        if (folder / "config.json").exists():
-            _check_folder(folder, _arm_config(arm, seed, out), arm.guide_from)
+        if (folder / "config.json").exists() or (folder / "checkpoints").is_dir():
+            _check_folder(folder, _arm_config(arm, seed, out), arm.guide_from)  # read only: no lock held
     if jobs == 1:
         data_sets: dict[str, DataSplits] = {}
         done = {(arm.name, seed): _run_arm(arm, seed, out, log, data_sets) for arm, seed in tasks}
@@ -148,51 +148,77 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
-def _check_folder(folder: Path, config: RunConfig, guide_from: str | None = None) -> None:
+def _check_folder(folder: Path, config: RunConfig, guide_from: str | None = None, repoint: bool = False) -> None:
     """Refuse a run folder of another config; a guide's checkpoint at another spelling of the study folder is the same.
 
-    Guided arms name their guide's model.pt under the study folder; a study
-    resumed with `--out` spelled otherwise, or moved, records the guide's
-    current path in config.json (the same arm and seed: the same guide).
+    The run's config is its config.json, or, when an interrupted run lost
+    that file, the copy in its newest checkpoint. Guided arms name their
+    guide's model.pt under the study folder; a study resumed with `--out`
+    spelled otherwise, or moved, names the same arm and seed: the same guide.
+    With `repoint` (the caller holds the folder's lock), config.json is
+    (re)written with the guide's current path, so that the run resumes.
     """
     path = folder / "config.json"
-    if not path.exists():
+    saved, source = (_read_json(path), path.name) if path.exists() else _checkpoint_config(folder)
+    if saved is None:
         return
-    saved = _read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(saved).__name__}, not a run's config; restore it or remove {folder}"
+        )
     changed = config_differences(saved, config, ignore=("train.progress",))
     if changed == ["guide.checkpoint"] and guide_from is not None and config.guide is not None:
         recorded = Path((saved.get("guide") or {}).get("checkpoint") or "")
         if recorded.parts[-3:] == Path(config.guide.checkpoint).parts[-3:]:
-            saved["guide"]["checkpoint"] = config.guide.checkpoint
-            path.write_text(json.dumps(saved, indent=2) + "\n")
+            if repoint:
+                saved["guide"]["checkpoint"] = config.guide.checkpoint
+                write_atomic(path, json.dumps(saved, indent=2) + "\n")
             changed = []
     if changed:
         raise ValueError(
-            f"{folder} holds a run with a different config (differs in {', '.join(changed)}); "
+            f"{folder} holds a run with a different config ({source} differs in {', '.join(changed)}); "
             "choose another --out or remove the folder"
         )
+
+
+def _checkpoint_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The config in the newest checkpoint that loads (read only: nothing set aside), or None."""
+    for checkpoint in reversed(CheckpointManager(folder / "checkpoints").paths()):
+        try:
+            return load_checkpoint(checkpoint).get("config"), f"checkpoints/{checkpoint.name}"
+        except CheckpointError:
+            continue
+    return None, ""
 
 
 def _run_arm(
     arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True
 ) -> RunResult:
-    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
+    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained.
+
+    The run folder's writer lock is taken first: a process that does not
+    hold it touches nothing in the folder.
+    """
     folder = arm_folder(arm, seed, out)
     config = _arm_config(arm, seed, out)
-    _check_folder(folder, config, arm.guide_from)
-    if not progress:
-        config = config.with_section("train", progress=False)
-    if (folder / "result.json").exists():
-        log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
-        return RunResult(folder, _read_json(folder / "history.json"), _read_json(folder / "result.json"))
-    log(f"[{arm.name} seed {seed}] training")
-    # A checkpoint, good or set aside, means the run started; a temporary file of a killed first write does not.
-    checkpoints = CheckpointManager(folder / "checkpoints")
-    resume = bool(checkpoints.paths() or checkpoints.set_aside())
-    if not resume and holds_logs(folder):
-        kept = _keep_earlier_log(folder)
-        log(f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")
-    result = train(config, folder, resume=resume, data=_data(config, data_sets))
+    with writer_lock(folder):
+        _check_folder(folder, config, arm.guide_from, repoint=True)
+        if not progress:
+            config = config.with_section("train", progress=False)
+        if (folder / "result.json").exists():
+            log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
+            return RunResult(folder, _read_json(folder / "history.json"), _read_json(folder / "result.json"))
+        log(f"[{arm.name} seed {seed}] training")
+        # A checkpoint, good or set aside, means the run started; a temporary file of a killed first write does not.
+        checkpoints = CheckpointManager(folder / "checkpoints")
+        resume = bool(checkpoints.paths() or checkpoints.set_aside())
+        if not resume and holds_logs(folder):
+            kept = _keep_earlier_log(folder)
+            log(
+                f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, "
+                f"its log kept as {kept.name}"
+            )
+        result = train(config, folder, resume=resume, data=_data(config, data_sets), locked=True)
     if not progress:
         log(f"[{arm.name} seed {seed}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
     return result

@@ -9,12 +9,14 @@ import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
+from untrainable.checkpoint import temporary_files, write_atomic
+
 
 class MetricsLog:
     """Rank-0 sinks for step records: `metrics.jsonl` (one JSON object per line) and TensorBoard events.
 
     Resuming from step `resume_step` drops the records written after it
-    (those steps run again). A torn last line, which a killed process
+    (those steps run again), rewriting the file atomically. A torn last line, which a killed process
     leaves, is set aside in `metrics.jsonl.torn` and reported, not fatal.
     """
 
@@ -24,9 +26,11 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
+        for leftover in temporary_files(self.path):  # of a rewrite killed before its rename
+            leftover.unlink(missing_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_atomic(self.path, "".join(line + "\n" for line in kept))  # a kill leaves the old log whole
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # an empty log (a run with records is refused before this)
         from torch.utils.tensorboard import SummaryWriter

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from untrainable.checkpoint import CheckpointError
+from untrainable.checkpoint import CheckpointError, write_atomic
 from untrainable.config import RunConfig, config_differences, save_config
 
 try:
@@ -53,21 +53,48 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def write_run_files(folder: str | Path, config: RunConfig) -> Path:
-    """Create the run folder with `config.json` (resolved) and `meta.json` (seed, versions, command)."""
+def write_run_files(
+    folder: str | Path, config: RunConfig, resumed_from: str | None = None, config_record: dict[str, Any] | None = None
+) -> Path:
+    """Create the run folder with `config.json` (resolved) and `meta.json` (seed, and a list of the run's starts).
+
+    Each start (the first, then each resume) records its command, folder,
+    time, package versions and platform; a resume also names its checkpoint
+    (`resumed_from`) and, when it was let through with a changed or unchecked
+    config (`--accept-config`), what `config_record` says of it.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(config, folder / "config.json")
-    meta: dict[str, Any] = {
-        "seed": config.train.seed,
+    start: dict[str, Any] = {
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "cwd": os.getcwd(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
         "platform": platform.platform(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if resumed_from is not None:
+        start["resumed_from"] = resumed_from
+    if config_record:
+        start.update(config_record)
+    starts = _earlier_starts(folder / "meta.json") if resumed_from is not None else []
+    meta = {"seed": config.train.seed, "starts": [*starts, start]}
+    write_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def _earlier_starts(path: Path) -> list[dict[str, Any]]:
+    """The starts a run's meta.json lists (one of a meta.json written before it kept a list); none if unreadable."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    if not isinstance(meta, dict):
+        return []
+    starts = meta.get("starts")
+    if isinstance(starts, list):
+        return [s for s in starts if isinstance(s, dict)]
+    return [{k: v for k, v in meta.items() if k != "seed"}] if "command" in meta else []
 
 
 def holds_logs(folder: str | Path) -> bool:
@@ -76,13 +103,15 @@ def holds_logs(folder: str | Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
-def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
+def check_folder(folder: str | Path, config: RunConfig, resume: bool, accept_config: bool = False) -> dict[str, Any]:
     """Refuse, from the folder's files alone, a run that must not start there; cheap, before anything is built.
 
     Without `resume`: a folder with checkpoints or logs of a run (starting
     over would throw them away). With it: a folder that holds no run, or one
-    whose config.json differs from `config` beyond RESUMABLE, or a started run
-    with no checkpoint at all. Raises FileExistsError, FileNotFoundError, ValueError or CheckpointError naming the folder.
+    whose config.json differs from `config` beyond RESUMABLE (unless
+    `accept_config`: the changes are then returned, field -> [old, new]),
+    or a started run with no checkpoint at all. Raises FileExistsError,
+    FileNotFoundError, ValueError or CheckpointError naming the folder.
     """
     folder = Path(folder)
     checkpoints = sorted((folder / "checkpoints").glob("step-*.pt"))
@@ -95,7 +124,7 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
                 f"{folder} already holds a run's logs (metrics.jsonl, or checkpoints set aside as *.corrupt); "
                 "continue it with --resume, choose another --out, or remove the folder yourself"
             )
-        return
+        return {}
     saved = folder / "config.json"
     if not checkpoints and not set_aside and not (folder / "metrics.jsonl").exists() and not saved.exists():
         raise FileNotFoundError(
@@ -108,22 +137,54 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
             raise ValueError(
                 f"{saved} is not valid JSON ({err}); restore it, or remove it to resume by the checkpoint's config"
             ) from None
-        refuse_changed(folder, recorded, config, str(saved.name))
+        if not isinstance(recorded, dict):
+            raise ValueError(
+                f"{saved} holds a JSON {type(recorded).__name__}, not a run's config (a JSON object); "
+                "restore it, or remove it to resume by the checkpoint's config"
+            )
+    changes = refuse_changed(folder, recorded, config, saved.name, accept_config) if saved.exists() else {}
     if not checkpoints and (set_aside or (folder / "metrics.jsonl").exists()):
         raise CheckpointError(
             f"{folder} holds a started run but no checkpoint that loads (set aside: "
             f"{', '.join(p.name for p in set_aside) or 'none'}); restore a checkpoint or choose another folder"
         )
+    return changes
 
 
-def refuse_changed(folder: Path, recorded: dict[str, Any], config: RunConfig, source: str) -> None:
-    """Raise ValueError when `config` differs from the run's recorded config (`source` names the record) beyond RESUMABLE."""
-    changed = config_differences(recorded, config, ignore=RESUMABLE)
-    if changed:
-        raise ValueError(
-            f"{folder} holds a run with a different config ({source} differs in {', '.join(changed)}); "
-            "resume it with its own config.json or choose another folder"
+def config_changes(recorded: dict[str, Any], config: RunConfig, ignore: tuple[str, ...] = RESUMABLE) -> dict[str, Any]:
+    """Dotted field -> [recorded value, new value] for each field where `config` differs from a recorded config."""
+    current = json.loads(json.dumps(config.to_dict()))
+    return {
+        key: [_dotted(recorded, key), _dotted(current, key)] for key in config_differences(recorded, config, ignore)
+    }
+
+
+def _dotted(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def refuse_changed(
+    folder: Path, recorded: dict[str, Any], config: RunConfig, source: str, accept: bool = False
+) -> dict[str, Any]:
+    """Raise ValueError when `config` differs from the run's recorded config (`source` names the record) beyond RESUMABLE.
+
+    With `accept` (`--accept-config`), returns the changes instead
+    (field -> [old, new]), for the run's records.
+    """
+    changes = config_changes(recorded, config)
+    if changes and not accept:
+        own = (
+            "resume it with its own config.json"
+            if source == "config.json"
+            else "config.json is missing: resume it with the config that checkpoint holds"
         )
+        raise ValueError(
+            f"{folder} holds a run with a different config ({source} differs in {', '.join(changes)}); "
+            f"{own}, choose another folder, or give --accept-config to resume with the new values (recorded in meta.json)"
+        )
+    return changes
 
 
 @contextlib.contextmanager
@@ -144,6 +205,11 @@ def writer_lock(folder: str | Path, hold: bool = True) -> Iterator[None]:
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except PermissionError as err:
         raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose another --out") from None
+    except (FileExistsError, NotADirectoryError):
+        file = next(p for p in (folder, *folder.parents) if p.exists())
+        raise NotADirectoryError(
+            f"{file} is a file, not a folder: a run folder cannot be made at {folder}; give --out a folder"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

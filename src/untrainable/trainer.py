@@ -34,7 +34,7 @@ from untrainable.build import (
     pick_device,
 )
 from untrainable.checkpoint import CheckpointManager, save_checkpoint, save_safetensors
-from untrainable.config import RunConfig
+from untrainable.config import ConfigError, RunConfig
 from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
 from untrainable.guide_cache import GuideCache, IndexedDataset
@@ -266,12 +266,22 @@ def _build_parts(
     return parts, train_set
 
 
-def _set_up(config: RunConfig, folder: Path, resume: bool, data: DataSplits | None) -> _Run:
-    """Build a run, restore it from its newest good checkpoint when resuming, and refuse what must not start."""
+def _set_up(
+    config: RunConfig, folder: Path, resume: bool, data: DataSplits | None, accept_config: bool = False
+) -> tuple[_Run, dict[str, Any]]:
+    """Build a run, restore it from its newest good checkpoint when resuming, and refuse what must not start.
+
+    The checkpoint is read, and the config compared with its copy when
+    config.json is gone, before the data and models are built. Returns the
+    run and what the run's records say of an accepted config (`--accept-config`).
+    """
     dist_info = distributed.setup(config.train.device, config.train.timeout_s)
     device = dist_info.device if dist_info.world_size > 1 else pick_device(config.train.device)
     if config.train.precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
+    checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
+    loaded = _load_checkpoint(checkpoints, dist_info, device) if resume else None
+    record = _check_resumed_config(config, folder, loaded, accept_config) if resume else {}
     seed_everything(config.train.seed + dist_info.rank, config.train.deterministic)
     data = data if data is not None else build_data(config.data)
     parts, train_set = _build_parts(config, folder, resume, data, dist_info, device)
@@ -304,25 +314,7 @@ def _set_up(config: RunConfig, folder: Path, resume: bool, data: DataSplits | No
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
     lr_schedule = build_lr_schedule(config, parts.optimizer, total_steps)
-    checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
     run = _Run(config, folder, data, parts, lr_schedule, loader, sampler, total_steps, checkpoints)
-    _resume(run, resume)
-    return run
-
-
-def _resume(run: _Run, resume: bool) -> None:
-    """Restore the newest good checkpoint (after `runs.check_folder` accepted the folder), or clear leftovers."""
-    folder, checkpoints, dist_info = run.folder, run.checkpoints, run.parts.dist_info
-    loaded = None
-    if resume:
-        # Rank 0 first: it sets aside corrupted files, then the others read what is left.
-        if run.is_main:
-            loaded = checkpoints.load_latest(map_location=run.parts.device)
-        distributed.barrier(dist_info)
-        if not run.is_main:
-            loaded = checkpoints.load_latest(map_location=run.parts.device, quarantine=False)
-    if loaded is not None and not (folder / "config.json").exists() and loaded[0].get("config"):
-        refuse_changed(folder, loaded[0]["config"], run.config, f"checkpoints/{loaded[1].name}")
     if run.is_main:
         checkpoints.remove_leftovers(
             *(folder / f"{stem}.{ext}" for stem in ("model", "model_best") for ext in ("pt", "safetensors"))
@@ -330,6 +322,46 @@ def _resume(run: _Run, resume: bool) -> None:
     if loaded is not None:
         run.restore(loaded[0])
         run.resumed_from = loaded[1].name
+    return run, record
+
+
+def _load_checkpoint(
+    checkpoints: CheckpointManager, dist_info: distributed.DistInfo, device: torch.device
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest good checkpoint (after `runs.check_folder` accepted the folder); rank 0 first.
+
+    Rank 0 sets aside corrupted files, then the others read what is left.
+    """
+    loaded = None
+    if dist_info.rank == 0:
+        loaded = checkpoints.load_latest(map_location=device)
+    distributed.barrier(dist_info)
+    if dist_info.rank != 0:
+        loaded = checkpoints.load_latest(map_location=device, quarantine=False)
+    return loaded
+
+
+def _check_resumed_config(
+    config: RunConfig, folder: Path, loaded: tuple[dict[str, Any], Path] | None, accept_config: bool
+) -> dict[str, Any]:
+    """With config.json gone, compare `config` with the checkpoint's copy; refuse a config nothing can check.
+
+    Returns what the run's records (meta.json) say of a config let through
+    by `accept_config`: its changes, or that it could not be checked.
+    """
+    if loaded is None or (folder / "config.json").exists():
+        return {}
+    state, path = loaded
+    if state.get("config"):
+        changes = refuse_changed(folder, state["config"], config, f"checkpoints/{path.name}", accept_config)
+        return {"config_changes": changes} if changes else {}
+    if not accept_config:
+        raise ValueError(
+            f"{folder} has no config.json and checkpoints/{path.name} holds no config (an older run): "
+            "the config given cannot be checked against the one the run trained with; restore config.json, "
+            "or give --accept-config to resume with this config (recorded in meta.json as unchecked)"
+        )
+    return {"config_unchecked": f"no config.json, and checkpoints/{path.name} holds no config"}
 
 
 def _train_epoch(run: _Run, logger: MetricsLog, lines: ProgressLines) -> dict[str, Any]:
@@ -443,7 +475,15 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train(config: RunConfig, folder: str | Path, resume: bool = False, data: DataSplits | None = None) -> RunResult:
+def train(
+    config: RunConfig,
+    folder: str | Path,
+    resume: bool = False,
+    data: DataSplits | None = None,
+    *,
+    accept_config: bool = False,
+    locked: bool = False,
+) -> RunResult:
     """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
@@ -456,19 +496,33 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     built. Under torchrun, each process trains on its shard; only rank 0
     writes. Ctrl-C or SIGTERM stops the run after a checkpoint of its last
     step (raising TrainingInterrupted); `resume=True` continues from there.
+    A resume refuses a config other than the run's (beyond `runs.RESUMABLE`),
+    or one it cannot check, unless `accept_config`: meta.json then records
+    the changes. `locked`: the caller already holds the folder's writer lock.
     """
     folder = Path(folder)
+    if accept_config and not resume:
+        raise ConfigError("--accept-config lets a resumed run change its config: it needs --resume")
     if resume and not folder.is_dir():
         check_folder(folder, config, resume)  # refuses: nothing to resume, and nothing to lock
-    with writer_lock(folder, hold=os.environ.get("RANK", "0") == "0"):
-        check_folder(folder, config, resume)
-        return _train_locked(config, folder, resume, data)
+    with writer_lock(folder, hold=not locked and os.environ.get("RANK", "0") == "0"):
+        changes = check_folder(folder, config, resume, accept_config)
+        return _train_locked(
+            config, folder, resume, data, accept_config, {"config_changes": changes} if changes else {}
+        )
 
 
-def _train_locked(config: RunConfig, folder: Path, resume: bool, data: DataSplits | None) -> RunResult:
-    run = _set_up(config, folder, resume, data)
+def _train_locked(
+    config: RunConfig,
+    folder: Path,
+    resume: bool,
+    data: DataSplits | None,
+    accept_config: bool,
+    record: dict[str, Any],
+) -> RunResult:
+    run, checked = _set_up(config, folder, resume, data, accept_config)
     if run.is_main:
-        write_run_files(folder, config)
+        write_run_files(folder, config, run.resumed_from, record | checked)
     logger = MetricsLog(folder, run.is_main, run.step if run.resumed_from else None)
     if run.resumed_from:
         logger.log({"kind": "resume", "step": run.step, "checkpoint": run.resumed_from}, prefix="resume")

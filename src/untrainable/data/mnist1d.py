@@ -21,6 +21,10 @@ def mnist1d(num_samples: int = 5000, val_size: int = 500, train_size: int | None
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ImportError("MNIST-1D needs the mnist1d package: pip install mnist1d") from err
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+        raise ValueError(
+            f"num_samples must be an integer >= 10 (the generator draws per class, 10 classes), got {num_samples!r}"
+        )
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
     raw = make_dataset(args)
