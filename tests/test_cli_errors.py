@@ -226,3 +226,59 @@ def test_layers_on_a_batch_too_small_for_the_similarity_is_refused_with_the_mini
     assert main(["layers", "fcn", "cnn1d", "--data-args", '{"num_samples": 200, "val_size": 20}', "--batch", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "at least 3" in err and "1.0000" not in err, err
+
+
+def test_an_empty_out_or_an_out_that_is_a_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + TRAIN)
+    monkeypatch.chdir(tmp_path)  # an ignored --out '' would train into runs/NAME here
+    err = _error(capsys, "--config", str(config), "--out", "")
+    assert "--out is empty" in err and not (tmp_path / "runs").exists()
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    for out in (file, file / "below"):
+        err = _error(capsys, "--config", str(config), "--out", str(out))
+        assert f"{file} is a file, not a folder" in err and "Errno" not in err
+    assert main(["run", "mnist1d", "--quick", "--out", str(file)]) == 2
+    assert f"{file} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_error_in_a_set_value_names_the_set_flag_not_the_config_file(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"), "--set", "train.epochs=-1")
+    assert err.startswith("untrainable train: error: --set train.epochs=-1: train.epochs:") and "run.toml" not in err
+    err = _error(capsys, "--config", str(config), "--set", "train.epochs.x=1")
+    assert "--set train.epochs.x:" in err and "run.toml" not in err
+
+
+def test_too_few_mnist1d_samples_name_the_argument(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(MODEL + DATA + TRAIN)
+    err = _error(capsys, "--config", str(config), "--out", str(tmp_path / "a"), "--set", "data.args.num_samples=0")
+    assert "data.args: num_samples must be an integer >= 10" in err and "stack" not in err
+
+
+def test_layers_errors_name_flags_that_exist(tmp_path, capsys):
+    argv = ["layers", "fcn", "fcn", "--batch", "8"]
+    assert main([*argv, "--guide-args", '{"nope": 1}']) == 2
+    err = capsys.readouterr().err
+    assert "--guide-args nope: not an argument of fcn" in err and "--guide.args" not in err
+    missing = tmp_path / "missing.pt"
+    assert main([*argv, "--guide-checkpoint", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--guide-checkpoint: {missing} does not exist" in err and "FileNotFoundError" not in err
+
+
+def test_bench_out_naming_a_file_is_refused_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+    import untrainable.bench
+
+    def no_bench(**kwargs):
+        raise AssertionError("the benchmark ran before --out was checked")
+
+    monkeypatch.setattr(untrainable.bench, "run_bench", no_bench)
+    file = tmp_path / "results"
+    file.write_text("x")
+    assert main(["bench", "--quick", "--out", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{file} is a file, not a folder" in err and err.count("\n") == 1

@@ -84,14 +84,29 @@ def test_a_study_moved_or_spelled_otherwise_is_reused_and_resumed(tmp_path, monk
     run_experiment(experiment(), "../moved", log=messages.append)
     assert any("seed 0] training" in m for m in messages) and any("reusing" in m for m in messages)
     saved = json.loads((tmp_path / "moved" / "fcn+trained-cnn" / "seed0" / "config.json").read_text())
-    assert saved["guide"]["checkpoint"] == str(tmp_path / "moved" / "cnn" / "seed0" / "model.pt").replace(
-        str(tmp_path / "moved"), "../moved"
-    )
+    # Stored absolute: the path does not depend on the folder `run` was started from.
+    assert saved["guide"]["checkpoint"] == str(tmp_path / "moved" / "cnn" / "seed0" / "model.pt")
     resumes = [
         json.loads(line)
         for line in (tmp_path / "moved" / "fcn+trained-cnn" / "seed0" / "metrics.jsonl").read_text().splitlines()
     ]
     assert any(r.get("kind") == "resume" for r in resumes)
+
+
+def test_a_moved_study_whose_interrupted_guided_run_lost_its_config_json_is_resumed(tmp_path):
+    run_experiment(experiment(), tmp_path / "study", log=lambda _: None)
+    interrupted = tmp_path / "study" / "fcn+trained-cnn" / "seed0"
+    (interrupted / "result.json").unlink()
+    (interrupted / "config.json").unlink()  # the checkpoint's copy of the config is the record
+    (tmp_path / "study").rename(tmp_path / "moved")
+    messages = []
+    run_experiment(experiment(), tmp_path / "moved", log=messages.append)
+    assert any("seed 0] training" in m for m in messages)
+    moved = tmp_path / "moved" / "fcn+trained-cnn" / "seed0"
+    saved = json.loads((moved / "config.json").read_text())
+    assert saved["guide"]["checkpoint"] == str(tmp_path / "moved" / "cnn" / "seed0" / "model.pt")
+    records = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("kind") == "resume" for r in records) and (moved / "result.json").exists()
 
 
 def test_a_guide_of_another_arm_or_seed_is_still_a_different_config(tmp_path):

@@ -128,3 +128,26 @@ def test_junit_counts_tell_passed_failed_and_skipped_apart(tmp_path):
     assert counts["failures"] == ["test_gpu::test_b", "test_gpu::test_c"]
     assert counts["skip_reasons"] == ["needs a CUDA device"]
     assert junit_counts(tmp_path / "missing.xml") is None
+
+
+def test_the_dry_run_keeps_the_rescue_results_but_not_its_weights(tmp_path, monkeypatch):
+    from untrainable.bench import gpu_check
+
+    check = _check_in(tmp_path)
+    for arm in ("alone", "guided"):
+        folder = tmp_path / "rescue" / arm
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "step-000000010.pt").write_bytes(b"w" * 1000)
+        for name in ("model.pt", "model.safetensors"):
+            (folder / name).write_bytes(b"w" * 1000)
+        (folder / "history.json").write_text(json.dumps([{"epoch": 1}]))
+        (folder / "result.json").write_text(json.dumps({"test": {"accuracy": 0.5}, "seconds": 1.0, "steps": 10}))
+    monkeypatch.setattr(gpu_check, "rescue_commands", lambda check: {"rescue-alone": [], "rescue-guided": []})
+    monkeypatch.setattr(gpu_check, "run_processes", lambda commands, check, budget: {n: (0, 1.0) for n in commands})
+    results = gpu_check.rescue(check)
+    assert [r.status for r in results] == ["ok", "ok"]
+    for arm in ("alone", "guided"):
+        folder = tmp_path / "rescue" / arm
+        assert not list(folder.rglob("*.pt")) and not list(folder.rglob("*.safetensors")), "weights left behind"
+        assert (folder / "result.json").exists() and (folder / "history.json").exists()
+    assert all(r.details["weights_removed"] == 3000 for r in results)

@@ -341,3 +341,95 @@ def test_a_checkpoint_error_is_still_one_line(tmp_path, capsys):
         err = _one_line(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--resume"])
     assert "no checkpoint" in err
     assert issubclass(CheckpointError, RuntimeError)
+
+
+# The lock comes first; the log is rewritten atomically; refusals before data and models.
+
+
+def _tiny(**train) -> RunConfig:
+    """The issue's reproduction size: FCN depth 2 width 32, 600 MNIST-1D samples, 5 steps."""
+    return from_dict(
+        RunConfig,
+        {
+            "name": "tiny",
+            "model": {"name": "fcn", "args": {"depth": 2, "width": 32}},
+            "data": {"name": "mnist1d", "args": {"num_samples": 600, "val_size": 60}, "batch_size": 50},
+            "train": {"epochs": 1, "max_steps": 5, "progress": False, **train},
+        },
+    )
+
+
+def test_a_second_study_process_touches_nothing_in_a_run_folder_another_process_writes(tmp_path):
+    from untrainable.experiment import Arm, Experiment, run_experiment
+
+    out = tmp_path / "study"
+    folder = out / "alone" / "seed0"
+    folder.mkdir(parents=True)
+    live = json.dumps({"step": 1, "loss": 2.3}) + "\n"
+    (folder / "metrics.jsonl").write_text(live)  # a live run's log, before its first checkpoint
+    holder = _hold_lock(folder)
+    lines: list[str] = []
+    try:
+        with pytest.raises(BlockingIOError, match=f"PID {holder.pid}"):
+            run_experiment(Experiment("t", "", [Arm("alone", _tiny())], seeds=(0,)), out, log=lines.append)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (folder / "metrics.jsonl").read_text() == live, "the live run's log was moved or changed"
+    assert not list(folder.glob("metrics.attempt*")) and not (folder / "config.json").exists()
+    assert not [line for line in lines if "trained again" in line], lines
+
+
+def test_a_resume_killed_while_it_rewrites_a_large_log_loses_no_record(tmp_path):
+    run = tmp_path / "run"
+    trainer.train(_tiny(), run)
+    log = run / "metrics.jsonl"
+    pad = "".join(json.dumps({"step": 1 + i % 5, "kind": "pad", "text": "x" * 200}) + "\n" for i in range(20000))
+    with open(log, "a") as f:  # a large log (4.6 MB): its records are all at or before the checkpoint's step
+        f.write(pad)
+    before = log.read_text()
+    config = _write(tmp_path / "c.json", _tiny())
+    limit = len(before) // 2  # a file grown past it kills the process (SIGXFSZ): a kill in the middle of the write
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"  # Python ignores it (the write then fails): a kill instead
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
+        "from untrainable.cli import main\n"
+        f"sys.exit(main(['train', '--config', {str(config)!r}, '--out', {str(run)!r}, '--resume',"
+        " '--set', 'train.max_steps=8']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGXFSZ, done.stderr[-2000:]
+    assert log.read_text() == before, "the log was cut by a kill during its rewrite"
+    # The next resume finds every record up to its checkpoint, and leaves no temporary file.
+    trainer.train(_tiny(max_steps=8), run, resume=True)
+    steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "kind" not in r]
+    assert steps == list(range(1, 9))
+    assert not list(run.glob(".metrics.jsonl.tmp-*"))
+
+
+@pytest.mark.parametrize("case", ["changed config, config.json gone", "only checkpoint unloadable"])
+def test_resume_refusals_that_need_the_checkpoint_still_come_before_the_data(tmp_path, monkeypatch, case):
+    run = tmp_path / "run"
+    trainer.train(_tiny(), run)
+    (run / "result.json").unlink()
+    config = _tiny()
+    if case == "changed config, config.json gone":
+        (run / "config.json").unlink()
+        config = config.with_section("optim", lr=0.05)
+        expected: type[Exception] = ValueError
+    else:
+        for path in (run / "checkpoints").glob("step-*.pt"):
+            path.write_bytes(path.read_bytes()[:-50])
+        expected = CheckpointError
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was built before the checkpoint was read")
+
+    monkeypatch.setattr(trainer, "build_data", no_data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(expected) as err:
+            trainer.train(config, run, resume=True)
+    assert str(run) in str(err.value)

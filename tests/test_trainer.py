@@ -38,7 +38,7 @@ def test_run_folder_holds_everything(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((tmp_path / "checkpoints").glob("step-*.pt"))) == 2
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["seed"] == 3 and "torch" in meta["versions"]
+    assert meta["seed"] == 3 and len(meta["starts"]) == 1 and "torch" in meta["starts"][0]["versions"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") != "epoch"]
     assert [r["step"] for r in steps] == list(range(1, result.final["steps"] + 1))

@@ -52,7 +52,7 @@ def _out_folder(text: str | None, default: Path | None = None, flag: str = "--ou
     if text is None:
         return default
     if not text.strip():
-        raise ConfigError(f"{flag} is empty; give a folder, e.g. {flag} runs/one (or leave {flag} out)")
+        raise ConfigError(f"{flag} is empty; give a folder, e.g. {flag} runs/one (or drop {flag} for the default)")
     path = Path(text).expanduser()
     file = next((p for p in (path, *path.parents) if p.exists()), None)
     if file is not None and not file.is_dir():

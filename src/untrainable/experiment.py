@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ def _arm_config(arm: Arm, seed: int, out: Path) -> RunConfig:
         if config.guide is None:
             raise ValueError(f"arm {arm.name!r} takes its guide from {arm.guide_from!r} but has no guide model")
         changes["guide"] = dataclasses.replace(
-            config.guide, checkpoint=str(out.absolute() / arm.guide_from / f"seed{seed}" / "model.pt")
+            config.guide, checkpoint=os.path.join(os.path.abspath(out), arm.guide_from / f"seed{seed}", "model.pt")
         )
     return config.replace(**changes)
 
