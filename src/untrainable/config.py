@@ -496,11 +496,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 def load_config(
     path: str | Path, overrides: dict[str, Any] | None = None, overrides_label: str = "override"
 ) -> RunConfig:
-    """Read a RunConfig from a .toml or .json file, with optional dotted-key overrides.
-
-    An error in a field an override set names the override (`overrides_label`,
-    e.g. `--set`), not the file.
-    """
+    """Read a RunConfig from a .toml or .json file, with dotted-key overrides (an error in one names it: `--set KEY`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -515,8 +511,7 @@ def load_config(
         raise ConfigError(
             f"config file {path}: expected a table of sections (model, data, ...), got {type(data).__name__}"
         )
-    overrides = overrides or {}
-    for key, value in overrides.items():
+    for key, value in (overrides or {}).items():
         try:
             set_dotted(data, key, value)
         except ConfigError as err:
@@ -525,9 +520,9 @@ def load_config(
         return from_dict(RunConfig, data)
     except ConfigError as err:
         field = str(err).split(":", 1)[0].split(" ", 1)[0]
-        for key in overrides:
+        for key, value in (overrides or {}).items():
             if field == key or field.startswith(key + ".") or key.startswith(field + "."):
-                raise ConfigError(f"{overrides_label} {key}={json.dumps(overrides[key])}: {err}") from None
+                raise ConfigError(f"{overrides_label} {key}={json.dumps(value)}: {err}") from None
         raise ConfigError(f"config file {path}: {err}") from None
 
 

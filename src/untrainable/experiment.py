@@ -81,7 +81,7 @@ def _arm_config(arm: Arm, seed: int, out: Path) -> RunConfig:
         if config.guide is None:
             raise ValueError(f"arm {arm.name!r} takes its guide from {arm.guide_from!r} but has no guide model")
         changes["guide"] = dataclasses.replace(
-            config.guide, checkpoint=os.path.join(os.path.abspath(out), arm.guide_from / f"seed{seed}", "model.pt")
+            config.guide, checkpoint=os.path.join(os.path.abspath(out), arm.guide_from, f"seed{seed}", "model.pt")
         )
     return config.replace(**changes)
 

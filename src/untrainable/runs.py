@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from untrainable.checkpoint import CheckpointError, write_atomic
-from untrainable.config import RunConfig, config_differences, save_config
+from untrainable.config import RunConfig, config_differences
 
 try:
     import fcntl
@@ -65,7 +65,7 @@ def write_run_files(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(config, folder / "config.json")
+    write_atomic(folder / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     start: dict[str, Any] = {
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "cwd": os.getcwd(),
@@ -185,6 +185,29 @@ def refuse_changed(
             f"{own}, choose another folder, or give --accept-config to resume with the new values (recorded in meta.json)"
         )
     return changes
+
+
+def check_resumed_config(
+    folder: Path, config: RunConfig, loaded: tuple[dict[str, Any], Path] | None, accept_config: bool
+) -> dict[str, Any]:
+    """With config.json gone, compare `config` with the `loaded` (state, path) checkpoint's copy; refuse one nothing can check.
+
+    Returns what the run's records (meta.json) say of a config let through
+    by `accept_config`: its changes, or that it could not be checked.
+    """
+    if loaded is None or (folder / "config.json").exists():
+        return {}
+    state, path = loaded
+    if state.get("config"):
+        changes = refuse_changed(folder, state["config"], config, f"checkpoints/{path.name}", accept_config)
+        return {"config_changes": changes} if changes else {}
+    if not accept_config:
+        raise ValueError(
+            f"{folder} has no config.json and checkpoints/{path.name} holds no config (an older run): "
+            "the config given cannot be checked against the one the run trained with; restore config.json, "
+            "or give --accept-config to resume with this config (recorded in meta.json as unchecked)"
+        )
+    return {"config_unchecked": f"no config.json, and checkpoints/{path.name} holds no config"}
 
 
 @contextlib.contextmanager

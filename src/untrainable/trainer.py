@@ -33,13 +33,13 @@ from untrainable.build import (
     build_optimizer,
     pick_device,
 )
-from untrainable.checkpoint import CheckpointManager, save_checkpoint, save_safetensors
+from untrainable.checkpoint import CheckpointManager, save_checkpoint, save_safetensors, write_atomic
 from untrainable.config import ConfigError, RunConfig
 from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
 from untrainable.guide_cache import GuideCache, IndexedDataset
 from untrainable.logs import MetricsLog, ProgressLines
-from untrainable.runs import check_folder, refuse_changed, seed_everything, write_run_files, writer_lock
+from untrainable.runs import check_folder, check_resumed_config, seed_everything, write_run_files, writer_lock
 from untrainable.step import NonFiniteError, StepParts, autocast, train_step
 from untrainable.tasks import add_sums, get_task
 
@@ -281,7 +281,7 @@ def _set_up(
         raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
     checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
     loaded = _load_checkpoint(checkpoints, dist_info, device) if resume else None
-    record = _check_resumed_config(config, folder, loaded, accept_config) if resume else {}
+    record = check_resumed_config(folder, config, loaded, accept_config) if resume else {}
     seed_everything(config.train.seed + dist_info.rank, config.train.deterministic)
     data = data if data is not None else build_data(config.data)
     parts, train_set = _build_parts(config, folder, resume, data, dist_info, device)
@@ -339,29 +339,6 @@ def _load_checkpoint(
     if dist_info.rank != 0:
         loaded = checkpoints.load_latest(map_location=device, quarantine=False)
     return loaded
-
-
-def _check_resumed_config(
-    config: RunConfig, folder: Path, loaded: tuple[dict[str, Any], Path] | None, accept_config: bool
-) -> dict[str, Any]:
-    """With config.json gone, compare `config` with the checkpoint's copy; refuse a config nothing can check.
-
-    Returns what the run's records (meta.json) say of a config let through
-    by `accept_config`: its changes, or that it could not be checked.
-    """
-    if loaded is None or (folder / "config.json").exists():
-        return {}
-    state, path = loaded
-    if state.get("config"):
-        changes = refuse_changed(folder, state["config"], config, f"checkpoints/{path.name}", accept_config)
-        return {"config_changes": changes} if changes else {}
-    if not accept_config:
-        raise ValueError(
-            f"{folder} has no config.json and checkpoints/{path.name} holds no config (an older run): "
-            "the config given cannot be checked against the one the run trained with; restore config.json, "
-            "or give --accept-config to resume with this config (recorded in meta.json as unchecked)"
-        )
-    return {"config_unchecked": f"no config.json, and checkpoints/{path.name} holds no config"}
 
 
 def _train_epoch(run: _Run, logger: MetricsLog, lines: ProgressLines) -> dict[str, Any]:
@@ -435,7 +412,7 @@ def _end_epoch(run: _Run, logger: MetricsLog) -> dict[str, Any]:
         _keep_best(run, val_metrics)
     logger.log({"kind": "epoch", **entry}, prefix="epoch")
     if run.is_main:
-        (run.folder / "history.json").write_text(json.dumps(run.history, indent=1) + "\n")
+        write_atomic(run.folder / "history.json", json.dumps(run.history, indent=1) + "\n")
     if run.batches_done >= len(run.loader):
         run.epoch, run.batches_done = run.epoch + 1, 0
     run.checkpoint()  # else stopped by max_steps inside the epoch
@@ -610,7 +587,7 @@ def _finish(run: _Run, logger: MetricsLog, seconds: float) -> RunResult:
     if run.best is not None:
         final["best"] = _evaluate_best(run)
     if run.is_main:
-        (run.folder / "result.json").write_text(json.dumps(final, indent=2) + "\n")
+        write_atomic(run.folder / "result.json", json.dumps(final, indent=2) + "\n")
     logger.close()
     if parts.guidance is not None:
         parts.guidance.remove_hooks()
