@@ -58,7 +58,7 @@ def write_run_files(
 ) -> Path:
     """Create the run folder with `config.json` (resolved) and `meta.json` (seed, and a list of the run's starts).
 
-    Each start (the first, then each resume) records its command, folder,
+    Each start (the first, then each resume or start again) records its command, folder,
     time, package versions and platform; a resume also names its checkpoint
     (`resumed_from`) and, when it was let through with a changed or unchecked
     config (`--accept-config`), what `config_record` says of it.
@@ -77,8 +77,7 @@ def write_run_files(
         start["resumed_from"] = resumed_from
     if config_record:
         start.update(config_record)
-    starts = _earlier_starts(folder / "meta.json") if resumed_from is not None else []
-    meta = {"seed": config.train.seed, "starts": [*starts, start]}
+    meta = {"seed": config.train.seed, "starts": [*_earlier_starts(folder / "meta.json"), start]}
     write_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
     return folder
 
