@@ -163,7 +163,8 @@ def test_leftover_temporary_checkpoint_files_are_removed(tmp_path):
 
 def test_a_killed_write_of_model_pt_leaves_nothing_behind_at_the_next_start(tmp_path):
     ours = [tmp_path / ".model.pt.tmp-4242", tmp_path / "checkpoints" / ".step-000000003.pt.tmp-77"]
-    others = [tmp_path / ".model.pt.tmp-notes", tmp_path / "model.pt.tmp-4242", tmp_path / ".history.json.tmp-1"]
+    ours += [tmp_path / ".history.json.tmp-1", tmp_path / ".meta.json.tmp-9"]  # written atomically as well
+    others = [tmp_path / ".model.pt.tmp-notes", tmp_path / "model.pt.tmp-4242", tmp_path / ".notes.json.tmp-1"]
     for path in ours + others:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")

@@ -316,8 +316,10 @@ def _set_up(
     lr_schedule = build_lr_schedule(config, parts.optimizer, total_steps)
     run = _Run(config, folder, data, parts, lr_schedule, loader, sampler, total_steps, checkpoints)
     if run.is_main:
+        written = ("config.json", "meta.json", "history.json", "result.json")  # written atomically too
         checkpoints.remove_leftovers(
-            *(folder / f"{stem}.{ext}" for stem in ("model", "model_best") for ext in ("pt", "safetensors"))
+            *(folder / f"{stem}.{ext}" for stem in ("model", "model_best") for ext in ("pt", "safetensors")),
+            *(folder / name for name in written),
         )
     if loaded is not None:
         run.restore(loaded[0])
