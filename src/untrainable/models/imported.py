@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from untrainable.config import ConfigError
+from untrainable.errors import ConfigError
 
 
 def is_import_path(name: str) -> bool:
