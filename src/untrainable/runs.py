@@ -122,7 +122,8 @@ def refuse_changed(folder: Path, recorded: dict[str, Any], config: RunConfig, so
     if changed:
         raise ValueError(
             f"{folder} holds a run with a different config ({source} differs in {', '.join(changed)}); "
-            "resume it with its own config.json or choose another folder"
+            f"resume it with those values as they were (only {', '.join(RESUMABLE)} may change), "
+            "or choose another folder"
         )
 
 
