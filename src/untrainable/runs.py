@@ -76,11 +76,37 @@ def holds_logs(folder: str | Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
+def stopped_before_first_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` holds a run that started (its step log has records) and then stopped, on bad data, a crash
+    or a kill, before it wrote a checkpoint (none, nor one set aside as *.corrupt) or its result."""
+    folder = Path(folder)
+    written = [*(folder / "checkpoints").glob("step-*.pt"), *(folder / "checkpoints").glob("step-*.pt.corrupt")]
+    return holds_logs(folder) and not written and not (folder / "result.json").exists()
+
+
+def keep_earlier_log(folder: str | Path) -> Path:
+    """Rename the metrics.jsonl of an attempt that left no checkpoint to the first free `metrics.attemptN.jsonl`.
+
+    Its config.json, where there is one, becomes `config.attemptN.json` beside it (the next attempt may
+    change the config, e.g. to skip bad images). Returns the kept log's path.
+    """
+    folder = Path(folder)
+    attempt = 1
+    while (folder / f"metrics.attempt{attempt}.jsonl").exists() or (folder / f"config.attempt{attempt}.json").exists():
+        attempt += 1
+    kept = folder / f"metrics.attempt{attempt}.jsonl"
+    (folder / "metrics.jsonl").rename(kept)
+    if (folder / "config.json").exists():
+        (folder / "config.json").rename(folder / f"config.attempt{attempt}.json")
+    return kept
+
+
 def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
     """Refuse, from the folder's files alone, a run that must not start there; cheap, before anything is built.
 
-    Without `resume`: a folder with checkpoints or logs of a run (starting
-    over would throw them away). With it: a folder that holds no run, or one
+    Without `resume`: a folder with checkpoints or logs of a run that wrote
+    one (starting over would throw them away); a run that stopped before its
+    first checkpoint passes (`train` keeps its log and trains it again). With it: a folder that holds no run, or one
     whose config.json differs from `config` beyond RESUMABLE, or a started run
     with no checkpoint at all. Raises FileExistsError, FileNotFoundError, ValueError or CheckpointError naming the folder.
     """
@@ -90,7 +116,7 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
     if not resume:
         if checkpoints:
             raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
-        if set_aside or holds_logs(folder):
+        if set_aside or (holds_logs(folder) and not stopped_before_first_checkpoint(folder)):
             raise FileExistsError(
                 f"{folder} already holds a run's logs (metrics.jsonl, or checkpoints set aside as *.corrupt); "
                 "continue it with --resume, choose another --out, or remove the folder yourself"
@@ -109,6 +135,11 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
                 f"{saved} is not valid JSON ({err}); restore it, or remove it to resume by the checkpoint's config"
             ) from None
         refuse_changed(folder, recorded, config, str(saved.name))
+    if not checkpoints and not set_aside and stopped_before_first_checkpoint(folder):
+        raise CheckpointError(
+            f"{folder} holds a run that stopped before its first checkpoint: nothing to resume; "
+            "drop --resume to train it again from step 0 (its log is kept as metrics.attemptN.jsonl)"
+        )
     if not checkpoints and (set_aside or (folder / "metrics.jsonl").exists()):
         raise CheckpointError(
             f"{folder} holds a started run but no checkpoint that loads (set aside: "

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +40,15 @@ from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
 from untrainable.guide_cache import GuideCache, IndexedDataset
 from untrainable.logs import MetricsLog, ProgressLines
-from untrainable.runs import check_folder, refuse_changed, seed_everything, write_run_files, writer_lock
+from untrainable.runs import (
+    check_folder,
+    keep_earlier_log,
+    refuse_changed,
+    seed_everything,
+    stopped_before_first_checkpoint,
+    write_run_files,
+    writer_lock,
+)
 from untrainable.step import NonFiniteError, StepParts, autocast, train_step
 from untrainable.tasks import add_sums, get_task
 
@@ -456,12 +465,22 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     built. Under torchrun, each process trains on its shard; only rank 0
     writes. Ctrl-C or SIGTERM stops the run after a checkpoint of its last
     step (raising TrainingInterrupted); `resume=True` continues from there.
+    A run that stopped before its first checkpoint (bad data, a crash, a
+    kill) is trained again from step 0 by the same call, its step log kept
+    as `metrics.attemptN.jsonl`, with a warning.
     """
     folder = Path(folder)
     if resume and not folder.is_dir():
         check_folder(folder, config, resume)  # refuses: nothing to resume, and nothing to lock
     with writer_lock(folder, hold=os.environ.get("RANK", "0") == "0"):
         check_folder(folder, config, resume)
+        if not resume and os.environ.get("RANK", "0") == "0" and stopped_before_first_checkpoint(folder):
+            kept = keep_earlier_log(folder)
+            warnings.warn(
+                f"{folder}: the earlier attempt stopped before its first checkpoint; training again from step 0, "
+                f"its log kept as {kept.name}",
+                stacklevel=2,
+            )
         return _train_locked(config, folder, resume, data)
 
 

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -43,6 +44,9 @@ LAYOUT = (
 SPLITS = ("train", "val", "test")
 VERIFY = ("header", "decode", "none")
 SIXTEEN_BIT_MAX = 65535
+# What reading a damaged file can raise in Pillow's plugins and decoders (and this module's ValueErrors);
+# anything else (an AssertionError, a MemoryError) is not the file's fault and is not caught.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, struct.error)
 
 
 def _listed(root: Path, classes: Sequence[str] | None) -> tuple[ImageListing, list[int], list[str]]:
@@ -180,9 +184,17 @@ def unreadable_reason(path: Path, verify: str, image_size: int) -> str | None:
                 eight_bit(image)
             elif image.mode == "F":
                 eight_bit(image)  # refuses float images, known from the header alone
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        return str(err) or type(err).__name__
+    except DECODE_ERRORS as err:
+        return _reason(err)
     return None
+
+
+def _reason(err: BaseException) -> str:
+    """A decoding error in one line: Pillow's own message where it is one of its kinds, else with the type."""
+    message = " ".join(str(err).split())
+    if isinstance(err, (OSError, SyntaxError, ValueError)) and message:
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def _drop_unreadable(
@@ -206,7 +218,8 @@ def _drop_unreadable(
 def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB", draft: bool = False) -> Tensor:
     """Read an image as float (C, S, S) in [0, 1]: shorter side resized to S, centre-cropped.
 
-    16-bit greyscale is scaled to 8 bits first (see `eight_bit`); a ValueError names the file.
+    16-bit greyscale is scaled to 8 bits first (see `eight_bit`). Any error while reading (a file cut in
+    its pixel data, a corrupted one) is a one-line ValueError naming the file.
     `draft` lets a JPEG decode at 1/2, 1/4 or 1/8 scale where both sides stay
     >= S (`Image.draft`), so the resize still shrinks to S from the same
     extent of the picture: same shape and crop, the pixels a shade different
@@ -218,8 +231,11 @@ def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB", draf
             drafted = image.draft(image.mode, (image_size, image_size)) if draft else None
             extent = drafted[1] if drafted else None
             array = _resized_crop(eight_bit(image).convert(mode), image_size, extent)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    except DECODE_ERRORS as err:
+        raise ValueError(
+            f"{path}: cannot read this image ({_reason(err)}); fix or remove it, or set data.args.verify = "
+            '"decode" to find such files at set-up (data.args.skip_bad = true then skips them)'
+        ) from err
     if array.ndim == 2:  # single-channel modes come back as (S, S)
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -109,15 +109,60 @@ def cache_file(cache_dir: Path, root: Path, level: str) -> Path:
     return cache_dir / f"{key}.json"
 
 
-def _read(path: Path, listing: ImageListing, level: str) -> dict[str, Any] | None:
-    """The stored index at `path`, or None where it is missing, unreadable or of another tree or level."""
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+def _invalid(stored: Any) -> str | None:
+    """What is wrong with the structure of a stored index (version INDEX_VERSION), or None where it is sound."""
+    if not isinstance(stored, dict):
+        return f"expected a JSON object, got {type(stored).__name__}"
+    for key, kind in (("root", str), ("level", str)):
+        if not isinstance(stored.get(key), kind):
+            return f"'{key}' is {_short(stored.get(key))}, expected a {kind.__name__}"
+    for key, kind in (("classes", str), ("files", str), ("labels", int), ("sizes", int), ("mtimes", int)):
+        if not _is_list_of(stored.get(key), kind):
+            return f"'{key}' is {_short(stored.get(key))}, expected a list of {kind.__name__}"
+    lengths = {key: len(stored[key]) for key in ("files", "labels", "sizes", "mtimes")}
+    if len(set(lengths.values())) > 1:
+        return f"'files', 'labels', 'sizes' and 'mtimes' differ in length ({lengths})"
+    if any(not 0 <= label < len(stored["classes"]) for label in stored["labels"]):
+        return f"a label is outside 0..{len(stored['classes']) - 1}"
+    bad = stored.get("bad")
+    if not isinstance(bad, dict):
+        return f"'bad' is {_short(bad)}, expected an object of file position -> reason"
+    for key, reason in bad.items():
+        if not (key.isdecimal() and int(key) < len(stored["files"])) or not isinstance(reason, str):
+            return f"'bad' holds {_short(key)}: {_short(reason)}, expected a file position below {len(stored['files'])}"
+    return None
+
+
+def _read(path: Path, listing: ImageListing, level: str, warn: bool = True) -> dict[str, Any] | None:
+    """The stored index at `path`, or None where it is missing, of another version, tree or level, or damaged.
+
+    A damaged one (not JSON, or not of the index's structure) is named in a
+    warning (unless `warn` is False) and rebuilt by the caller.
+    """
     try:
         stored = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    if not isinstance(stored, dict) or stored.get("version") != INDEX_VERSION:
+    except (OSError, ValueError) as err:
+        problem: str | None = f"not readable JSON ({err})"
+    else:
+        if isinstance(stored, dict) and stored.get("version") != INDEX_VERSION:
+            return None  # another version's: rebuilt without a word
+        problem = _invalid(stored)
+    if problem is not None:
+        if warn:
+            warnings.warn(f"the image index {path} is damaged: {problem}; rebuilding it", stacklevel=4)
         return None
-    if stored.get("root") != str(listing.root.resolve()) or stored.get("level") != level:
+    if stored["root"] != str(listing.root.resolve()) or stored["level"] != level:
         return None
     return stored
 
@@ -217,7 +262,7 @@ def _wait_for(path: Path, listing: ImageListing, level: str) -> dict[int, str]:
     """Verdicts from the index file that another process is building, once it matches this listing."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        stored = _read(path, listing, level)
+        stored = _read(path, listing, level, warn=False)  # LOCAL_RANK 0 warns and rebuilds it
         if _matches(stored, listing):
             return _stored_bad(stored)
         time.sleep(POLL_S)
