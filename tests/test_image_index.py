@@ -224,7 +224,8 @@ def test_the_listing_keeps_the_order_of_sorted_paths(tmp_path):
         (tmp_path / "cat" / name).parent.mkdir(parents=True, exist_ok=True)
         photo(4, 4).save(tmp_path / "cat" / name, "PNG")
     (tmp_path / "dog").mkdir()
-    os.symlink(tmp_path / "cat" / "a.png", tmp_path / "dog" / "linked.png")
+    photo(4, 4).save(tmp_path / "loose.png", "PNG")  # in no class folder: a symlink to it counts
+    os.symlink(tmp_path / "loose.png", tmp_path / "dog" / "linked.png")
     os.symlink(tmp_path / "cat" / "a", tmp_path / "dog" / "linked_folder")  # not entered, as rglob does not
     paths, labels, classes = find_images(tmp_path)
     expected = [

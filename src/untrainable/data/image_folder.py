@@ -8,7 +8,8 @@ Expected layouts (class names are sub-folder names, sorted to give indices):
     root/train/...  root/test/...                      test/ is the test set
     root/train/...  root/val/...  root/test/...        val/ validates, test/ tests
 
-Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored. 16-bit greyscale PNGs are
+Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored, and so are symlinks that lead back
+into the tree (with a warning); an empty class folder is still a class, with a warning that names it. 16-bit greyscale PNGs are
 scaled to 8 bits; images above Pillow's pixel limit count as unreadable (refused, or skipped with skip_bad).
 """
 
@@ -58,6 +59,14 @@ def _listed(root: Path, classes: Sequence[str] | None) -> tuple[ImageListing, li
     listing = scan_tree(root)
     if classes is None:
         classes = listing.classes
+        used = set(listing.labels)
+        empty = [name for label, name in enumerate(classes) if label not in used]
+        if empty and listing.files:
+            warnings.warn(
+                f"image folder {root}: class folder(s) {', '.join(empty)} hold no images; each is still a class "
+                "(num_classes counts it, with no example); add its images or remove the folder",
+                stacklevel=3,
+            )
     else:
         unknown = sorted(set(listing.classes) - set(classes))
         if unknown:
