@@ -88,6 +88,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_trained_again_keeping_its_
     assert result.final["steps"] == 4
     assert (tmp_path / "metrics.attempt1.jsonl").read_text() == logged
     assert (tmp_path / "config.attempt1.json").read_text() == config
+    assert (tmp_path / "tensorboard.attempt1").is_dir() and (tmp_path / "tensorboard").is_dir()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps[0] == 1 and "resume" not in (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="already holds checkpoints"):  # a finished run is never restarted

@@ -87,18 +87,20 @@ def stopped_before_first_checkpoint(folder: str | Path) -> bool:
 def keep_earlier_log(folder: str | Path) -> Path:
     """Rename the metrics.jsonl of an attempt that left no checkpoint to the first free `metrics.attemptN.jsonl`.
 
-    Its config.json, where there is one, becomes `config.attemptN.json` beside it (the next attempt may
-    change the config, e.g. to skip bad images). Returns the kept log's path.
+    Its config.json and tensorboard/, where there are ones, become `config.attemptN.json` and
+    `tensorboard.attemptN/` beside it (the next attempt may change the config, e.g. to skip bad
+    images, and its curves start again from step 1). Returns the kept log's path.
     """
     folder = Path(folder)
     attempt = 1
-    while (folder / f"metrics.attempt{attempt}.jsonl").exists() or (folder / f"config.attempt{attempt}.json").exists():
+    names = [("metrics.jsonl", "metrics.attempt{}.jsonl"), ("config.json", "config.attempt{}.json")]
+    names.append(("tensorboard", "tensorboard.attempt{}"))
+    while any((folder / kept.format(attempt)).exists() for _, kept in names):
         attempt += 1
-    kept = folder / f"metrics.attempt{attempt}.jsonl"
-    (folder / "metrics.jsonl").rename(kept)
-    if (folder / "config.json").exists():
-        (folder / "config.json").rename(folder / f"config.attempt{attempt}.json")
-    return kept
+    for name, kept in names:
+        if (folder / name).exists():
+            (folder / name).rename(folder / kept.format(attempt))
+    return folder / f"metrics.attempt{attempt}.jsonl"
 
 
 def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:

@@ -476,6 +476,7 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
         check_folder(folder, config, resume)
         if not resume and os.environ.get("RANK", "0") == "0" and stopped_before_first_checkpoint(folder):
             kept = keep_earlier_log(folder)
+            shutil.rmtree(folder / "guide_cache", ignore_errors=True)  # derived data, perhaps of another config
             warnings.warn(
                 f"{folder}: the earlier attempt stopped before its first checkpoint; training again from step 0, "
                 f"its log kept as {kept.name}",
