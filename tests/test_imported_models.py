@@ -190,3 +190,12 @@ def test_a_changed_resume_of_a_config_read_from_its_run_folder_is_not_told_to_tr
     err = capsys.readouterr().err
     assert "differs in optim.lr" in err and "train.max_steps, train.progress may change" in err
     assert "config.json or" not in err and "--config" not in err
+
+
+def test_train_help_says_that_a_config_naming_an_import_path_runs_that_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a model named by import path (package.module:callable) runs that code" in text
+    docs = (HERE.parent / "docs" / "models.md").read_text()
+    assert "runs that code" in docs and "Hydra's\n`_target_`" in docs

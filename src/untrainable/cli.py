@@ -172,7 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
-    p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help=(
+            "config file (.toml or .json, such as a run folder's config.json); "
+            "a model named by import path (package.module:callable) runs that code: read a config you did not write"
+        ),
+    )
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
     p.add_argument(
