@@ -167,7 +167,7 @@ def _short(value: Any) -> str:
 
 
 def _is_list_of(value: Any, kind: type) -> bool:
-    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    return isinstance(value, list) and all(type(v) is kind for v in value)  # bools are not ints here
 
 
 def _invalid(stored: Any) -> str | None:
