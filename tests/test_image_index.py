@@ -356,6 +356,7 @@ DAMAGES = {
     "label-out-of-range": lambda s: s | {"labels": [7] * len(s["labels"])},
     "whole-file-null": lambda s: None,
     "torn": "torn",
+    "not-text": "not-text",
 }
 
 
@@ -370,7 +371,10 @@ def test_a_damaged_index_is_named_in_a_warning_and_rebuilt(tmp_path, monkeypatch
     (stored_file,) = cache.glob("*.json")
     text = stored_file.read_text()
     spoil = DAMAGES[damage]
-    stored_file.write_text(text[: len(text) // 2] if spoil == "torn" else json.dumps(spoil(json.loads(text))))
+    if spoil == "not-text":
+        stored_file.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        stored_file.write_text(text[: len(text) // 2] if spoil == "torn" else json.dumps(spoil(json.loads(text))))
     with pytest.warns(UserWarning) as caught:
         again = image_folder(str(tree), **load)
     damaged = [str(w.message) for w in caught if str(w.message).startswith("the image index")]

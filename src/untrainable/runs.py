@@ -110,7 +110,8 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool) -> None:
     one (starting over would throw them away); a run that stopped before its
     first checkpoint passes (`train` keeps its log and trains it again). With
     it: a folder that holds no run, or one whose config.json differs from
-    `config` beyond RESUMABLE, or a started run with no checkpoint at all. Raises FileExistsError, FileNotFoundError, ValueError or CheckpointError naming the folder.
+    `config` beyond RESUMABLE, or a started run with no checkpoint at all.
+    Raises FileExistsError, FileNotFoundError, ValueError or CheckpointError naming the folder.
     """
     folder = Path(folder)
     checkpoints = sorted((folder / "checkpoints").glob("step-*.pt"))

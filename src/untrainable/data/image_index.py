@@ -201,10 +201,12 @@ def _read(path: Path, listing: ImageListing, level: str, warn: bool = True) -> d
     warning (unless `warn` is False) and rebuilt by the caller.
     """
     try:
-        stored = json.loads(path.read_text())
-    except FileNotFoundError:
+        text = path.read_bytes()  # json.loads decodes it: a file of bad bytes is damaged, not an error here
+    except OSError:  # none there, or no folder to hold one: built (and written, or warned about) by the caller
         return None
-    except (OSError, ValueError) as err:
+    try:
+        stored = json.loads(text)
+    except ValueError as err:
         problem: str | None = f"not readable JSON ({err})"
     else:
         if isinstance(stored, dict) and stored.get("version") != INDEX_VERSION:
