@@ -124,3 +124,43 @@ def test_a_missing_root_or_a_file_as_root_names_the_field_and_path(tmp_path):
     write_tree(tmp_path / "tree")
     with pytest.raises(FileNotFoundError, match="data.args.test_root"):
         image_folder(str(tmp_path / "tree"), test_root=str(tmp_path / "no_test"))
+
+
+def _paths(data):
+    return sorted(str(p) for split in (data.train, data.val, data.test) for p in split.paths)
+
+
+def test_a_symlink_back_to_the_root_or_into_a_class_folder_is_not_followed_and_is_named(tmp_path):
+    root, store = tmp_path / "tree", tmp_path / "store"
+    write_tree(root)
+    (root / "everything").symlink_to(root, target_is_directory=True)  # root/everything -> root
+    (root / "cat" / "again.png").symlink_to(root / "dog" / "0.png")  # one image under two labels
+    write_tree(store, classes=("bird",))
+    (root / "bird").symlink_to(store / "bird", target_is_directory=True)  # a class kept elsewhere: followed
+    with pytest.warns(UserWarning, match="2 symlink") as caught:
+        data = image_folder(str(root), image_size=4, val_fraction=0.25)
+    (message,) = [str(w.message) for w in caught if "symlink" in str(w.message)]
+    assert message.startswith(f"image folder {root}: 2 symlink(s) lead back into the tree and are not followed")
+    assert "everything/" in message and "cat/again.png" in message
+    assert data.meta["classes"] == ["bird", "cat", "dog"] and data.num_classes == 3
+    paths = _paths(data)
+    assert len(paths) == 12 and not any("everything" in p or "again" in p for p in paths)
+
+
+def test_an_empty_class_folder_is_a_class_only_with_a_warning_naming_it(tmp_path):
+    write_tree(tmp_path)
+    (tmp_path / "emu").mkdir()
+    with pytest.warns(UserWarning, match=r"class folder\(s\) emu hold no images; each is still a class"):
+        data = image_folder(str(tmp_path), image_size=4, val_fraction=0.25)
+    assert data.meta["classes"] == ["cat", "dog", "emu"]
+
+
+def test_a_self_looping_symlink_is_refused_by_path_or_skipped_with_skip_bad(tmp_path):
+    write_tree(tmp_path)
+    loop = tmp_path / "cat" / "loop.png"
+    loop.symlink_to(loop)
+    with pytest.raises(ValueError, match=r"1 unreadable image\(s\): .*loop.png \(\[Errno \d+\] Too many levels"):
+        image_folder(str(tmp_path), image_size=4, val_fraction=0.25)
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image\(s\) of 9: .*loop.png"):
+        data = image_folder(str(tmp_path), image_size=4, val_fraction=0.25, skip_bad=True)
+    assert len(_paths(data)) == 8 and str(loop) not in _paths(data)

@@ -170,7 +170,12 @@ def test_verify_none_opens_nothing_and_a_bad_file_fails_when_loaded(tmp_path, mo
     data = image_folder(str(tmp_path), image_size=8, val_fraction=0.25, skip_bad=True, verify="none")
     assert set(bad.values()) <= all_paths(data)
     monkeypatch.setattr(Image, "open", real_open)
-    with pytest.raises(OSError, match="truncated"):
+    for name in ("cut_pixels", "notes"):  # an OSError from Pillow's decoder, and its UnidentifiedImageError
+        with pytest.raises(ValueError) as error:
+            load_image(bad[name], image_size=8)
+        assert str(error.value).startswith(f"{bad[name]}: cannot read this image (")
+        assert "data.args.verify" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"cut_pixels.jpg: cannot read this image \(image file is truncated"):
         load_image(bad["cut_pixels"], image_size=8)
 
 
@@ -219,7 +224,8 @@ def test_the_listing_keeps_the_order_of_sorted_paths(tmp_path):
         (tmp_path / "cat" / name).parent.mkdir(parents=True, exist_ok=True)
         photo(4, 4).save(tmp_path / "cat" / name, "PNG")
     (tmp_path / "dog").mkdir()
-    os.symlink(tmp_path / "cat" / "a.png", tmp_path / "dog" / "linked.png")
+    photo(4, 4).save(tmp_path / "loose.png", "PNG")  # in no class folder: a symlink to it counts
+    os.symlink(tmp_path / "loose.png", tmp_path / "dog" / "linked.png")
     os.symlink(tmp_path / "cat" / "a", tmp_path / "dog" / "linked_folder")  # not entered, as rglob does not
     paths, labels, classes = find_images(tmp_path)
     expected = [
@@ -304,3 +310,78 @@ def test_under_torchrun_rank_0_builds_the_index_and_rank_1_reads_it(tmp_path, mo
     for record in ranks:  # both know the bad file from the one index
         assert [w for w in record["warnings"] if "skipping 1 unreadable image" in w and "fake.jpg" in w]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+
+def test_a_run_stopped_by_a_jpeg_cut_in_its_pixels_names_it_and_starts_again_with_the_same_command(tmp_path, capsys):
+    from untrainable.cli import main
+
+    root = tmp_path / "images"
+    write_tree(root, per_class=12)
+    cut = root / "dog" / "cut_pixels.jpg"
+    data = jpeg_bytes(seed=50)
+    cut.write_bytes(data[: len(data) * 3 // 4])  # passes the default verify = "header"
+    config = tmp_path / "images.toml"
+    config.write_text(
+        'name = "images"\n[model]\nname = "fcn"\nargs = { depth = 2, width = 16 }\n'
+        f'[data]\nname = "image_folder"\nargs = {{ root = "{root}", image_size = 8, val_fraction = 0.2 }}\n'
+        "batch_size = 2\n[train]\nepochs = 1\nprogress = false\n"
+    )
+    run = tmp_path / "run"
+    command = ["train", "--config", str(config), "--out", str(run), "--set", "train.seed=3"]
+    for attempt in (1, 2):  # the same command again: not refused by the folder, and it stops on the same file
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"error: {cut}: cannot read this image (image file is truncated" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert (run / "metrics.jsonl").stat().st_size > 0  # it trained some steps: it stopped mid-epoch
+        assert not list((run / "checkpoints").glob("step-*.pt"))
+    logged = (run / "metrics.jsonl").read_text()
+    with pytest.warns(UserWarning, match=r"stopped before its first checkpoint.*kept as metrics.attempt2.jsonl"):
+        assert main([*command, "--set", "data.args.verify=decode", "--set", "data.args.skip_bad=true"]) == 0
+    assert (run / "metrics.attempt2.jsonl").read_text() == logged and (run / "metrics.attempt1.jsonl").exists()
+    assert "skip_bad" not in json.loads((run / "config.attempt2.json").read_text())["data"]["args"]
+    assert json.loads((run / "config.json").read_text())["data"]["args"]["skip_bad"] is True
+    assert (run / "result.json").exists()
+
+
+DAMAGES = {
+    "bad-list": lambda s: s | {"bad": []},
+    "bad-null": lambda s: s | {"bad": None},
+    "bad-position-past-the-end": lambda s: s | {"bad": {"9999": "x"}},
+    "bad-position-not-a-number": lambda s: s | {"bad": {"abc": "x"}},
+    "bad-reason-not-text": lambda s: s | {"bad": {"0": 5}},
+    "files-missing": lambda s: {k: v for k, v in s.items() if k != "files"},
+    "files-a-number": lambda s: s | {"files": 5},
+    "sizes-short": lambda s: s | {"sizes": s["sizes"][:-1]},
+    "label-out-of-range": lambda s: s | {"labels": [7] * len(s["labels"])},
+    "whole-file-null": lambda s: None,
+    "torn": "torn",
+    "not-text": "not-text",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_index_is_named_in_a_warning_and_rebuilt(tmp_path, monkeypatch, damage):
+    tree, cache = tmp_path / "tree", tmp_path / "cache"
+    write_tree(tree)
+    (tree / "cat" / "fake.jpg").write_bytes(b"not an image")
+    load = dict(image_size=8, val_fraction=0.25, index_cache=str(cache), skip_bad=True)
+    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
+        first = image_folder(str(tree), **load)
+    (stored_file,) = cache.glob("*.json")
+    text = stored_file.read_text()
+    spoil = DAMAGES[damage]
+    if spoil == "not-text":
+        stored_file.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        stored_file.write_text(text[: len(text) // 2] if spoil == "torn" else json.dumps(spoil(json.loads(text))))
+    with pytest.warns(UserWarning) as caught:
+        again = image_folder(str(tree), **load)
+    damaged = [str(w.message) for w in caught if str(w.message).startswith("the image index")]
+    assert len(damaged) == 1 and damaged[0].startswith(f"the image index {stored_file} is damaged: ")
+    assert damaged[0].endswith("; rebuilding it") and "\n" not in damaged[0]
+    assert all_paths(again) == all_paths(first)
+    assert json.loads(stored_file.read_text()) == json.loads(text)  # rebuilt as it was
+    refuse_opening(monkeypatch)  # and read back at the next start, opening nothing
+    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
+        image_folder(str(tree), **load)

@@ -122,3 +122,80 @@ def test_the_torchvision_config_names_its_guide_by_import_path_and_says_what_it_
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
     assert "untrainable train --config src/untrainable/configs/paper_deep_fcn_torchvision.toml" in header
     assert "CUDA build of torch with torchvision" in header and "--set guide.checkpoint=" in header
+
+
+def _config_naming(tmp_path, name):
+    config = tmp_path / "user.toml"
+    config.write_text(f'name = "user"\n[model]\nname = "{name}"\n' + DATA + TRAIN)
+    return ["train", "--config", str(config), "--out", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize(
+    ("source", "raised"),
+    [
+        ("import math\nraise RuntimeError('no GPU found at import')\n", "RuntimeError at {file}:2: no GPU found at import"),
+        ("def build(:\n    pass\n", "SyntaxError at {file}:1: "),
+    ],
+    ids=["runtime-error", "syntax-error"],
+)
+def test_a_module_that_fails_on_import_is_one_line_naming_the_field_and_the_module(
+    tmp_path, capsys, monkeypatch, source, raised
+):
+    module = f"user_module_{len(source)}"  # a name no other test imports
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(_config_naming(tmp_path, f"{module}:build")) == 2
+    err = capsys.readouterr().err
+    file = tmp_path / f"{module}.py"
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"model.name: importing module '{module}' ({file}) raised " in err
+    assert raised.format(file=file) in err and "fix that module" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_bug_inside_the_users_constructor_shows_their_traceback_after_a_line_naming_the_callable(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "user_buggy.py").write_text(
+        "from torch import nn\n\n\ndef build(width: int = 8):\n    layers = [nn.Linear(40, width)]\n"
+        "    return nn.Sequential(*layers, nn.Linear(width, 10), extra)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(_config_naming(tmp_path, "user_buggy:build")) == 2
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert first.startswith("untrainable train: error: model.name: 'user_buggy:build' raised NameError inside")
+    assert "not in a config value" in first and "model.args" not in first
+    traceback_text = "\n".join(rest)
+    assert rest[0] == "Traceback (most recent call last):"
+    assert f'File "{tmp_path / "user_buggy.py"}", line 6, in build' in traceback_text
+    assert rest[-1] == "NameError: name 'extra' is not defined"
+    assert "untrainable" not in traceback_text.replace("user_buggy", "")  # their frames only, none of ours
+
+
+def test_arguments_a_callable_without_a_signature_refuses_still_name_model_args(data):
+    with pytest.raises(ConfigError, match=r"^model.args: relu\(\): argument 'input' must be Tensor, not int$"):
+        build_model(ModelSpec("torch:relu", {"input": 1}), data, seed=0)
+
+
+def test_a_changed_resume_of_a_config_read_from_its_run_folder_is_not_told_to_train_that_config(tmp_path, capsys):
+    """A run folder's config.json may name code to import: no refusal advises training it as a config file."""
+    config = tmp_path / "linear.toml"
+    model = '[model]\nname = "torch.nn:Linear"\nargs = { in_features = 40, out_features = 10 }\n'
+    config.write_text('name = "linear"\n' + model + DATA + "[train]\nmax_steps = 2\nprogress = false\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run)]) == 0
+    capsys.readouterr()
+    changed = ["train", "--config", str(run / "config.json"), "--out", str(run), "--resume", "--set", "optim.lr=0.5"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "differs in optim.lr" in err and "train.max_steps, train.progress may change" in err
+    assert "config.json or" not in err and "--config" not in err
+
+
+def test_train_help_says_that_a_config_naming_an_import_path_runs_that_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a model named by import path (package.module:callable) runs that code" in text
+    docs = " ".join((HERE.parent / "docs" / "models.md").read_text().split())
+    assert "A config that names an import path runs that code" in docs and "as Hydra's `_target_` does" in docs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crashing import DiesAfter, Killed
-from untrainable.checkpoint import load_weights
+from untrainable.checkpoint import CheckpointError, load_weights
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, OptimSpec, RunConfig, TrainSpec
 from untrainable.data import load_data
 from untrainable.trainer import train
@@ -71,11 +71,28 @@ def test_refuses_a_folder_with_a_runs_logs_but_no_checkpoint(tmp_path):
     logged = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="--resume.*remove the folder"):
         train(small_config(max_steps=3), tmp_path)
-    for path in (tmp_path / "checkpoints").iterdir():  # no checkpoints at all: a run killed before its first
-        path.unlink()
-    with pytest.raises(FileExistsError, match="already holds a run's logs"):
-        train(small_config(max_steps=3), tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == logged
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_trained_again_keeping_its_log(tmp_path):
+    train(small_config(max_steps=3), tmp_path)
+    for name in ("result.json", "model.pt", "history.json"):  # as a run stopped mid-epoch leaves it
+        (tmp_path / name).unlink()
+    for path in (tmp_path / "checkpoints").iterdir():  # no checkpoint at all: stopped before its first
+        path.unlink()
+    logged, config = (tmp_path / "metrics.jsonl").read_text(), (tmp_path / "config.json").read_text()
+    with pytest.raises(CheckpointError, match="stopped before its first checkpoint.*drop --resume"):
+        train(small_config(max_steps=3), tmp_path, resume=True)
+    with pytest.warns(UserWarning, match="stopped before its first checkpoint.*kept as metrics.attempt1.jsonl"):
+        result = train(small_config(max_steps=4), tmp_path)
+    assert result.final["steps"] == 4
+    assert (tmp_path / "metrics.attempt1.jsonl").read_text() == logged
+    assert (tmp_path / "config.attempt1.json").read_text() == config
+    assert (tmp_path / "tensorboard.attempt1").is_dir() and (tmp_path / "tensorboard").is_dir()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and "resume" not in (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):  # a finished run is never restarted
+        train(small_config(max_steps=4), tmp_path)
 
 
 @pytest.mark.parametrize("where", [pytest.param("epoch-boundary", marks=pytest.mark.slow), "mid-epoch"])

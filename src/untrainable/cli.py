@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -196,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
-    p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help=(
+            "config file (.toml or .json, such as a run folder's config.json); "
+            "a model named by import path (package.module:callable) runs that code: read a config you did not write"
+        ),
+    )
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
     p.add_argument(
@@ -264,6 +272,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
+    from untrainable.errors import CallableError
     from untrainable.guidance import NonFiniteError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -283,6 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_main_process():
             print(f"untrainable {args.command}: interrupted: {_one_line(err)}", file=sys.stderr)
         return 128 + getattr(err, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell counts
+    except CallableError as err:  # the user's code failed: their traceback, from their callable's frame on
+        if debug:
+            raise
+        if _is_main_process():
+            print(f"untrainable {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            inner = err.error
+            frames = inner.__traceback__.tb_next if inner.__traceback__ is not None else None
+            traceback.print_exception(type(inner), inner, frames, file=sys.stderr)
+        return 2
     except (ConfigError, CheckpointError, NonFiniteError, ValueError, TypeError, KeyError, OSError) as err:
         if debug:
             raise

@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from untrainable.adaptive_alpha import ADAPTIVE
+from untrainable.errors import ConfigError
 from untrainable.guidance import GUIDE_INPUTS, GUIDE_NAME, MIN_EXAMPLES
 from untrainable.guide_cache import STORAGES
 from untrainable.optim import FUSED_OPTIMIZERS, LR_SCHEDULES, OPTIMIZERS
@@ -30,10 +31,6 @@ TASKS = tuple(_TASKS)
 SIMILARITY_SCOPES = ("global", "local")
 GUIDE_CACHES = ("none", *STORAGES)
 GRAM_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field and what is allowed."""
 
 
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -16,7 +16,7 @@ from untrainable.checkpoint import CheckpointError, CheckpointManager, load_chec
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
-from untrainable.runs import holds_logs, writer_lock
+from untrainable.runs import holds_logs, keep_earlier_log, writer_lock
 from untrainable.trainer import RunResult, train
 
 
@@ -214,7 +214,7 @@ def _run_arm(
         checkpoints = CheckpointManager(folder / "checkpoints")
         resume = bool(checkpoints.paths() or checkpoints.set_aside())
         if not resume and holds_logs(folder):
-            kept = _keep_earlier_log(folder)
+            kept = keep_earlier_log(folder)
             log(
                 f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, "
                 f"its log kept as {kept.name}"
@@ -223,16 +223,6 @@ def _run_arm(
     if not progress:
         log(f"[{arm.name} seed {seed}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
     return result
-
-
-def _keep_earlier_log(folder: Path) -> Path:
-    """Rename the metrics.jsonl of an attempt that left no checkpoint to the first free `metrics.attemptN.jsonl`."""
-    attempt = 1
-    while (folder / f"metrics.attempt{attempt}.jsonl").exists():
-        attempt += 1
-    kept = folder / f"metrics.attempt{attempt}.jsonl"
-    (folder / "metrics.jsonl").rename(kept)
-    return kept
 
 
 def _headline(final: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ hands the trainer each example's index.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -168,16 +170,82 @@ class GuideCache:
         self.filled = np.lib.format.open_memmap(
             self.folder / "filled.npy", mode="w+", dtype=np.bool_, shape=(self.size,)
         )
-        (self.folder / "manifest.json").write_text(json.dumps({"size": self.size, "layers": manifest}, indent=1) + "\n")
+        _write_atomic(self.folder / "manifest.json", json.dumps({"size": self.size, "layers": manifest}, indent=1))
 
     def _open_existing(self) -> None:
-        """Reopen a disk cache written by an earlier (interrupted) process of the same run."""
+        """Reopen a disk cache written by an earlier (interrupted) process of the same run.
+
+        One of another size is replaced without a word; a damaged one (a torn
+        manifest.json, files that do not match it) is named in a warning and rebuilt.
+        """
         if self.storage != "disk" or self.folder is None or not (self.folder / "manifest.json").exists():
             return
-        manifest = json.loads((self.folder / "manifest.json").read_text())
-        if manifest.get("size") != self.size:
+        path = self.folder / "manifest.json"
+        try:
+            opened = _open_stores(self.folder, path, self.size)
+        except ValueError as err:
+            warnings.warn(f"the guide cache {path} is damaged: {err}; rebuilding it", stacklevel=3)
             return
-        self.layers = {
-            entry["name"]: np.load(self.folder / entry["file"], mmap_mode="r+") for entry in manifest["layers"]
-        }
-        self.filled = np.load(self.folder / "filled.npy", mmap_mode="r+")
+        if opened is not None:
+            self.layers, self.filled = opened
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, then rename: a reader never sees half of it."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with the structure of a disk cache's manifest.json, or None where it is sound."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    size, layers = manifest.get("size"), manifest.get("layers")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        return f"'size' is {size!r}, expected a number of examples >= 1"
+    if not isinstance(layers, list) or not layers:
+        return f"'layers' is {str(layers)[:40]}, expected a list of layers"
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or set(entry) != {"name", "file", "shape", "dtype"}:
+            return f"layers[{i}] is not an object of name, file, shape and dtype"
+        if not isinstance(entry["name"], str) or not isinstance(entry["dtype"], str):
+            return f"layers[{i}]: name and dtype must be text"
+        if entry["file"] != f"layer{i:03d}.npy":
+            return f"layers[{i}].file is {str(entry['file'])[:40]!r}, expected 'layer{i:03d}.npy'"
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+            return f"layers[{i}].shape is {str(shape)[:40]}, expected a list of sizes"
+        if not shape or shape[0] != size:
+            return f"layers[{i}].shape {shape} does not start with the cache's size {size}"
+    return None
+
+
+def _open_stores(folder: Path, path: Path, size: int) -> tuple[dict[str, Any], Any] | None:
+    """(layers, filled) memory-mapped from a disk cache, None when it holds another number of examples.
+
+    Raises ValueError saying what is damaged: the manifest, or a file that does not match it.
+    """
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"not readable JSON ({err})") from None
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ValueError(problem)
+    if manifest["size"] != size:
+        return None
+    expected = [(entry["file"], tuple(entry["shape"]), entry["dtype"]) for entry in manifest["layers"]]
+    stores = []
+    for name, shape, dtype in [*expected, ("filled.npy", (size,), np.dtype(np.bool_).str)]:
+        try:
+            store = np.load(folder / name, mmap_mode="r+")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{name} does not load ({err})") from None
+        if store.shape != shape or store.dtype.str != dtype:
+            raise ValueError(f"{name} holds {store.dtype.str} {store.shape}, expected {dtype} {shape}")
+        stores.append(store)
+    return {entry["name"]: store for entry, store in zip(manifest["layers"], stores)}, stores[-1]

@@ -102,15 +102,43 @@ def holds_logs(folder: str | Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
+def stopped_before_first_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` holds a run that started (its step log has records) and then stopped, on bad data, a crash
+    or a kill, before it wrote a checkpoint (none, nor one set aside as *.corrupt) or its result."""
+    folder = Path(folder)
+    written = [*(folder / "checkpoints").glob("step-*.pt"), *(folder / "checkpoints").glob("step-*.pt.corrupt")]
+    return holds_logs(folder) and not written and not (folder / "result.json").exists()
+
+
+def keep_earlier_log(folder: str | Path) -> Path:
+    """Rename the metrics.jsonl of an attempt that left no checkpoint to the first free `metrics.attemptN.jsonl`.
+
+    Its config.json and tensorboard/, where there are ones, become `config.attemptN.json` and
+    `tensorboard.attemptN/` beside it (the next attempt may change the config, e.g. to skip bad
+    images, and its curves start again from step 1). Returns the kept log's path.
+    """
+    folder = Path(folder)
+    attempt = 1
+    names = [("metrics.jsonl", "metrics.attempt{}.jsonl"), ("config.json", "config.attempt{}.json")]
+    names.append(("tensorboard", "tensorboard.attempt{}"))
+    while any((folder / kept.format(attempt)).exists() for _, kept in names):
+        attempt += 1
+    for name, kept in names:
+        if (folder / name).exists():
+            (folder / name).rename(folder / kept.format(attempt))
+    return folder / f"metrics.attempt{attempt}.jsonl"
+
+
 def check_folder(folder: str | Path, config: RunConfig, resume: bool, accept_config: bool = False) -> dict[str, Any]:
     """Refuse, from the folder's files alone, a run that must not start there; cheap, before anything is built.
 
-    Without `resume`: a folder with checkpoints or logs of a run (starting
-    over would throw them away). With it: a folder that holds no run, or one
-    whose config.json differs from `config` beyond RESUMABLE (unless
-    `accept_config`: the changes are then returned, field -> [old, new]),
-    or a started run with no checkpoint at all. Raises FileExistsError,
-    FileNotFoundError, ValueError or CheckpointError naming the folder.
+    Without `resume`: a folder with checkpoints or logs of a run that wrote
+    one (starting over would throw them away); a run that stopped before its
+    first checkpoint passes (`train` keeps its log and trains it again). With
+    it: a folder that holds no run, or one whose config.json differs from
+    `config` beyond RESUMABLE (unless `accept_config`: the changes are then
+    returned, field -> [old, new]), or a started run with no checkpoint at all.
+    Raises FileExistsError, FileNotFoundError, ValueError or CheckpointError naming the folder.
     """
     folder = Path(folder)
     checkpoints = sorted((folder / "checkpoints").glob("step-*.pt"))
@@ -118,7 +146,7 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool, accept_con
     if not resume:
         if checkpoints:
             raise FileExistsError(f"{folder} already holds checkpoints; resume with --resume or choose another folder")
-        if set_aside or holds_logs(folder):
+        if set_aside or (holds_logs(folder) and not stopped_before_first_checkpoint(folder)):
             raise FileExistsError(
                 f"{folder} already holds a run's logs (metrics.jsonl, or checkpoints set aside as *.corrupt); "
                 "continue it with --resume, choose another --out, or remove the folder yourself"
@@ -142,6 +170,11 @@ def check_folder(folder: str | Path, config: RunConfig, resume: bool, accept_con
                 "restore it, or remove it to resume by the checkpoint's config"
             )
     changes = refuse_changed(folder, recorded, config, saved.name, accept_config) if saved.exists() else {}
+    if not checkpoints and not set_aside and stopped_before_first_checkpoint(folder):
+        raise CheckpointError(
+            f"{folder} holds a run that stopped before its first checkpoint: nothing to resume; "
+            "drop --resume to train it again from step 0 (its log is kept as metrics.attemptN.jsonl)"
+        )
     if not checkpoints and (set_aside or (folder / "metrics.jsonl").exists()):
         raise CheckpointError(
             f"{folder} holds a started run but no checkpoint that loads (set aside: "
@@ -175,7 +208,7 @@ def refuse_changed(
     changes = config_changes(recorded, config)
     if changes and not accept:
         own = (
-            "resume it with its own config.json"
+            "resume it with those values as they were (only " + ", ".join(RESUMABLE) + " may change)"
             if source == "config.json"
             else "config.json is missing: resume it with the config that checkpoint holds"
         )

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +40,15 @@ from untrainable.data import DataSplits
 from untrainable.distillation import Distillation
 from untrainable.guide_cache import GuideCache, IndexedDataset
 from untrainable.logs import MetricsLog, ProgressLines
-from untrainable.runs import check_folder, check_resumed_config, seed_everything, write_run_files, writer_lock
+from untrainable.runs import (
+    check_folder,
+    check_resumed_config,
+    keep_earlier_log,
+    seed_everything,
+    stopped_before_first_checkpoint,
+    write_run_files,
+    writer_lock,
+)
 from untrainable.step import NonFiniteError, StepParts, autocast, train_step
 from untrainable.tasks import add_sums, get_task
 
@@ -478,6 +487,9 @@ def train(
     A resume refuses a config other than the run's (beyond `runs.RESUMABLE`),
     or one it cannot check, unless `accept_config`: meta.json then records
     the changes. `locked`: the caller already holds the folder's writer lock.
+    A run that stopped before its first checkpoint (bad data, a crash, a
+    kill) is trained again from step 0 by the same call, its step log kept
+    as `metrics.attemptN.jsonl`, with a warning.
     """
     folder = Path(folder)
     if accept_config and not resume:
@@ -486,6 +498,14 @@ def train(
         check_folder(folder, config, resume)  # refuses: nothing to resume, and nothing to lock
     with writer_lock(folder, hold=not locked and os.environ.get("RANK", "0") == "0"):
         changes = check_folder(folder, config, resume, accept_config)
+        if not resume and os.environ.get("RANK", "0") == "0" and stopped_before_first_checkpoint(folder):
+            kept = keep_earlier_log(folder)
+            shutil.rmtree(folder / "guide_cache", ignore_errors=True)  # derived data, perhaps of another config
+            warnings.warn(
+                f"{folder}: the earlier attempt stopped before its first checkpoint; training again from step 0, "
+                f"its log kept as {kept.name}",
+                stacklevel=2,
+            )
         return _train_locked(
             config, folder, resume, data, accept_config, {"config_changes": changes} if changes else {}
         )

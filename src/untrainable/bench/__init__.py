@@ -35,7 +35,8 @@ how the cost grows with batch and pairs), `paper_estimates.py`
 (`python -m untrainable.bench.paper_estimates`, the paper-scale configs'
 estimated step cost), `paper_measure.py` (one paper-scale config's step
 measured on a device, beside its estimate) and `gpu_check.py` with
-`gpu_report.py` (`bash scripts/gpu_check.sh`: the GPU check in one command).
+`gpu_report.py` and `gpu_steps.py` (`bash scripts/gpu_check.sh`: the GPU
+check in one command).
 """
 
 from untrainable.bench.cases import Case, build_case, cases, kernel_shapes

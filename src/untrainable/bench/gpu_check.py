@@ -23,7 +23,7 @@ Steps (numbered as in issue 17):
 6. `summary`: DIR/summary.md and DIR/summary.json (`gpu_report`).
 
 Every step but the first runs in its own process under a time budget
-(BUDGETS), its output kept in DIR/logs/STEP.log: a crash, a hang or an
+(`gpu_steps.BUDGETS`), its output kept in DIR/logs/STEP.log: a crash, a hang or an
 out-of-memory error is that step's failure, and the next step runs. Each
 step prints one line: its result (ok, failed, skipped), seconds, and its key
 numbers. The exit code is 1 when any step failed, else 0. A rerun into the
@@ -55,21 +55,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-BUDGETS = {  # seconds on one GPU; the rescue's two arms share theirs (they run at once)
-    "environment": 10,
-    "gpu-tests": 60,
-    "bench": 75,
-    "paper-deep-fcn": 35,
-    "paper-wide-fcn": 50,
-    "paper-plain50": 45,
-    "rescue": 195,
-}
-TINY_BUDGETS = {name: 60 for name in BUDGETS} | {"rescue": 90}  # a guard against hangs; the dry run needs far less
+from untrainable.bench.gpu_report import write_summary
+from untrainable.bench.gpu_steps import Check, StepResult
+
 PAPER = {"paper-deep-fcn": "paper_deep_fcn", "paper-wide-fcn": "paper_wide_fcn", "paper-plain50": "paper_plain50"}
 RESCUE_WIDTH, RESCUE_EPOCHS = 256, 10
 TINY_RESCUE = {"data.args.train_size": 200, "data.args.val_size": 100, "train.epochs": 1}
@@ -77,47 +69,6 @@ FASHION_MNIST_TRAIN = 60_000  # Fashion-MNIST's training split; validation is ca
 GPU_MARK = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark\.gpu\b)", re.M)
 STOP_GRACE_S = 5  # after SIGTERM at the budget, before SIGKILL
 STATUSES = ("ok", "failed", "skipped")
-
-
-@dataclass
-class StepResult:
-    """One step's outcome: `status` is ok, failed or skipped; `summary` is its line's key numbers."""
-
-    number: str
-    name: str
-    status: str
-    seconds: float
-    budget_s: float
-    summary: str
-    details: dict[str, Any] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        return f"gpu-check {self.number:<3} {self.name:<15} {self.status:<8} {self.seconds:6.1f} s  {self.summary}"
-
-
-@dataclass
-class Check:
-    """What every step needs: the output folder, the device, the sizes, the environment of its processes."""
-
-    out: Path
-    device: str
-    tiny: bool
-    threads: int | None
-    tests: Path | None
-    env: dict[str, str]
-    command: str = "python -m untrainable.bench.gpu_check"
-
-    def budget(self, name: str) -> float:
-        return (TINY_BUDGETS if self.tiny else BUDGETS)[name]
-
-    def log(self, name: str) -> Path:
-        path = self.out / "logs" / f"{name}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def relative(self, path: Path) -> str:
-        return str(path.relative_to(self.out)) if path.is_relative_to(self.out) else str(path)
 
 
 # ---------------------------------------------------------------- processes
@@ -468,8 +419,6 @@ def timed(number: str, name: str, step: Callable[[Check], tuple[str, str, dict[s
 
 def run_check(check: Check, show: Callable[[str], None] = print) -> list[StepResult]:
     """Every step in order, each line shown as it ends; the summary written last."""
-    from untrainable.bench.gpu_report import write_summary
-
     started = time.monotonic()
     plan: list[tuple[str, str, Callable[[Check], tuple[str, str, dict[str, Any]]]]] = [
         ("1", "environment", environment),

@@ -6,12 +6,9 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from untrainable.bench.gpu_steps import Check, StepResult
 from untrainable.bench.report import format_number as _number
-
-if TYPE_CHECKING:
-    from untrainable.bench.gpu_check import Check, StepResult
 
 
 def _by_name(results: list[StepResult]) -> dict[str, StepResult]:

@@ -8,7 +8,8 @@ Expected layouts (class names are sub-folder names, sorted to give indices):
     root/train/...  root/test/...                      test/ is the test set
     root/train/...  root/val/...  root/test/...        val/ validates, test/ tests
 
-Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored. 16-bit greyscale PNGs are
+Hidden folders and files (`.ipynb_checkpoints`, `.DS_Store`) are ignored, and so are symlinks that lead back
+into the tree (with a warning); an empty class folder is still a class, with a warning that names it. 16-bit greyscale PNGs are
 scaled to 8 bits; images above Pillow's pixel limit count as unreadable (refused, or skipped with skip_bad).
 """
 
@@ -19,6 +20,7 @@ import functools
 import math
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -43,6 +45,9 @@ LAYOUT = (
 SPLITS = ("train", "val", "test")
 VERIFY = ("header", "decode", "none")
 SIXTEEN_BIT_MAX = 65535
+# What reading a damaged file can raise in Pillow's plugins and decoders (and this module's ValueErrors);
+# anything else (an AssertionError, a MemoryError) is not the file's fault and is not caught.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, struct.error)
 
 
 def _listed(root: Path, classes: Sequence[str] | None) -> tuple[ImageListing, list[int], list[str]]:
@@ -54,6 +59,14 @@ def _listed(root: Path, classes: Sequence[str] | None) -> tuple[ImageListing, li
     listing = scan_tree(root)
     if classes is None:
         classes = listing.classes
+        used = set(listing.labels)
+        empty = [name for label, name in enumerate(classes) if label not in used]
+        if empty and listing.files:
+            warnings.warn(
+                f"image folder {root}: class folder(s) {', '.join(empty)} hold no images; each is still a class "
+                "(num_classes counts it, with no example); add its images or remove the folder",
+                stacklevel=3,
+            )
     else:
         unknown = sorted(set(listing.classes) - set(classes))
         if unknown:
@@ -180,9 +193,17 @@ def unreadable_reason(path: Path, verify: str, image_size: int) -> str | None:
                 eight_bit(image)
             elif image.mode == "F":
                 eight_bit(image)  # refuses float images, known from the header alone
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        return str(err) or type(err).__name__
+    except DECODE_ERRORS as err:
+        return _reason(err)
     return None
+
+
+def _reason(err: BaseException) -> str:
+    """A decoding error in one line: Pillow's own message where it is one of its kinds, else with the type."""
+    message = " ".join(str(err).split())
+    if isinstance(err, (OSError, SyntaxError, ValueError)) and message:
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def _drop_unreadable(
@@ -206,7 +227,8 @@ def _drop_unreadable(
 def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB", draft: bool = False) -> Tensor:
     """Read an image as float (C, S, S) in [0, 1]: shorter side resized to S, centre-cropped.
 
-    16-bit greyscale is scaled to 8 bits first (see `eight_bit`); a ValueError names the file.
+    16-bit greyscale is scaled to 8 bits first (see `eight_bit`). Any error while reading (a file cut in
+    its pixel data, a corrupted one) is a one-line ValueError naming the file.
     `draft` lets a JPEG decode at 1/2, 1/4 or 1/8 scale where both sides stay
     >= S (`Image.draft`), so the resize still shrinks to S from the same
     extent of the picture: same shape and crop, the pixels a shade different
@@ -218,8 +240,11 @@ def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB", draf
             drafted = image.draft(image.mode, (image_size, image_size)) if draft else None
             extent = drafted[1] if drafted else None
             array = _resized_crop(eight_bit(image).convert(mode), image_size, extent)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    except DECODE_ERRORS as err:
+        raise ValueError(
+            f"{path}: cannot read this image ({_reason(err)}); fix or remove it, or set data.args.verify = "
+            '"decode" to find such files at set-up (data.args.skip_bad = true then skips them)'
+        ) from err
     if array.ndim == 2:  # single-channel modes come back as (S, S)
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

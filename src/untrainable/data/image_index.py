@@ -44,7 +44,8 @@ class ImageListing:
 
     `files[i]` is a POSIX path relative to `root`, `labels[i]` indexes `classes`
     (every visible sub-folder, sorted, empty ones included), `sizes[i]` and
-    `mtimes[i]` (bytes, ns) are what key the cache.
+    `mtimes[i]` (bytes, ns) are what key the cache (-1 for a file that cannot
+    be stat'ed, such as a symlink that loops: verification then names it).
     """
 
     root: Path
@@ -59,34 +60,85 @@ def _visible(entry: os.DirEntry) -> bool:
     return not entry.name.startswith(".")
 
 
-def _walk(folder: str, prefix: str, out: list[tuple[tuple[str, ...], int, int]]) -> None:
+def _inside(path: Path, folders: list[Path]) -> bool:
+    return any(path == folder or folder in path.parents for folder in folders)
+
+
+def _walk(
+    folder: str, prefix: str, out: list[tuple[tuple[str, ...], int, int]], classes: list[Path], looped: list[str]
+) -> None:
     """Append (path parts, size, mtime_ns) of the image files under `folder`, recursively.
 
-    Like `Path.rglob`: symlinked files count, symlinked sub-folders are not entered.
+    Like `Path.rglob`, symlinked sub-folders are not entered; symlinked files
+    count, except those that lead into one of the tree's `classes` folders
+    (resolved), which would count an image twice: their paths go to `looped`.
     """
     with os.scandir(folder) as entries:
         for entry in entries:
             if not _visible(entry):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                _walk(entry.path, f"{prefix}{entry.name}/", out)
-            elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS and entry.is_file():
+                _walk(entry.path, f"{prefix}{entry.name}/", out, classes, looped)
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in EXTENSIONS:
+                continue
+            try:
+                if not entry.is_file():
+                    continue  # a folder named like an image, a broken symlink
+                if entry.is_symlink() and _inside(Path(entry.path).resolve(), classes):
+                    looped.append(f"{prefix}{entry.name}")
+                    continue
                 stat = entry.stat()
-                out.append((tuple(f"{prefix}{entry.name}".split("/")), stat.st_size, stat.st_mtime_ns))
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except (OSError, RuntimeError):  # a symlink that loops: listed, so that verification names it
+                size, mtime = -1, -1
+            out.append((tuple(f"{prefix}{entry.name}".split("/")), size, mtime))
+
+
+def _class_folders(root: Path, looped: list[str]) -> list[str]:
+    """The visible sub-folders of `root`, sorted; a symlink among them that leads back into the tree, or to a
+    folder that holds it, is not one (its images would count twice): its name goes to `looped`."""
+    resolved = root.resolve()
+    classes = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            try:
+                if not _visible(entry) or not entry.is_dir():
+                    continue
+            except OSError:  # a symlink that loops: no folder
+                continue
+            if entry.is_symlink():
+                target = Path(entry.path).resolve()
+                if _inside(target, [resolved]) or target in resolved.parents:
+                    looped.append(f"{entry.name}/")
+                    continue
+            classes.append(entry.name)
+    return sorted(classes)
 
 
 def scan_tree(root: str | os.PathLike) -> ImageListing:
-    """List a tree's image files with their sizes and mtimes: one stat each, no file opened."""
+    """List a tree's image files with their sizes and mtimes: one stat each, no file opened.
+
+    Symlinks that lead back into the tree are not followed, with a warning naming them.
+    """
     root = Path(root)
-    with os.scandir(root) as entries:
-        classes = sorted(e.name for e in entries if _visible(e) and e.is_dir())
+    looped: list[str] = []
+    classes = _class_folders(root, looped)
+    folders = [(root / name).resolve() for name in classes]
     found: list[tuple[tuple[str, ...], int, int]] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
         start = len(found)
-        _walk(str(root / name), f"{name}/", found)
+        _walk(str(root / name), f"{name}/", found, folders, looped)
         found[start:] = sorted(found[start:])  # by path parts, the order Path sorting gives
         labels += [label] * (len(found) - start)
+    if looped:
+        shown = ", ".join(looped[:5]) + (" ..." if len(looped) > 5 else "")
+        warnings.warn(
+            f"image folder {root}: {len(looped)} symlink(s) lead back into the tree and are not followed "
+            f"(each of their images would count twice, perhaps under two labels): {shown}; remove them to silence this",
+            stacklevel=3,
+        )
     return ImageListing(
         root=root,
         classes=classes,
@@ -109,15 +161,62 @@ def cache_file(cache_dir: Path, root: Path, level: str) -> Path:
     return cache_dir / f"{key}.json"
 
 
-def _read(path: Path, listing: ImageListing, level: str) -> dict[str, Any] | None:
-    """The stored index at `path`, or None where it is missing, unreadable or of another tree or level."""
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(type(v) is kind for v in value)  # bools are not ints here
+
+
+def _invalid(stored: Any) -> str | None:
+    """What is wrong with the structure of a stored index (version INDEX_VERSION), or None where it is sound."""
+    if not isinstance(stored, dict):
+        return f"expected a JSON object, got {type(stored).__name__}"
+    for key, kind in (("root", str), ("level", str)):
+        if not isinstance(stored.get(key), kind):
+            return f"'{key}' is {_short(stored.get(key))}, expected a {kind.__name__}"
+    for key, kind in (("classes", str), ("files", str), ("labels", int), ("sizes", int), ("mtimes", int)):
+        if not _is_list_of(stored.get(key), kind):
+            return f"'{key}' is {_short(stored.get(key))}, expected a list of {kind.__name__}"
+    lengths = {key: len(stored[key]) for key in ("files", "labels", "sizes", "mtimes")}
+    if len(set(lengths.values())) > 1:
+        return f"'files', 'labels', 'sizes' and 'mtimes' differ in length ({lengths})"
+    if any(not 0 <= label < len(stored["classes"]) for label in stored["labels"]):
+        return f"a label is outside 0..{len(stored['classes']) - 1}"
+    bad = stored.get("bad")
+    if not isinstance(bad, dict):
+        return f"'bad' is {_short(bad)}, expected an object of file position -> reason"
+    for key, reason in bad.items():
+        if not (key.isdecimal() and int(key) < len(stored["files"])) or not isinstance(reason, str):
+            return f"'bad' holds {_short(key)}: {_short(reason)}, expected a file position below {len(stored['files'])}"
+    return None
+
+
+def _read(path: Path, listing: ImageListing, level: str, warn: bool = True) -> dict[str, Any] | None:
+    """The stored index at `path`, or None where it is missing, of another version, tree or level, or damaged.
+
+    A damaged one (not JSON, or not of the index's structure) is named in a
+    warning (unless `warn` is False) and rebuilt by the caller.
+    """
     try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_bytes()  # json.loads decodes it: a file of bad bytes is damaged, not an error here
+    except OSError:  # none there, or no folder to hold one: built (and written, or warned about) by the caller
         return None
-    if not isinstance(stored, dict) or stored.get("version") != INDEX_VERSION:
+    try:
+        stored = json.loads(text)
+    except ValueError as err:
+        problem: str | None = f"not readable JSON ({err})"
+    else:
+        if isinstance(stored, dict) and stored.get("version") != INDEX_VERSION:
+            return None  # another version's: rebuilt without a word
+        problem = _invalid(stored)
+    if problem is not None:
+        if warn:
+            warnings.warn(f"the image index {path} is damaged: {problem}; rebuilding it", stacklevel=4)
         return None
-    if stored.get("root") != str(listing.root.resolve()) or stored.get("level") != level:
+    if stored["root"] != str(listing.root.resolve()) or stored["level"] != level:
         return None
     return stored
 
@@ -217,7 +316,7 @@ def _wait_for(path: Path, listing: ImageListing, level: str) -> dict[int, str]:
     """Verdicts from the index file that another process is building, once it matches this listing."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        stored = _read(path, listing, level)
+        stored = _read(path, listing, level, warn=False)  # LOCAL_RANK 0 warns and rebuilds it
         if _matches(stored, listing):
             return _stored_bad(stored)
         time.sleep(POLL_S)
