@@ -272,8 +272,8 @@ def test_the_long_study_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
             base(width)
             .with_args("model", width=16, depth=4)
             .with_args("guide", width=4)
-            .with_args("data", train_size=256, val_size=128)
-            .with_section("data", train_eval_size=64)
+            .with_args("data", train_size=128, val_size=64)
+            .with_section("data", train_eval_size=32)
             .with_section("train", epochs=3, progress=False)
         )
 
