@@ -3,6 +3,12 @@
 A test marked `gpu` is skipped, with its reason, where there is no CUDA device.
 The image index (and any other cache under XDG_CACHE_HOME) goes to a folder of
 this session's own, which subprocesses inherit through the environment.
+
+In parallel (pytest-xdist, `-n auto`), each worker is one process among as many
+as there are cores: its torch runs one thread (and so do the subprocesses it
+starts), where each would otherwise take every core and the workers fight over
+them. Tests marked `slow` are handed out first, so that the longest ones do not
+start last and leave one worker running alone at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +17,12 @@ import os
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by subprocesses
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -18,6 +30,7 @@ def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first, in file order
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

@@ -61,7 +61,17 @@ def test_train_from_config_with_overrides(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_mnist1d_quick_writes_its_table(tmp_path, capsys):
+def test_run_mnist1d_quick_writes_its_table(tmp_path, capsys, monkeypatch):
+    from untrainable.recipes import mnist1d
+
+    # The command's whole path (arms, seeds, trained guide, table, curves) on less data for fewer epochs.
+    monkeypatch.setattr(
+        mnist1d,
+        "_quick",
+        lambda config: config.with_args("data", num_samples=600, val_size=100)
+        .with_args("model", width=32)
+        .with_section("train", epochs=3),
+    )
     assert main(["run", "mnist1d", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fcn+trained-cnn" in out and "test accuracy" in out

@@ -197,7 +197,30 @@ def test_every_arm_of_the_long_study_is_chosen_on_validation():
     assert "deep-fcn-tuned-for-last-epoch" not in {arm.name for arm in same.arms}  # one choice: one arm
 
 
-def test_the_quick_table_says_plainly_when_the_rescue_does_not_show():
+def test_the_quick_verdict_gives_every_guided_arm_best_epoch_first():
+    first = f"{rescue.GUIDED}-first{rescue.QUICK_FIRST}"
+    # Seeds 2 and 3 of the main job: guided throughout short of the margin, the first-600 arm well past it at the best
+    # validation epoch (+0.186, 3.0 stds) and short of it at the last epoch.
+    table = {
+        "rows": [
+            {"arm": "deep-fcn", "test_accuracy": (0.30, 0.02), "best_accuracy": (0.32, 0.062)},
+            {"arm": rescue.GUIDED, "test_accuracy": (0.35, 0.04), "best_accuracy": (0.42, 0.062)},
+            {"arm": first, "test_accuracy": (0.40, 0.02), "best_accuracy": (0.506, 0.062)},
+        ]
+    }
+    lines = rescue.verdict(table)
+    assert len(lines) == 2  # one line per guided arm, in the table's order
+    guided, first_line = lines
+    assert guided.startswith(f"Rescue by `{rescue.GUIDED}`,") and first_line.startswith(f"Rescue by `{first}`,")
+    assert first_line.index("best validation epoch") < first_line.index("last epoch")
+    assert "at the best validation epoch +0.186 (+3.0 stds), rescued (more than +0.15)" in first_line
+    assert "at the last epoch +0.100 (+5.0 stds), NOT rescued (less than +0.15)" in first_line
+    assert "at the best validation epoch +0.100 (+1.6 stds), NOT rescued" in guided
+    assert "at the last epoch +0.050 (+1.6 stds), NOT rescued" in guided
+    assert all(line.count("rescued") == 2 for line in lines)  # each epoch judged once, nothing left to guess
+
+
+def test_the_quick_verdict_says_plainly_when_the_rescue_does_not_show():
     def table(guided, alone):
         return {
             "rows": [
@@ -206,9 +229,10 @@ def test_the_quick_table_says_plainly_when_the_rescue_does_not_show():
             ]
         }
 
-    held = rescue.verdict(table(0.6, 0.3))
-    assert "last epoch, guided − alone = +0.300: rescued" in held and "NOT rescued" in held  # +0.1 at best
-    assert rescue.verdict(table(0.35, 0.3)).count("NOT rescued") == 2
+    (held,) = rescue.verdict(table(0.6, 0.3))
+    assert "best validation epoch +0.100, NOT rescued" in held and "last epoch +0.300, rescued" in held
+    (missed,) = rescue.verdict(table(0.35, 0.3))
+    assert missed.count("NOT rescued") == 2
 
 
 def test_the_loss_after_disconnect_is_set_beside_the_fcn_alone():
@@ -225,7 +249,8 @@ def test_the_loss_after_disconnect_is_set_beside_the_fcn_alone():
 def test_quick_rescue_prints_both_epochs_and_its_verdict(tmp_path, capsys):
     assert main(["run", "rescue", "--quick", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "test accuracy (best val epoch)" in printed and "Rescue: at the last epoch" in printed
+    assert "test accuracy (best val epoch)" in printed
+    assert printed.count("- Rescue by `") == 2 and f"- Rescue by `{rescue.GUIDED}-first600`" in printed
     table = json.loads((tmp_path / "table.json").read_text())
     rows = {row["arm"]: row for row in table["rows"]}
     assert list(rows) == ["deep-fcn", rescue.GUIDED, f"{rescue.GUIDED}-first{rescue.QUICK_FIRST}"]
@@ -247,8 +272,8 @@ def test_the_long_study_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
             base(width)
             .with_args("model", width=16, depth=4)
             .with_args("guide", width=4)
-            .with_args("data", train_size=256, val_size=128)
-            .with_section("data", train_eval_size=64)
+            .with_args("data", train_size=128, val_size=64)
+            .with_section("data", train_eval_size=32)
             .with_section("train", epochs=3, progress=False)
         )
 

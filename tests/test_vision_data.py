@@ -270,3 +270,15 @@ def test_image_folder_with_fewer_than_two_classes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 2 classes") as error:
         image_folder(str(tmp_path / "split"), image_size=6)
     assert str(tmp_path / "split" / "train") in str(error.value)
+
+
+def test_placing_some_images_on_the_canvas_puts_each_where_it_is_among_all():
+    from untrainable.data.fashion_mnist import place_on_canvas
+
+    images = np.arange(50 * 4 * 3, dtype=np.uint8).reshape(50, 4, 3) % 251 + 1  # no zero pixel: every one is found
+    every = place_on_canvas(images, 9, seed=3)
+    for i in range(50):
+        r, c = np.argwhere(every[i])[0]
+        assert (every[i, r : r + 4, c : c + 3] == images[i]).all() and every[i].astype(bool).sum() == 12
+    some = np.array([7, 0, 49, 7])
+    assert (place_on_canvas(images, 9, seed=3, indices=some) == every[some]).all()

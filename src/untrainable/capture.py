@@ -186,8 +186,8 @@ class LayerCapture:
         modules = named_layers(model)
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.names]
 
-    def _hook(self, name: str):
-        def record(module: nn.Module, inputs: tuple, output: object) -> None:
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], object], None]:
+        def record(module: nn.Module, inputs: tuple[Any, ...], output: object) -> None:
             if self.active:
                 act = as_activation(output)
                 # RNNs and nn.MultiheadAttention default to (time, batch, features):

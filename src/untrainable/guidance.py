@@ -135,6 +135,19 @@ class AttachedGuide:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def schedule(self) -> AlphaSchedule | AdaptiveAlpha:
+        """Its alpha schedule (a Guide given none has a constant one at its alpha)."""
+        schedule = self.spec.schedule
+        assert schedule is not None, "Guide.__post_init__ sets the schedule"
+        return schedule
+
+    @property
+    def adaptive(self) -> AdaptiveAlpha | None:
+        """Its AdaptiveAlpha where its alpha is measured (by `step.adapt_alpha`), else None."""
+        schedule = self.spec.schedule
+        return schedule if isinstance(schedule, AdaptiveAlpha) else None
+
 
 def _guides_given(guide: nn.Module | Guide | Sequence[Guide], per_guide: dict[str, Any]) -> list[Guide]:
     """The guides Guidance was given: a module with the per-guide keyword arguments, a Guide, or a list of Guides."""
@@ -305,13 +318,13 @@ class Guidance(nn.Module):
     @property
     def schedule(self) -> AlphaSchedule | AdaptiveAlpha:
         """The only guide's alpha schedule."""
-        return self._only().spec.schedule
+        return self._only().schedule
 
     def get_extra_state(self) -> dict[str, Any]:
         # Saved with the state dict so a resumed run continues the alpha schedules:
         # the step, and each adaptive alpha's state (the only guide's as it is;
         # with several guides, by guide name).
-        adaptive = {g.name: g.spec.schedule.state_dict() for g in self.guides if _adaptive(g)}
+        adaptive = {g.name: a.state_dict() for g in self.guides if (a := g.adaptive) is not None}
         if not adaptive:
             return {"step": self.step}
         if len(self.guides) == 1:
@@ -324,15 +337,17 @@ class Guidance(nn.Module):
         if saved is None:
             return
         for guide in self.guides:
-            if not _adaptive(guide):
+            adaptive = guide.adaptive
+            if adaptive is None:
                 continue
             own = saved if len(self.guides) == 1 else saved.get(guide.name)
             if own is not None:
-                guide.spec.schedule.load_state_dict(own)
+                adaptive.load_state_dict(own)
 
     def measuring(self, guide: AttachedGuide) -> bool:
         """Whether `guide` has an adaptive alpha measured at the next training forward."""
-        return self.training and _adaptive(guide) and guide.spec.schedule.due(self.step)
+        adaptive = guide.adaptive
+        return self.training and adaptive is not None and adaptive.due(self.step)
 
     def train(self, mode: bool = True) -> "Guidance":
         self.training = mode
@@ -344,12 +359,12 @@ class Guidance(nn.Module):
     @property
     def alphas(self) -> dict[str, float]:
         """Each guide's alpha at the current step, by name."""
-        return {guide.name: guide.spec.schedule(self.step) for guide in self.guides}
+        return {guide.name: guide.schedule(self.step) for guide in self.guides}
 
     @property
     def alpha(self) -> float:
         """The first (or only) guide's alpha at the current step."""
-        return self.guides[0].spec.schedule(self.step)
+        return self.guides[0].schedule(self.step)
 
     def _guide_input(self, guide: Guide, x: Tensor, guide_x: Tensor | None) -> Tensor:
         if guide_x is not None:
@@ -549,11 +564,6 @@ class Guidance(nn.Module):
             guide.capture.remove()
 
 
-def _adaptive(guide: AttachedGuide) -> bool:
-    """Whether the guide's alpha is an AdaptiveAlpha (measured by `step.adapt_alpha`)."""
-    return isinstance(guide.spec.schedule, AdaptiveAlpha)
-
-
 def _device_of(output: Any, x: Tensor) -> torch.device:
     return output.device if isinstance(output, Tensor) else x.device
 
@@ -575,7 +585,7 @@ def describe_pairs(
         with torch.no_grad():
             _, target_acts = guidance.target_capture.run(x)
         guide_acts = guidance.run_guide(x)
-        rows = [("target layer", "shape", "guide layer", "shape", "weight", "similarity")]
+        rows: list[tuple[str, ...]] = [("target layer", "shape", "guide layer", "shape", "weight", "similarity")]
         for pair in guidance.pairs:
             t, g = target_acts[pair.target], guide_acts[pair.guide]
             sim = float(guidance.pair_similarity(t, g, None))

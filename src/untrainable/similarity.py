@@ -9,7 +9,7 @@ representation up to the measure's invariances). Guidance minimises
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -161,7 +161,7 @@ class _SampleSpaceCKA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, gram_dtype):
+    def forward(ctx: Any, x: Tensor, y: Tensor, gram_dtype: torch.dtype | None) -> Tensor:
         k, basis_x, factor_x = _gram_side(x, gram_dtype)
         l, basis_y, factor_y = _gram_side(y, gram_dtype)
         cka = (k * l).sum()
@@ -170,7 +170,7 @@ class _SampleSpaceCKA(torch.autograd.Function):
         return cka
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         k, l, basis_x, factor_x, basis_y, factor_y, cka = ctx.saved_tensors
         grad_x = grad_y = None
         if ctx.needs_input_grad[0]:
@@ -217,7 +217,8 @@ def linear_cka(x: Tensor, y: Tensor, gram_dtype: torch.dtype | None = None, spac
         x, y = _prepare(x, y, min_n=2)
         n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
         if space == "sample" or (space == "auto" and sample_space_is_cheaper(n, d1, d2)):
-            return _SampleSpaceCKA.apply(x, y, gram_dtype)
+            cka: Tensor = _SampleSpaceCKA.apply(x, y, gram_dtype)  # type: ignore[no-untyped-call]  # torch's apply
+            return cka
         x, y = _centre(x), _centre(y)
         xy = (y.T @ x).square().sum()
         xx = (x.T @ x).square().sum()
@@ -245,7 +246,8 @@ def linear_cka_to_grams(x: Tensor, grams: Tensor, gram_dtype: torch.dtype | None
         )
     with torch.autocast(device_type=x.device.type, enabled=False):
         (x,) = _prepare(x, x, min_n=2)[:1]
-        return _CKAToGrams.apply(x, grams.to(x.dtype), gram_dtype)
+        ckas: Tensor = _CKAToGrams.apply(x, grams.to(x.dtype), gram_dtype)  # type: ignore[no-untyped-call]  # torch's apply
+        return ckas
 
 
 def linear_cka_to_gram(x: Tensor, l: Tensor, gram_dtype: torch.dtype | None = None) -> Tensor:
@@ -261,7 +263,7 @@ class _CKAToGrams(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, grams, gram_dtype):
+    def forward(ctx: Any, x: Tensor, grams: Tensor, gram_dtype: torch.dtype | None) -> Tensor:
         k, basis, factor = _gram_side(x, gram_dtype)
         ckas = grams.flatten(1) @ k.flatten()
         ctx.gram_dtype = gram_dtype
@@ -269,7 +271,7 @@ class _CKAToGrams(torch.autograd.Function):
         return ckas
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         k, grams, basis, factor, ckas = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None

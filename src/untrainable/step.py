@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from untrainable import distributed
-from untrainable.adaptive_alpha import AdaptiveAlpha
 from untrainable.distillation import Distillation
 from untrainable.guidance import Guidance, GuidanceOutput, NonFiniteError
 from untrainable.guide_cache import GuideCache
@@ -117,11 +116,11 @@ def adapt_alpha(
     scaled losses (the ratio does not change) and the norms reported unscaled.
     """
     due = [
-        guide
+        (guide, adaptive)
         for guide in guidance.guides
-        if isinstance(guide.spec.schedule, AdaptiveAlpha)
+        if (adaptive := guide.adaptive) is not None
         and guidance.training
-        and guide.spec.schedule.due(guidance.step - 1)
+        and adaptive.due(guidance.step - 1)
         and guide.name in out.guide_losses
         and out.guide_losses[guide.name].requires_grad
     ]
@@ -133,9 +132,9 @@ def adapt_alpha(
     several = len(guidance.guides) > 1
     alphas = dict(out.alphas)
     measured: dict[str, float] = {"adapt/task_grad_norm": task_norm}
-    for guide in due:
+    for guide, adaptive in due:
         guide_norm = gradient_norm_of(out.guide_losses[guide.name] * scale, trained) / scale
-        alphas[guide.name] = guide.spec.schedule.update(task_norm, guide_norm)
+        alphas[guide.name] = adaptive.update(task_norm, guide_norm)
         if guide.name:
             measured[f"alpha/{guide.name}"] = alphas[guide.name]
         measured[f"adapt/{guide.name}/guide_grad_norm" if several else "adapt/guide_grad_norm"] = guide_norm

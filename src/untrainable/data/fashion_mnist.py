@@ -99,20 +99,27 @@ def _read_pair(root: Path, images: str, labels: str) -> tuple[np.ndarray, np.nda
     return x, y
 
 
-def place_on_canvas(images: np.ndarray, size: int, seed: int) -> np.ndarray:
+def place_on_canvas(images: np.ndarray, size: int, seed: int, indices: np.ndarray | None = None) -> np.ndarray:
     """(N, H, W) images each placed at a random but fixed position on a zero (N, size, size) canvas.
 
     The position of image i depends only on `seed` and i, so it is the same in
-    every run and does not move with the train/validation split.
+    every run and does not move with the train/validation split. With `indices`
+    (K,), only those images are placed: (K, size, size), each where it would be
+    among all N.
     """
     n, h, w = images.shape
     if size < max(h, w):
         raise ValueError(f"canvas must be at least the images' size {max(h, w)}, got {size}")
     rng = np.random.default_rng(seed)
     rows, cols = rng.integers(0, size - h + 1, n), rng.integers(0, size - w + 1, n)
-    canvas = np.zeros((n, size, size), dtype=images.dtype)
-    for i in range(n):
-        canvas[i, rows[i] : rows[i] + h, cols[i] : cols[i] + w] = images[i]
+    if indices is not None:
+        images, rows, cols = images[indices], rows[indices], cols[indices]
+    canvas = np.zeros((len(images), size, size), dtype=images.dtype)
+    # Every image's (h, w) window at once: canvas[k, rows[k] + i, cols[k] + j] = images[k, i, j].
+    k = np.arange(len(images))[:, None, None]
+    canvas[k, rows[:, None, None] + np.arange(h)[None, :, None], cols[:, None, None] + np.arange(w)[None, None, :]] = (
+        images
+    )
     return canvas
 
 
@@ -158,15 +165,22 @@ def fashion_mnist(
     train_x, train_y = _read_pair(root_path, "train_images", "train_labels")
     test_x, test_y = _read_pair(root_path, "test_images", "test_labels")
     train_idx, val_idx = split_indices(len(train_x), val_size, train_size, seed)
-    if canvas != train_x.shape[1] or canvas != train_x.shape[2]:
-        train_x, test_x = place_on_canvas(train_x, canvas, seed), place_on_canvas(test_x, canvas, seed + 1)
+    shape = train_x.shape[1:]
+    if canvas != shape[0] or canvas != shape[1]:
+        # Only the images a split keeps are placed, each at its position among all 60,000.
+        train_part = place_on_canvas(train_x, canvas, seed, train_idx)
+        val_part = place_on_canvas(train_x, canvas, seed, val_idx)
+        test_x = place_on_canvas(test_x, canvas, seed + 1)
+        shape = (canvas, canvas)
+    else:
+        train_part, val_part = train_x[train_idx], train_x[val_idx]
 
     def images(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
 
     splits = {
-        "train": (images(train_x[train_idx]), train_y[train_idx]),
-        "val": (images(train_x[val_idx]), train_y[val_idx]),
+        "train": (images(train_part), train_y[train_idx]),
+        "val": (images(val_part), train_y[val_idx]),
         "test": (images(test_x), test_y),
     }
     meta: dict = {"classes": list(CLASSES), "root": str(root_path), "canvas": canvas}
@@ -181,7 +195,7 @@ def fashion_mnist(
         train=datasets["train"],
         val=datasets["val"],
         test=datasets["test"],
-        input_shape=(1, *train_x.shape[1:]),
+        input_shape=(1, *shape),
         num_classes=len(CLASSES),
         meta=meta,
     )
