@@ -54,9 +54,13 @@ class ModelSpec:
     """A model by registry name or import path (`package.module:callable`), its keyword arguments, optional weights."""
 
     name: str
+    """A registered model (`untrainable list`) or an import path `package.module:callable`."""
     args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model; registered models also get `input_shape` and `num_classes` from the data."""
     checkpoint: str | None = None
-    seed: int | None = None  # initialisation seed; default: the run's seed
+    """Weights to load, a `.pt` state_dict (read with `weights_only=True`) or `.safetensors`, e.g. a run's `model.pt`."""
+    seed: int | None = None
+    """Initialisation seed; default: the run's seed."""
 
     def validate(self, where: str) -> None:
         from untrainable.models import list_models
@@ -78,11 +82,17 @@ class DataSpec:
     """A data set by registry name, its arguments, and how it is batched."""
 
     name: str
+    """A registered data set (`untrainable list`), e.g. `mnist1d`, `fashion_mnist`, `image_folder`, `text_file`."""
     args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the data set, e.g. `{ root = "PATH", image_size = 224 }` for `image_folder`."""
     batch_size: int = 128
+    """Training examples per step, per process under torchrun."""
     eval_batch_size: int = 512
+    """Examples per batch when evaluating."""
     num_workers: int = 0
-    train_eval_size: int = 2000  # training examples evaluated each epoch for the train curve
+    """DataLoader worker processes; 0 loads in the training process."""
+    train_eval_size: int = 2000
+    """Training examples evaluated each epoch for the train curve."""
 
     def validate(self, where: str) -> None:
         from untrainable.data import list_datasets
@@ -162,22 +172,39 @@ class GuidanceSpec:
     """
 
     alpha: float = 1.0
+    """Weight of the guidance loss; the starting value under `schedule = "adaptive"`; 0 turns guidance off."""
     schedule: str = "constant"
+    """How alpha moves: `constant`, `first_steps` (then 0), `linear` or `cosine` decay, or `adaptive`."""
     steps: int | None = None
+    """Steps of the `first_steps`, `linear` and `cosine` schedules."""
     adapt_every: int = 10
+    """Adaptive alpha: steps between measurements."""
     adapt_ratio: float = 1.0
+    """Adaptive alpha: the guidance gradient's norm as a multiple of the task gradient's."""
     adapt_momentum: float = 0.5
+    """Adaptive alpha: smoothing of the measurements, in [0, 1)."""
     alpha_max: float = 100.0
+    """Adaptive alpha: its upper bound, at least `alpha`."""
     similarity: str = "cka"
+    """Similarity measure: `cka` (the paper's), `cka_unbiased` or `rsa`."""
     target_layers: list[str] | None = None
+    """Target layers by path, glob or type; default: every Linear, Conv, RNN and attention output but the last."""
     guide_layers: list[str] | None = None
-    pairs: list[list[Any]] | None = None  # [[target, guide], [target, guide, weight], ...]
+    """Guide layers by path, glob or type; default: as for the target."""
+    pairs: list[list[Any]] | None = None
+    """Explicit pairs `[[target, guide], [target, guide, weight], ...]`; default: the paper's even spread."""
     guide_input: str = "same"
+    """What the guide sees: `same` (the batch) or `noise` (Gaussian noise of the batch's shape)."""
     sequence_mode: str = "flatten"
-    scope: str = "global"  # under DDP: CKA on the global batch, or per rank ("local")
-    cache: str = "none"  # keep the guide's activations per example: "memory" or "disk" (no augmentation only)
-    log_every: int = 10  # steps between per-pair similarity records
-    gram_dtype: str = "float32"  # dtype of CKA's sample-space Gram products: "float32" or "bfloat16"
+    """How `(batch, time, features)` activations are compared: `flatten`, `tokenwise` or `tokens`."""
+    scope: str = "global"
+    """Under torchrun: CKA on the `global` batch (gathered over processes) or per process (`local`)."""
+    cache: str = "none"
+    """Keep the guide's activations per example: `none`, `memory` or `disk` (only without random augmentation)."""
+    log_every: int = 10
+    """Steps between per-pair similarity records in metrics.jsonl."""
+    gram_dtype: str = "float32"
+    """Dtype of CKA's sample-space Gram products: `float32` or `bfloat16`."""
 
     def validate(self, where: str) -> None:
         from untrainable.similarity import list_similarities
@@ -200,18 +227,31 @@ class GuideSpec:
     """One of several guides, a `[[guides]]` entry: its model, the name its similarity keys carry, how it pulls."""
 
     model: ModelSpec
-    name: str | None = None  # prefixes its similarity keys, `name:target<-guide`; default: the model's name
+    """The guide model, a `[guides.model]` table with the fields of `[model]`."""
+    name: str | None = None
+    """Prefixes its similarity keys, `name:target<-guide`; default: the model's name."""
     alpha: float = 1.0
+    """Weight of this guide's loss; the starting value under `schedule = "adaptive"`."""
     schedule: str = "constant"
+    """How its alpha moves: `constant`, `first_steps`, `linear`, `cosine` or `adaptive`, as in `[guidance]`."""
     steps: int | None = None
-    adapt_every: int = 10  # the adapt_* fields and alpha_max: for schedule = "adaptive", as in [guidance]
+    """Steps of the `first_steps`, `linear` and `cosine` schedules."""
+    adapt_every: int = 10
+    """Adaptive alpha: steps between this guide's measurements."""
     adapt_ratio: float = 1.0
+    """Adaptive alpha: this guide's gradient norm as a multiple of the task gradient's."""
     adapt_momentum: float = 0.5
+    """Adaptive alpha: smoothing of the measurements, in [0, 1)."""
     alpha_max: float = 100.0
+    """Adaptive alpha: its upper bound, at least `alpha`."""
     target_layers: list[str] | None = None
+    """Target layers this guide pulls on, by path, glob or type; default: the library's."""
     guide_layers: list[str] | None = None
-    pairs: list[list[Any]] | None = None  # [[target, guide], [target, guide, weight], ...]
+    """This guide's layers, by path, glob or type; default: the library's."""
+    pairs: list[list[Any]] | None = None
+    """Explicit pairs `[[target, guide], [target, guide, weight], ...]`; default: the even spread."""
     guide_input: str = "same"
+    """What this guide sees: `same` (the batch) or `noise`."""
 
     @property
     def label(self) -> str:
@@ -235,13 +275,21 @@ class OptimSpec:
     """Optimiser and learning-rate schedule."""
 
     name: str = "adam"
+    """Optimiser: `adam`, `adamw` or `sgd`."""
     lr: float = 1e-3
+    """Learning rate (after warm-up, before decay)."""
     weight_decay: float = 0.0
-    momentum: float = 0.9  # SGD only
+    """Weight decay."""
+    momentum: float = 0.9
+    """Momentum, for `sgd` only."""
     lr_schedule: str = "constant"
+    """Learning-rate decay after warm-up: `constant`, `cosine`, or `step` (x0.1 at 50% and 75% of the steps)."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to `lr`."""
     grad_clip: float | None = None
-    fused: bool = False  # one fused kernel for the Adam/AdamW update (same maths, faster on large models)
+    """Clip the gradients' global norm to this value; none by default."""
+    fused: bool = False
+    """One fused kernel for the Adam/AdamW update (same maths, faster on large models)."""
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.name", self.name, tuple(OPTIMIZERS))
@@ -262,7 +310,9 @@ class DistillSpec:
     """Knowledge distillation from the `[guide]` model's logits (the paper's contrast to guidance); off at weight 0."""
 
     weight: float = 0.0
+    """Weight of the distillation loss; 0 turns it off."""
     temperature: float = 4.0
+    """Softmax temperature of the teacher's and the target's logits."""
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.weight", self.weight, allow_zero=True)
@@ -274,23 +324,31 @@ class TrainSpec:
     """The loop: length, task, seed, device, precision, checkpoints."""
 
     epochs: int = 10
+    """Passes over the training set."""
     seed: int = 0
+    """Seed of the data order, the initialisation and everything random in the run."""
     task: str = "classification"
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    """Loss and metrics: `classification`, `tokens` (a label per position) or `lm` (next character)."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
     precision: str = "fp32"
+    """`fp32`, `bf16` (CPU or GPU) or `fp16` (GPU, with a gradient scaler); the similarity is always float32."""
     deterministic: bool = True
-    max_steps: int | None = None  # stop early after this many steps
-    checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: each epoch only
+    """Ask torch for deterministic kernels."""
+    max_steps: int | None = None
+    """Stop after this many steps, within the epochs; may change on `--resume`."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints within an epoch; 0: at each epoch's end only."""
     keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder, newest first."""
     progress: bool = True
-    grad_norm_steps: list[int] = field(
-        default_factory=list
-    )  # steps (from 1) at which per-layer gradient norms are logged
-    # Early stopping: keep the weights of the epoch with the best validation metric
-    # (accuracy, else loss); the test set is evaluated with them too (result.json "best").
+    """Show a progress bar (or a line per epoch and per minute when stderr is not a terminal)."""
+    grad_norm_steps: list[int] = field(default_factory=list)
+    """Steps (from 1) at which per-layer gradient norms are logged."""
     early_stopping: bool = False
-    # Under torchrun: seconds a process waits for the others in a collective before it stops with an error.
+    """Keep the weights of the best validation epoch (accuracy, else loss) and test them too (result.json `best`)."""
     timeout_s: float = 300.0
+    """Under torchrun: seconds a process waits for the others in a collective before it stops with an error."""
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.timeout_s", self.timeout_s)
@@ -316,15 +374,24 @@ class RunConfig:
     """
 
     model: ModelSpec
+    """The target, the network being trained."""
     data: DataSpec
+    """The data set and its batches."""
     guide: ModelSpec | None = None
+    """The single frozen guide (and the distillation teacher); none: the target trains alone."""
     guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    """How the guide pulls on the target; with `[[guides]]`, what all guides share."""
     # None rather than []: a run folder saved before this field existed still compares equal.
     guides: list[GuideSpec] | None = None
+    """Several guides, `[[guides]]` entries, instead of `[guide]`."""
     optim: OptimSpec = field(default_factory=OptimSpec)
+    """The optimiser and its learning-rate schedule."""
     distill: DistillSpec = field(default_factory=DistillSpec)
+    """Knowledge distillation from the `[guide]`'s logits."""
     train: TrainSpec = field(default_factory=TrainSpec)
+    """The training loop."""
     name: str = "run"
+    """The run's name, its folder under `runs/` unless `--out` is given."""
 
     def __post_init__(self) -> None:
         self.validate()

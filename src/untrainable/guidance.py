@@ -90,8 +90,10 @@ class Guide:
         alpha: weight of its alignment term (ignored when `schedule` is given).
         pairs: explicit (target_layer, guide_layer[, weight]) pairs. Default:
             the guide's layers spread evenly over the target's.
-        target_layers, guide_layers: module paths or globs to capture; default
-            `capture.default_layers` of each model.
+        target_layers: the target's module paths or globs to capture; default
+            `capture.default_layers` of the target.
+        guide_layers: the guide's module paths or globs to capture; default
+            `capture.default_layers` of the guide.
         schedule: an AlphaSchedule, or an AdaptiveAlpha (measured by
             `step.adapt_alpha` from this guide's own loss); the step counts
             the Guidance's training-mode forwards.
@@ -205,8 +207,12 @@ class Guidance(nn.Module):
             or a Guide, or a list of Guides (each with its own layers, pairs,
             alpha or schedule and input; the arguments below marked "one
             guide" are then set on each Guide instead).
-        alpha, pairs, target_layers, guide_layers, schedule, guide_input:
-            one guide's settings, as the fields of `Guide`.
+        alpha: one guide's alpha, as `Guide.alpha`.
+        pairs: one guide's pairs, as `Guide.pairs`.
+        target_layers: one guide's target layers, as `Guide.target_layers`.
+        guide_layers: one guide's layers, as `Guide.guide_layers`.
+        schedule: one guide's schedule, as `Guide.schedule`.
+        guide_input: one guide's input, as `Guide.guide_input`.
         similarity: `cka` (biased linear CKA, the paper's), `cka_unbiased`,
             `rsa`, or any callable (n, d1), (n, d2) -> scalar; for every guide.
         sequence_mode: how (batch, time, features) activations are compared

@@ -1,0 +1,118 @@
+"""MkDocs hooks: the configuration and command-line references, generated from the code at build time.
+
+`<!-- config-reference -->` in a page becomes a table of every field of every
+config section, read from config.py's dataclasses (their attribute docstrings)
+by `untrainable.config_fields`; `<!-- cli-reference -->` becomes every verb of
+`untrainable` with its usage and arguments, walked from `cli.build_parser()`.
+Both modules are loaded by path, so the build imports no torch. The committed
+results (figures, tables, their READMEs) are added to the site under
+`results/`, so the pages can show and link them where they lie in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "src" / "untrainable"
+CONFIG_MARKER = "<!-- config-reference -->"
+CLI_MARKER = "<!-- cli-reference -->"
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    """A module of the package by file path, without importing the package (whose __init__ imports torch)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))  # for imports a module makes inside its functions
+    spec = importlib.util.spec_from_file_location(f"_docs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def config_reference(source: Path = PACKAGE / "config.py") -> str:
+    """Markdown: one table per config section, each field with its type, default and description."""
+    fields = _load("config_fields", PACKAGE / "config_fields.py")
+    out = []
+    for section in fields.config_sections(source):
+        if section.key:
+            title = f"[[{section.key}]]" if section.many else f"[{section.key}]"
+            out += [f"### `{title}`", "", f"{section.doc} (`{section.cls}`)", ""]
+        else:
+            out += ["### Top level", "", "Keys outside any section.", ""]
+        out += ["| key | type | default | description |", "|---|---|---|---|"]
+        for f in section.fields:
+            default = "required" if f.default is None else f"`{_cell(f.default)}`"
+            out.append(f"| `{f.name}` | `{_cell(f.type)}` | {default} | {_cell(f.help)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _verbs(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, one-line help, parser) of every subcommand, in the order they were added."""
+    verbs = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            verbs += [(name, helps.get(name, ""), sub) for name, sub in action.choices.items()]
+    return verbs
+
+
+def _argument_rows(parser: argparse.ArgumentParser) -> list[str]:
+    formatter = parser._get_formatter()
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+            continue
+        if action.option_strings:
+            name = ", ".join(action.option_strings)
+            if action.nargs != 0:
+                name += " " + formatter._format_args(action, action.dest.upper())
+        else:
+            name = formatter._format_args(action, action.dest)
+        text = formatter._expand_help(action) if action.help else ""
+        if action.required and action.option_strings:
+            text += " (required)"
+        rows.append(f"| `{_cell(name)}` | {_cell(text)} |")
+    return rows
+
+
+def cli_reference() -> str:
+    """Markdown: the tool's usage and options, then each verb's usage and arguments, from `build_parser()`."""
+    parser = _load("cli", PACKAGE / "cli.py").build_parser()
+    out = ["### `untrainable`", "", parser.description or "", "", "```text", parser.format_usage().strip(), "```", ""]
+    out += ["| argument | description |", "|---|---|", *_argument_rows(parser), ""]
+    for name, help_text, sub in _verbs(parser):
+        out += [f"### `untrainable {name}`", "", help_text[:1].upper() + help_text[1:] + ".", ""]
+        out += ["```text", sub.format_usage().strip(), "```", ""]
+        rows = _argument_rows(sub)
+        out += ["| argument | description |", "|---|---|", *rows, ""] if rows else ["No arguments.", ""]
+    return "\n".join(out)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if CONFIG_MARKER in markdown:
+        markdown = markdown.replace(CONFIG_MARKER, config_reference())
+    if CLI_MARKER in markdown:
+        markdown = markdown.replace(CLI_MARKER, cli_reference())
+    return markdown
+
+
+def on_files(files, config):
+    """The committed results and the examples, under `results/` and `examples/` as in the repository."""
+    from mkdocs.structure.files import File
+
+    shown = [*(ROOT / "results").rglob("*"), *(ROOT / "examples").glob("*.py")]
+    for path in sorted(shown):
+        if path.is_file() and path.suffix in (".md", ".png", ".json", ".py"):
+            uri = path.relative_to(ROOT).as_posix()
+            files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
