@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -88,6 +90,18 @@ def _argument_rows(parser: argparse.ArgumentParser) -> list[str]:
 def cli_reference() -> str:
     """Markdown: the tool's usage and options, then each verb's usage and arguments, from `build_parser()`."""
     parser = _load("cli", PACKAGE / "cli.py").build_parser()
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps usage lines to the terminal: the same page on every machine
+    try:
+        return _cli_markdown(parser)
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+
+
+def _cli_markdown(parser: argparse.ArgumentParser) -> str:
     out = ["### `untrainable`", "", parser.description or "", "", "```text", parser.format_usage().strip(), "```", ""]
     out += ["| argument | description |", "|---|---|", *_argument_rows(parser), ""]
     for name, help_text, sub in _verbs(parser):
@@ -98,7 +112,14 @@ def cli_reference() -> str:
     return "\n".join(out)
 
 
+def _repository_links(markdown: str, depth: int) -> str:
+    """`../results/...` (right where GitHub shows docs/ pages) as the site holds it: one `../` fewer."""
+    up = "../" * (depth + 1)
+    return re.sub(rf"\]\({re.escape(up)}(results|examples)/", lambda m: f"]({'../' * depth}{m[1]}/", markdown)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    markdown = _repository_links(markdown, page.file.src_uri.count("/"))
     if CONFIG_MARKER in markdown:
         markdown = markdown.replace(CONFIG_MARKER, config_reference())
     if CLI_MARKER in markdown:

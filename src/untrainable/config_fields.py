@@ -97,7 +97,9 @@ def read_dataclasses(path: str | Path = CONFIG_SOURCE) -> dict[str, tuple[str, l
                 merged.update({f.name: f for f in fields_of(base.id)})
         for own in _own_fields(source, node):
             # An override keeps the inherited position, as dataclasses do; a docstring-less override inherits the text.
-            merged[own.name] = own if own.help or own.name not in merged else FieldDoc(**{**vars(own), "help": merged[own.name].help})
+            merged[own.name] = (
+                own if own.help or own.name not in merged else FieldDoc(**{**vars(own), "help": merged[own.name].help})
+            )
         found[name] = ((ast.get_docstring(node) or "").split("\n\n")[0].replace("\n", " "), list(merged.values()))
         return found[name][1]
 
