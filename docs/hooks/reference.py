@@ -53,7 +53,8 @@ def config_reference(source: Path = PACKAGE / "config.py") -> str:
         out += ["| key | type | default | description |", "|---|---|---|---|"]
         for f in section.fields:
             default = "required" if f.default is None else f"`{_cell(f.default)}`"
-            out.append(f"| `{f.name}` | `{_cell(f.type)}` | {default} | {_cell(f.help)} |")
+            kind = " or ".join(f"`{part.strip()}`" for part in f.type.split("|"))  # a `|` would end the cell
+            out.append(f"| `{f.name}` | {kind} | {default} | {_cell(f.help)} |")
         out.append("")
     return "\n".join(out)
 
@@ -91,7 +92,7 @@ def cli_reference() -> str:
     """Markdown: the tool's usage and options, then each verb's usage and arguments, from `build_parser()`."""
     parser = _load("cli", PACKAGE / "cli.py").build_parser()
     columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps usage lines to the terminal: the same page on every machine
+    os.environ["COLUMNS"] = "84"  # argparse wraps usage lines to the terminal: the same page on every machine
     try:
         return _cli_markdown(parser)
     finally:
