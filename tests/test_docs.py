@@ -123,10 +123,13 @@ def test_config_reference_describes_every_field_of_every_section():
     assert not missing, f"the configuration reference lacks a description of: {', '.join(missing)} (add a docstring)"
 
 
-def _verbs(parser):
+def _verbs(parser, prefix=""):
+    """Every subcommand, nested ones as `tune start`."""
     for action in parser._actions:
-        if hasattr(action, "choices") and isinstance(action.choices, dict):
-            yield from action.choices.items()
+        if type(action).__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield prefix + name, sub
+                yield from _verbs(sub, prefix + name + " ")
 
 
 def test_cli_reference_names_every_flag_of_every_verb():
@@ -164,13 +167,18 @@ def test_the_cli_reference_follows_the_parser(monkeypatch):
                 next(sub for name, sub in _verbs(parser) if name == "train").add_argument(
                     "--new-flag", help="a flag added since"
                 )
+                verbs = next(a for a in parser._actions if type(a).__name__ == "_SubParsersAction")
+                nested = verbs.add_parser("nested", help="a verb with verbs").add_subparsers(dest="what")
+                nested.add_parser("start", help="start it").add_argument("--budget", help="how much")
                 return parser
 
             module.build_parser = build_parser_with_a_new_flag
         return module
 
     monkeypatch.setattr(hook, "_load", load)
-    assert _sections(hook.cli_reference())["untrainable train"]["--new-flag NEW_FLAG"] == "a flag added since"
+    page = _sections(hook.cli_reference())
+    assert page["untrainable train"]["--new-flag NEW_FLAG"] == "a flag added since"
+    assert page["untrainable nested start"]["--budget BUDGET"] == "how much"
 
 
 def _loop_scope() -> dict:

@@ -59,13 +59,18 @@ def config_reference(source: Path = PACKAGE / "config.py") -> str:
     return "\n".join(out)
 
 
-def _verbs(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
-    """(name, one-line help, parser) of every subcommand, in the order they were added."""
-    verbs = []
+def _verbs(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, one-line help, parser) of every subcommand, nested ones as `tune start`, in the order they were added."""
+    verbs, seen = [], set()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
-            verbs += [(name, helps.get(name, ""), sub) for name, sub in action.choices.items()]
+            for name, sub in action.choices.items():
+                if id(sub) in seen:  # an alias of a verb already listed
+                    continue
+                seen.add(id(sub))
+                verbs.append((prefix + name, helps.get(name, ""), sub))
+                verbs += _verbs(sub, prefix + name + " ")
     return verbs
 
 
@@ -106,7 +111,8 @@ def _cli_markdown(parser: argparse.ArgumentParser) -> str:
     out = ["### `untrainable`", "", parser.description or "", "", "```text", parser.format_usage().strip(), "```", ""]
     out += ["| argument | description |", "|---|---|", *_argument_rows(parser), ""]
     for name, help_text, sub in _verbs(parser):
-        out += [f"### `untrainable {name}`", "", help_text[:1].upper() + help_text[1:] + ".", ""]
+        sentence = help_text[:1].upper() + help_text[1:] + ("" if help_text.endswith(".") else ".")
+        out += [f"### `untrainable {name}`", "", sentence if help_text else "", ""]
         out += ["```text", sub.format_usage().strip(), "```", ""]
         rows = _argument_rows(sub)
         out += ["| argument | description |", "|---|---|", *rows, ""] if rows else ["No arguments.", ""]
