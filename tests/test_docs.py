@@ -290,3 +290,16 @@ def test_site_builds_strict(tmp_path):
     assert "--guide-checkpoint" in cli and "cli-reference" not in cli
     assert "guide_input" in (site / "api" / "guidance" / "index.html").read_text()  # mkdocstrings wrote the API
     assert (site / "results" / "rescue" / "rescue-long" / "rescue_curves.png").exists()
+
+
+def test_lists_start_after_a_blank_line():
+    """Python-Markdown (MkDocs) reads a list glued to the paragraph above as part of it; GitHub does not."""
+    glued = []
+    for page in sorted(DOCS.rglob("*.md")):
+        lines, fenced = page.read_text().split("\n"), False
+        for i, line in enumerate(lines):
+            fenced ^= line.startswith("```")
+            previous = lines[i - 1] if i else ""
+            if not fenced and line.startswith("- ") and previous.strip() and not previous.startswith(("- ", "  ")):
+                glued.append(f"{page.relative_to(DOCS)}:{i + 1}")
+    assert not glued, f"a list needs a blank line before it: {', '.join(glued)}"
