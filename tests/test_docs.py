@@ -106,6 +106,24 @@ def test_static_walker_follows_inherited_fields(tmp_path):
     assert [(f.default, f.help) for f in child] == [("1", "The a."), ("3", "The b."), ("[]", "The c.")]
 
 
+def test_static_walker_follows_sections_imported_from_the_package(tmp_path):
+    """A section whose dataclass lives in another module (`from untrainable.cluster import ClusterSpec`)."""
+    (tmp_path / "cluster.py").write_text(
+        "from dataclasses import dataclass\n\n@dataclass\nclass ClusterSpec:\n"
+        '    """Where runs go."""\n\n    partition: str = \'gpu\'\n    """The SLURM partition."""\n'
+    )
+    (tmp_path / "config.py").write_text(
+        "from dataclasses import dataclass, field\n\nfrom untrainable.cluster import ClusterSpec\n\n"
+        "@dataclass\nclass RunConfig:\n    cluster: ClusterSpec = field(default_factory=ClusterSpec)\n"
+        '    """Where it runs."""\n    name: str = \'run\'\n    """The name."""\n'
+    )
+    sections = {section.key: section for section in config_sections(tmp_path / "config.py")}
+    assert [(f.name, f.default, f.help) for f in sections["cluster"].fields] == [
+        ("partition", "'gpu'", "The SLURM partition.")
+    ]
+    assert sections["cluster"].doc == "Where runs go." and [f.name for f in sections[""].fields] == ["name"]
+
+
 def test_config_reference_describes_every_field_of_every_section():
     page = _sections(_hook().config_reference())
     headings = {heading.strip("[]"): rows for heading, rows in page.items()}

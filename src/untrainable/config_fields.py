@@ -80,17 +80,46 @@ def _own_fields(source: str, node: ast.ClassDef) -> list[FieldDoc]:
     return fields
 
 
-def read_dataclasses(path: str | Path = CONFIG_SOURCE) -> dict[str, tuple[str, list[FieldDoc]]]:
-    """Every dataclass of a source file: name -> (docstring, fields, inherited ones first as dataclasses order them)."""
-    source = Path(path).read_text(encoding="utf-8")
+def _package_file(module: str, package: Path) -> Path | None:
+    """The source file of `untrainable.x.y` under `package` (the untrainable folder), if it is there."""
+    parts = module.split(".")[1:]
+    for path in (package.joinpath(*parts).with_suffix(".py"), package.joinpath(*parts, "__init__.py")):
+        if parts and path.is_file():
+            return path
+    return None
+
+
+def _dataclass_nodes(path: Path, package: Path, seen: set[Path]) -> dict[str, tuple[str, ast.ClassDef]]:
+    """name -> (its file's source, its class node): the file's dataclasses, and those it imports from the package."""
+    seen.add(path)
+    source = path.read_text(encoding="utf-8")
     tree = ast.parse(source)
-    nodes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef) and _is_dataclass(node)}
+    nodes = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("untrainable."):
+            other = _package_file(node.module, package)
+            if other is None or other in seen:
+                continue
+            theirs = _dataclass_nodes(other, package, seen)
+            nodes.update(
+                {alias.asname or alias.name: theirs[alias.name] for alias in node.names if alias.name in theirs}
+            )
+    nodes.update({n.name: (source, n) for n in tree.body if isinstance(n, ast.ClassDef) and _is_dataclass(n)})
+    return nodes
+
+
+def read_dataclasses(path: str | Path = CONFIG_SOURCE) -> dict[str, tuple[str, list[FieldDoc]]]:
+    """The dataclasses of a source file and those it imports from the package.
+
+    name -> (the docstring's first paragraph, the fields, inherited ones first as dataclasses order them).
+    """
+    nodes = _dataclass_nodes(Path(path), Path(path).parent, set())  # config.py lies in the package's top folder
     found: dict[str, tuple[str, list[FieldDoc]]] = {}
 
     def fields_of(name: str) -> list[FieldDoc]:
         if name in found:
             return found[name][1]
-        node = nodes[name]
+        source, node = nodes[name]
         merged: dict[str, FieldDoc] = {}
         for base in reversed(node.bases):  # the MRO, for the single and simple bases used here
             if isinstance(base, ast.Name) and base.id in nodes:
