@@ -172,9 +172,9 @@ def test_estimate_of_the_deep_fcn_counts_its_products(deep_fcn_estimate):
     assert "paper-deep-fcn-untrained-resnet18" in format_table([e])
 
 
-def test_readme_shows_what_the_estimates_command_prints(deep_fcn_estimate):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Paper-scale runs\n")[1].split("\n## ")[0]
+def test_docs_show_what_the_estimates_command_prints(deep_fcn_estimate):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "paper-scale.md").read_text()
+    section = page.split("## Paper-scale runs\n")[1].split("\n## ")[0]
     assert "python -m untrainable.bench.paper_estimates" in section and "**Estimated**" in section
     assert format_table([deep_fcn_estimate]).splitlines()[-1] in section
     assert all(f"{name}.toml" in section for name in PAPER)

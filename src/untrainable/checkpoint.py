@@ -15,6 +15,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from untrainable import distributed
+
 _MAGIC = b"UNTRAINABLE-CKPT-1\n"
 _DIGEST = 64  # hex characters of a sha256
 _CONFIG_KEY = "untrainable_config"  # the run's config, as JSON, in a .safetensors file's metadata
@@ -269,3 +271,15 @@ class CheckpointManager:
         if errors:
             raise CheckpointError("no checkpoint in " + str(self.folder) + " loads: " + "; ".join(errors))
         return None
+
+    def load_latest_on_every_rank(
+        self, dist_info: distributed.DistInfo, map_location: str | torch.device = "cpu"
+    ) -> tuple[dict[str, Any], Path] | None:
+        """`load_latest` in every process: rank 0 first sets aside corrupted files, then the others read what is left."""
+        loaded = None
+        if dist_info.rank == 0:
+            loaded = self.load_latest(map_location=map_location)
+        distributed.barrier(dist_info)
+        if dist_info.rank != 0:
+            loaded = self.load_latest(map_location=map_location, quarantine=False)
+        return loaded

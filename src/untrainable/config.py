@@ -1,23 +1,22 @@
-"""Typed, self-validating run configuration, read from TOML or JSON files."""
+"""Typed, self-validating run configuration: its sections and what each field means (read by config_files)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from typing import Any
 
 from untrainable.adaptive_alpha import ADAPTIVE
+from untrainable.config_files import (  # noqa: F401  (read, saved and compared there; imported from here)
+    config_differences,
+    from_dict,
+    read_table,
+    save_config,
+    set_dotted,
+)
 from untrainable.errors import ConfigError
 from untrainable.guidance import GUIDE_INPUTS, GUIDE_NAME, MIN_EXAMPLES
 from untrainable.guide_cache import STORAGES
@@ -51,9 +50,13 @@ class ModelSpec:
     """A model by registry name or import path (`package.module:callable`), its keyword arguments, optional weights."""
 
     name: str
+    """A registered model (`untrainable list`) or an import path `package.module:callable`."""
     args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model; registered models also get `input_shape` and `num_classes` from the data."""
     checkpoint: str | None = None
-    seed: int | None = None  # initialisation seed; default: the run's seed
+    """Weights to load, a `.pt` state_dict (read with `weights_only=True`) or `.safetensors`, e.g. a run's `model.pt`."""
+    seed: int | None = None
+    """Initialisation seed; default: the run's seed."""
 
     def validate(self, where: str) -> None:
         from untrainable.models import list_models
@@ -75,11 +78,17 @@ class DataSpec:
     """A data set by registry name, its arguments, and how it is batched."""
 
     name: str
+    """A registered data set (`untrainable list`), e.g. `mnist1d`, `fashion_mnist`, `image_folder`, `text_file`."""
     args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the data set, e.g. `{ root = "PATH", image_size = 224 }` for `image_folder`."""
     batch_size: int = 128
+    """Training examples per step, per process under torchrun."""
     eval_batch_size: int = 512
+    """Examples per batch when evaluating."""
     num_workers: int = 0
-    train_eval_size: int = 2000  # training examples evaluated each epoch for the train curve
+    """DataLoader worker processes; 0 loads in the training process."""
+    train_eval_size: int = 2000
+    """Training examples evaluated each epoch for the train curve."""
 
     def validate(self, where: str) -> None:
         from untrainable.data import list_datasets
@@ -159,22 +168,39 @@ class GuidanceSpec:
     """
 
     alpha: float = 1.0
+    """Weight of the guidance loss; the starting value under `schedule = "adaptive"`; 0 turns guidance off."""
     schedule: str = "constant"
+    """How alpha moves: `constant`, `first_steps` (then 0), `linear` or `cosine` decay, or `adaptive`."""
     steps: int | None = None
+    """Steps of the `first_steps`, `linear` and `cosine` schedules."""
     adapt_every: int = 10
+    """Adaptive alpha: steps between measurements."""
     adapt_ratio: float = 1.0
+    """Adaptive alpha: the guidance gradient's norm as a multiple of the task gradient's."""
     adapt_momentum: float = 0.5
+    """Adaptive alpha: smoothing of the measurements, in [0, 1)."""
     alpha_max: float = 100.0
+    """Adaptive alpha: its upper bound, at least `alpha`."""
     similarity: str = "cka"
+    """Similarity measure: `cka` (the paper's), `cka_unbiased` or `rsa`."""
     target_layers: list[str] | None = None
+    """Target layers by path, glob or type; default: every Linear, Conv, RNN and attention output but the last."""
     guide_layers: list[str] | None = None
-    pairs: list[list[Any]] | None = None  # [[target, guide], [target, guide, weight], ...]
+    """Guide layers by path, glob or type; default: as for the target."""
+    pairs: list[list[Any]] | None = None
+    """Explicit pairs `[[target, guide], [target, guide, weight], ...]`; default: the paper's even spread."""
     guide_input: str = "same"
+    """What the guide sees: `same` (the batch) or `noise` (Gaussian noise of the batch's shape)."""
     sequence_mode: str = "flatten"
-    scope: str = "global"  # under DDP: CKA on the global batch, or per rank ("local")
-    cache: str = "none"  # keep the guide's activations per example: "memory" or "disk" (no augmentation only)
-    log_every: int = 10  # steps between per-pair similarity records
-    gram_dtype: str = "float32"  # dtype of CKA's sample-space Gram products: "float32" or "bfloat16"
+    """How `(batch, time, features)` activations are compared: `flatten`, `tokenwise` or `tokens`."""
+    scope: str = "global"
+    """Under torchrun: CKA on the `global` batch (gathered over processes) or per process (`local`)."""
+    cache: str = "none"
+    """Keep the guide's activations per example: `none`, `memory` or `disk` (only without random augmentation)."""
+    log_every: int = 10
+    """Steps between per-pair similarity records in metrics.jsonl."""
+    gram_dtype: str = "float32"
+    """Dtype of CKA's sample-space Gram products: `float32` or `bfloat16`."""
 
     def validate(self, where: str) -> None:
         from untrainable.similarity import list_similarities
@@ -197,18 +223,31 @@ class GuideSpec:
     """One of several guides, a `[[guides]]` entry: its model, the name its similarity keys carry, how it pulls."""
 
     model: ModelSpec
-    name: str | None = None  # prefixes its similarity keys, `name:target<-guide`; default: the model's name
+    """The guide model, a `[guides.model]` table with the fields of `[model]`."""
+    name: str | None = None
+    """Prefixes its similarity keys, `name:target<-guide`; default: the model's name."""
     alpha: float = 1.0
+    """Weight of this guide's loss; the starting value under `schedule = "adaptive"`."""
     schedule: str = "constant"
+    """How its alpha moves: `constant`, `first_steps`, `linear`, `cosine` or `adaptive`, as in `[guidance]`."""
     steps: int | None = None
-    adapt_every: int = 10  # the adapt_* fields and alpha_max: for schedule = "adaptive", as in [guidance]
+    """Steps of the `first_steps`, `linear` and `cosine` schedules."""
+    adapt_every: int = 10
+    """Adaptive alpha: steps between this guide's measurements."""
     adapt_ratio: float = 1.0
+    """Adaptive alpha: this guide's gradient norm as a multiple of the task gradient's."""
     adapt_momentum: float = 0.5
+    """Adaptive alpha: smoothing of the measurements, in [0, 1)."""
     alpha_max: float = 100.0
+    """Adaptive alpha: its upper bound, at least `alpha`."""
     target_layers: list[str] | None = None
+    """Target layers this guide pulls on, by path, glob or type; default: the library's."""
     guide_layers: list[str] | None = None
-    pairs: list[list[Any]] | None = None  # [[target, guide], [target, guide, weight], ...]
+    """This guide's layers, by path, glob or type; default: the library's."""
+    pairs: list[list[Any]] | None = None
+    """Explicit pairs `[[target, guide], [target, guide, weight], ...]`; default: the even spread."""
     guide_input: str = "same"
+    """What this guide sees: `same` (the batch) or `noise`."""
 
     @property
     def label(self) -> str:
@@ -232,13 +271,21 @@ class OptimSpec:
     """Optimiser and learning-rate schedule."""
 
     name: str = "adam"
+    """Optimiser: `adam`, `adamw` or `sgd`."""
     lr: float = 1e-3
+    """Learning rate (after warm-up, before decay)."""
     weight_decay: float = 0.0
-    momentum: float = 0.9  # SGD only
+    """Weight decay."""
+    momentum: float = 0.9
+    """Momentum, for `sgd` only."""
     lr_schedule: str = "constant"
+    """Learning-rate decay after warm-up: `constant`, `cosine`, or `step` (x0.1 at 50% and 75% of the steps)."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to `lr`."""
     grad_clip: float | None = None
-    fused: bool = False  # one fused kernel for the Adam/AdamW update (same maths, faster on large models)
+    """Clip the gradients' global norm to this value; none by default."""
+    fused: bool = False
+    """One fused kernel for the Adam/AdamW update (same maths, faster on large models)."""
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.name", self.name, tuple(OPTIMIZERS))
@@ -259,7 +306,9 @@ class DistillSpec:
     """Knowledge distillation from the `[guide]` model's logits (the paper's contrast to guidance); off at weight 0."""
 
     weight: float = 0.0
+    """Weight of the distillation loss; 0 turns it off."""
     temperature: float = 4.0
+    """Softmax temperature of the teacher's and the target's logits."""
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.weight", self.weight, allow_zero=True)
@@ -271,23 +320,31 @@ class TrainSpec:
     """The loop: length, task, seed, device, precision, checkpoints."""
 
     epochs: int = 10
+    """Passes over the training set."""
     seed: int = 0
+    """Seed of the data order, the initialisation and everything random in the run."""
     task: str = "classification"
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    """Loss and metrics: `classification`, `tokens` (a label per position) or `lm` (next character)."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
     precision: str = "fp32"
+    """`fp32`, `bf16` (CPU or GPU) or `fp16` (GPU, with a gradient scaler); the similarity is always float32."""
     deterministic: bool = True
-    max_steps: int | None = None  # stop early after this many steps
-    checkpoint_every: int = 0  # steps between checkpoints within an epoch; 0: each epoch only
+    """Ask torch for deterministic kernels."""
+    max_steps: int | None = None
+    """Stop after this many steps, within the epochs; may change on `--resume`."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints within an epoch; 0: at each epoch's end only."""
     keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder, newest first."""
     progress: bool = True
-    grad_norm_steps: list[int] = field(
-        default_factory=list
-    )  # steps (from 1) at which per-layer gradient norms are logged
-    # Early stopping: keep the weights of the epoch with the best validation metric
-    # (accuracy, else loss); the test set is evaluated with them too (result.json "best").
+    """Show a progress bar (or a line per epoch and per minute when stderr is not a terminal)."""
+    grad_norm_steps: list[int] = field(default_factory=list)
+    """Steps (from 1) at which per-layer gradient norms are logged."""
     early_stopping: bool = False
-    # Under torchrun: seconds a process waits for the others in a collective before it stops with an error.
+    """Keep the weights of the best validation epoch (accuracy, else loss) and test them too (result.json `best`)."""
     timeout_s: float = 300.0
+    """Under torchrun: seconds a process waits for the others in a collective before it stops with an error."""
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.timeout_s", self.timeout_s)
@@ -313,15 +370,24 @@ class RunConfig:
     """
 
     model: ModelSpec
+    """The target, the network being trained."""
     data: DataSpec
+    """The data set and its batches."""
     guide: ModelSpec | None = None
+    """The single frozen guide (and the distillation teacher); none: the target trains alone."""
     guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    """How the guide pulls on the target; with `[[guides]]`, what all guides share."""
     # None rather than []: a run folder saved before this field existed still compares equal.
     guides: list[GuideSpec] | None = None
+    """Several guides, `[[guides]]` entries, instead of `[guide]`."""
     optim: OptimSpec = field(default_factory=OptimSpec)
+    """The optimiser and its learning-rate schedule."""
     distill: DistillSpec = field(default_factory=DistillSpec)
+    """Knowledge distillation from the `[guide]`'s logits."""
     train: TrainSpec = field(default_factory=TrainSpec)
+    """The training loop."""
     name: str = "run"
+    """The run's name, its folder under `runs/` unless `--out` is given."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -419,100 +485,11 @@ class RunConfig:
         return self.with_section(section, args={**spec.args, **args})
 
 
-def _check_type(where: str, value: Any, hint: Any) -> Any:
-    """Coerce a parsed value to a field's type hint, or raise ConfigError."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(where, value, option)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if hint is Any:
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)[:1] or (Any,)
-        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table of values, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from nested dicts; unknown keys name the valid ones."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {', '.join(fields)}")
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where or 'config'}: missing required key(s) {missing}")
-    kwargs = {
-        name: _check_type(f"{where}.{name}" if where else name, value, hints[name]) for name, value in data.items()
-    }
-    # Sections validate as part of RunConfig (in its __post_init__), where each field's path is known.
-    return cls(**kwargs)
-
-
 def load_config(
     path: str | Path, overrides: dict[str, Any] | None = None, overrides_label: str = "override"
 ) -> RunConfig:
     """Read a RunConfig from a .toml or .json file, with dotted-key overrides (an error in one names it: `--set KEY`)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix not in (".json", ".toml"):
-        raise ConfigError(f"config file {path}: use a .toml or .json file")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}; fix the file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path}: expected a table of sections (model, data, ...), got {type(data).__name__}"
-        )
-    for key, value in (overrides or {}).items():
-        try:
-            set_dotted(data, key, value)
-        except ConfigError as err:
-            raise ConfigError(f"{overrides_label} {key}: {err}") from None
+    data = read_table(path, overrides, overrides_label)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as err:
@@ -528,69 +505,3 @@ def shipped_config(name: str) -> RunConfig:
     from importlib import resources
 
     return load_config(resources.files("untrainable") / "configs" / f"{name}.toml")
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """data['a']['b'] = value for key 'a.b', creating tables on the way."""
-    *parents, last = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{part!r} is not a table")
-    node[last] = value
-
-
-def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-
-
-def config_differences(saved: dict[str, Any], config: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between a saved config.json and `config` (keys in `ignore` skipped).
-
-    A key that the saved file lacks counts as its default: a field added
-    since the run was made, left at its default, is no difference.
-    """
-    current = json.loads(json.dumps(config.to_dict()))
-
-    def walk(a: Any, b: Any, path: str) -> list[str]:
-        if path in ignore:
-            return []
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = []
-            for key in sorted(set(a) | set(b)):
-                where = f"{path}.{key}" if path else key
-                # A field newer than the saved file: that run had its default.
-                older = key not in a and key in b and _json_default(where) == b[key]
-                found += [] if older else walk(a.get(key), b.get(key), where)
-            return found
-        return [] if a == b else [path]
-
-    return walk(saved, current, "")
-
-
-_NO_DEFAULT = object()
-
-
-def _json_default(path: str) -> Any:
-    """The default of a dotted RunConfig field (`guidance.gram_dtype`) as config.json holds it; a marker if none."""
-    cls: Any = RunConfig
-    default: Any = _NO_DEFAULT
-    for name in path.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return _NO_DEFAULT
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if name not in fields:
-            return _NO_DEFAULT
-        f = fields[name]
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = _NO_DEFAULT
-        hint = typing.get_type_hints(cls)[name]
-        cls = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
-    if dataclasses.is_dataclass(default):
-        default = dataclasses.asdict(default)
-    return default if default is _NO_DEFAULT else json.loads(json.dumps(default))

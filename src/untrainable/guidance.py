@@ -43,8 +43,8 @@ class NonFiniteError(FloatingPointError):
 def _check_not_shared(target: nn.Module, guide: nn.Module) -> None:
     """Refuse a guide that shares parameters or modules with the target: freezing it would freeze the target.
 
-    A shared module without parameters (a BatchNorm with affine=False) would
-    be put in eval mode with the guide, and the target's statistics frozen.
+    A shared module without parameters (a BatchNorm with affine=False) would be put in eval mode with the
+    guide, and the target's statistics frozen.
     """
     target_params = {id(p) for p in target.parameters()}
     shared = [name for name, p in guide.named_parameters() if id(p) in target_params]
@@ -90,8 +90,8 @@ class Guide:
         alpha: weight of its alignment term (ignored when `schedule` is given).
         pairs: explicit (target_layer, guide_layer[, weight]) pairs. Default:
             the guide's layers spread evenly over the target's.
-        target_layers, guide_layers: module paths or globs to capture; default
-            `capture.default_layers` of each model.
+        target_layers: the target's module paths or globs to capture; default `capture.default_layers`.
+        guide_layers: the guide's module paths or globs to capture; default `capture.default_layers`.
         schedule: an AlphaSchedule, or an AdaptiveAlpha (measured by
             `step.adapt_alpha` from this guide's own loss); the step counts
             the Guidance's training-mode forwards.
@@ -218,8 +218,12 @@ class Guidance(nn.Module):
             or a Guide, or a list of Guides (each with its own layers, pairs,
             alpha or schedule and input; the arguments below marked "one
             guide" are then set on each Guide instead).
-        alpha, pairs, target_layers, guide_layers, schedule, guide_input:
-            one guide's settings, as the fields of `Guide`.
+        alpha: one guide's alpha, as `Guide.alpha`.
+        pairs: one guide's pairs, as `Guide.pairs`.
+        target_layers: one guide's target layers, as `Guide.target_layers`.
+        guide_layers: one guide's layers, as `Guide.guide_layers`.
+        schedule: one guide's schedule, as `Guide.schedule`.
+        guide_input: one guide's input, as `Guide.guide_input`.
         similarity: `cka` (biased linear CKA, the paper's), `cka_unbiased`,
             `rsa`, or any callable (n, d1), (n, d2) -> scalar; for every guide.
         sequence_mode: how (batch, time, features) activations are compared
@@ -321,9 +325,8 @@ class Guidance(nn.Module):
         return self._only().schedule
 
     def get_extra_state(self) -> dict[str, Any]:
-        # Saved with the state dict so a resumed run continues the alpha schedules:
-        # the step, and each adaptive alpha's state (the only guide's as it is;
-        # with several guides, by guide name).
+        # Saved with the state dict so a resumed run continues the alpha schedules: the step, and each
+        # adaptive alpha's state (the only guide's as it is; with several guides, by guide name).
         adaptive = {g.name: a.state_dict() for g in self.guides if (a := g.adaptive) is not None}
         if not adaptive:
             return {"step": self.step}
@@ -455,10 +458,9 @@ class Guidance(nn.Module):
             GuidanceOutput. In training mode the schedules' step advances by one.
         """
         alphas = self.alphas
-        # A guide off its schedule (after "guidance as initialisation") is
-        # skipped entirely: with none left, the step is as cheap as unguided
-        # training. An adaptive alpha at 0 still runs its guide on its
-        # measurement steps, or it could not rise.
+        # A guide off its schedule (after "guidance as initialisation") is skipped entirely: with none
+        # left, the step is as cheap as unguided training. An adaptive alpha at 0 still runs its guide
+        # on its measurement steps, or it could not rise.
         pulling = [
             guide
             for guide in self.guides

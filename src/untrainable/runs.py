@@ -7,8 +7,10 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,6 +129,18 @@ def keep_earlier_log(folder: str | Path) -> Path:
         if (folder / name).exists():
             (folder / name).rename(folder / kept.format(attempt))
     return folder / f"metrics.attempt{attempt}.jsonl"
+
+
+def start_again(folder: Path) -> None:
+    """Set aside, with a warning, the log of an attempt that stopped before its first checkpoint (else nothing)."""
+    if stopped_before_first_checkpoint(folder):
+        kept = keep_earlier_log(folder)
+        shutil.rmtree(folder / "guide_cache", ignore_errors=True)  # derived data, perhaps of another config
+        warnings.warn(
+            f"{folder}: the earlier attempt stopped before its first checkpoint; training again from step 0, "
+            f"its log kept as {kept.name}",
+            stacklevel=3,
+        )
 
 
 def check_folder(folder: str | Path, config: RunConfig, resume: bool, accept_config: bool = False) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,9 +42,8 @@ from untrainable.logs import MetricsLog, ProgressLines
 from untrainable.runs import (
     check_folder,
     check_resumed_config,
-    keep_earlier_log,
     seed_everything,
-    stopped_before_first_checkpoint,
+    start_again,
     write_run_files,
     writer_lock,
 )
@@ -289,7 +287,7 @@ def _set_up(
     if config.train.precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
     checkpoints = CheckpointManager(folder / "checkpoints", keep=config.train.keep_checkpoints)
-    loaded = _load_checkpoint(checkpoints, dist_info, device) if resume else None
+    loaded = checkpoints.load_latest_on_every_rank(dist_info, device) if resume else None
     record = check_resumed_config(folder, config, loaded, accept_config) if resume else {}
     seed_everything(config.train.seed + dist_info.rank, config.train.deterministic)
     data = data if data is not None else build_data(config.data)
@@ -334,22 +332,6 @@ def _set_up(
         run.restore(loaded[0])
         run.resumed_from = loaded[1].name
     return run, record
-
-
-def _load_checkpoint(
-    checkpoints: CheckpointManager, dist_info: distributed.DistInfo, device: torch.device
-) -> tuple[dict[str, Any], Path] | None:
-    """The newest good checkpoint (after `runs.check_folder` accepted the folder); rank 0 first.
-
-    Rank 0 sets aside corrupted files, then the others read what is left.
-    """
-    loaded = None
-    if dist_info.rank == 0:
-        loaded = checkpoints.load_latest(map_location=device)
-    distributed.barrier(dist_info)
-    if dist_info.rank != 0:
-        loaded = checkpoints.load_latest(map_location=device, quarantine=False)
-    return loaded
 
 
 def _train_epoch(run: _Run, logger: MetricsLog, lines: ProgressLines) -> dict[str, Any]:
@@ -498,14 +480,8 @@ def train(
         check_folder(folder, config, resume)  # refuses: nothing to resume, and nothing to lock
     with writer_lock(folder, hold=not locked and os.environ.get("RANK", "0") == "0"):
         changes = check_folder(folder, config, resume, accept_config)
-        if not resume and os.environ.get("RANK", "0") == "0" and stopped_before_first_checkpoint(folder):
-            kept = keep_earlier_log(folder)
-            shutil.rmtree(folder / "guide_cache", ignore_errors=True)  # derived data, perhaps of another config
-            warnings.warn(
-                f"{folder}: the earlier attempt stopped before its first checkpoint; training again from step 0, "
-                f"its log kept as {kept.name}",
-                stacklevel=2,
-            )
+        if not resume and os.environ.get("RANK", "0") == "0":
+            start_again(folder)
         return _train_locked(
             config, folder, resume, data, accept_config, {"config_changes": changes} if changes else {}
         )
