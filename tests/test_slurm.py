@@ -170,10 +170,12 @@ def test_a_job_requeued_while_running_resumes_each_step_once_to_the_uninterrupte
 
 
 def test_a_job_at_its_time_limit_is_checkpointed_requeued_and_finishes(tmp_path):
-    # About 90 s of training under a one-minute limit: SIGUSR2 30 s before it, a checkpoint, a requeue.
-    experiment = long_run(100)
+    # About 35 to 70 s of training under a one-minute limit, SIGUSR2 up to 30 s before it: the first start cannot
+    # finish. A signal during the set-up requeues at once (submitit's own handler); one during training stops the run
+    # at its next step with a checkpoint, which the requeued job resumes.
+    experiment = long_run(40)
     out = tmp_path / "study"
-    job = submit_detached(experiment, out, settings(time=1, signal_delay_s=30, max_requeues=4))
+    job = submit_detached(experiment, out, settings(time=1, signal_delay_s=30, max_requeues=6))
     folder = out / "fcn" / "seed0"
     released = 0
 
@@ -183,13 +185,15 @@ def test_a_job_at_its_time_limit_is_checkpointed_requeued_and_finishes(tmp_path)
         return (folder / "result.json").exists() or squeue().get(job, ("",))[0] in ("FAILED", "TIMEOUT", "CANCELLED")
 
     wait_for(finished, 600, "the run to finish")
-    run_experiment(experiment, out, cluster=settings(), log=quiet)  # collects: the run is done
+    lines: list[str] = []
+    run_experiment(experiment, out, cluster=settings(), log=lines.append)  # collects: the run is done
+    assert recorded(out) == {"fcn/seed0": job} and not [line for line in lines if "submitted" in line], lines
     total = json.loads((folder / "result.json").read_text())["steps"]
     assert logged_steps(folder) == list(range(1, total + 1)), "each step logged once"
     resumes = [r["step"] for r in step_records(folder) if r.get("kind") == "resume"]
     log = (out / "slurm" / "logs" / f"{job}_0_log.out").read_text()
     print(f"time-limited job {job}: {restarts(job)} requeue(s), resumed at steps {resumes}")
-    assert restarts(job) >= 1 and len(resumes) == restarts(job) == released
+    assert restarts(job) == released >= 1 and 1 <= len(resumes) <= restarts(job)
     assert "this job is timed-out" in log and "Requeued job" in log
 
 
