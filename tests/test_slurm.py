@@ -141,7 +141,10 @@ def test_a_study_through_slurm_gives_the_local_table_to_the_last_digit(tmp_path)
     for name in ("cnn", "fcn+trained-cnn"):
         for seed in (0, 1):
             run = f"{name}/seed{seed}"
-            a, b = load_weights(tmp_path / "local" / run / "model.pt"), load_weights(tmp_path / "slurm" / run / "model.pt")
+            a, b = (
+                load_weights(tmp_path / "local" / run / "model.pt"),
+                load_weights(tmp_path / "slurm" / run / "model.pt"),
+            )
             assert all(torch.equal(a[k], b[k]) for k in a), run
     assert (tmp_path / "slurm" / "table.md").exists() and (tmp_path / "slurm" / "curves.png").exists()
 
@@ -211,9 +214,13 @@ def test_a_runner_killed_mid_study_and_started_again_reattaches_without_a_second
     before = last_job_number()
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(tests=str(TESTS), out=str(out)))
-    runner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
-        wait_for(lambda: (out / "slurm" / "jobs.json").exists() and len(recorded(out)) == 2, 120, "the first submission")
+        wait_for(
+            lambda: (out / "slurm" / "jobs.json").exists() and len(recorded(out)) == 2, 120, "the first submission"
+        )
     finally:
         runner.send_signal(signal.SIGKILL)
         runner.wait()
@@ -273,13 +280,17 @@ def test_a_two_task_job_trains_one_ddp_run_with_the_global_batch_guidance(tmp_pa
     run = _set_up(_arm_config(experiment.arms[0], 0, out), tmp_path / "recompute", False, None)
     shards = []
     for rank in range(2):
-        sampler = DistributedSampler(run.loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True)
+        sampler = DistributedSampler(
+            run.loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True
+        )
         sampler.set_epoch(0)
         shards.append(default_collate([run.loader.dataset[i] for i in list(sampler)[: config.data.batch_size]]))
     both = tuple(torch.cat([shards[0][i], shards[1][i]]) for i in range(len(shards[0])))
     with torch.no_grad():
         global_loss = _losses(run.parts, both, 1)[0]["guidance_loss"].item()
         shard_loss = _losses(run.parts, shards[0], 1)[0]["guidance_loss"].item()
-    print(f"step 1 guidance loss: logged {records[0]['guidance_loss']}, both shards {global_loss}, rank 0's {shard_loss}")
+    print(
+        f"step 1 guidance loss: logged {records[0]['guidance_loss']}, both shards {global_loss}, rank 0's {shard_loss}"
+    )
     assert records[0]["guidance_loss"] == pytest.approx(global_loss, rel=1e-5, abs=1e-7)
     assert abs(shard_loss - global_loss) > 1e-4, "the shard alone gives another loss: the batch was gathered"

@@ -128,7 +128,9 @@ def load_cluster(path: str | Path | None, overrides: dict[str, Any] | None = Non
         path = Path(path)
         where = f"cluster file {path}"
         if not path.is_file():
-            raise ConfigError(f"{where} does not exist; give a TOML file with a [slurm] table (see configs/cluster_example.toml)")
+            raise ConfigError(
+                f"{where} does not exist; give a TOML file with a [slurm] table (see configs/cluster_example.toml)"
+            )
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
@@ -158,5 +160,6 @@ def require_slurm() -> None:
     try:
         import submitit  # noqa: F401
     except ImportError:
-        raise ConfigError("--executor slurm: the submitit package is missing; pip install 'untrainable[slurm]'") from None
-
+        raise ConfigError(
+            "--executor slurm: the submitit package is missing; pip install 'untrainable[slurm]'"
+        ) from None

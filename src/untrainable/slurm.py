@@ -55,7 +55,9 @@ class StudyFailed(Exception):
 
     def __init__(self, out: Path, rows: list[tuple[str, str, str, str]]) -> None:
         self.rows = rows
-        super().__init__(f"{len(rows)} run(s) of {out} failed: " + "; ".join(f"{r[0]}: {r[2]}, log {r[3]}" for r in rows))
+        super().__init__(
+            f"{len(rows)} run(s) of {out} failed: " + "; ".join(f"{r[0]}: {r[2]}, log {r[3]}" for r in rows)
+        )
 
 
 @dataclass
@@ -92,7 +94,9 @@ class RunJob:
                 print(line, flush=True)
 
         try:
-            run_folder(Path(self.folder), from_dict(RunConfig, self.config), self.label, self.guide_from, log, {}, False)
+            run_folder(
+                Path(self.folder), from_dict(RunConfig, self.config), self.label, self.guide_from, log, {}, False
+            )
         except TrainingInterrupted as stop:
             # The checkpoint of the last step is on disk. Before a time limit, requeue (bounded by
             # slurm.max_requeues); on SIGTERM (preemption, `scontrol requeue`, `scancel`) SLURM decides.
@@ -145,7 +149,9 @@ class JobRecord:
             try:
                 self.jobs = json.loads(path.read_text())
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err}); remove it to submit every unfinished run again") from None
+                raise ValueError(
+                    f"{path} is not valid JSON ({err}); remove it to submit every unfinished run again"
+                ) from None
 
     def set(self, key: str, job_id: str, log: Path) -> None:
         self.jobs[key] = {"job_id": job_id, "log": str(log), "submitted": time.time()}
@@ -178,106 +184,129 @@ def run_on_slurm(
     runs ended when any failed, Detached with `detach` once submitted.
     """
     require_slurm()
-    import submitit
-
-    from untrainable.experiment import _arm_config, arm_folder
-
-    slurm_folder = out / "slurm"
-    with writer_lock(slurm_folder):  # one runner submits for a study folder at a time
-        record = JobRecord(slurm_folder / "jobs.json")
-        executor = submitit.SlurmExecutor(folder=slurm_folder / "logs", max_num_timeout=settings.max_requeues)
-        executor.update_parameters(**settings.executor_parameters())
-        key = {(arm.name, seed): f"{arm.name}/seed{seed}" for arm, seed in tasks}
-        arms = {arm.name: arm for arm, _ in tasks}
-        done: dict[tuple[str, int], RunResult] = {}
-        failed: dict[tuple[str, int], tuple[str, str, str]] = {}  # (job id, state, log)
-        attached: dict[tuple[str, int], str] = {}  # job id
-        waiting = []
-        for arm, seed in tasks:
-            if (arm_folder(arm, seed, out) / "result.json").exists():
-                done[arm.name, seed] = _result(arm_folder(arm, seed, out))
-            else:
-                waiting.append((arm, seed))
-        known = squeue_states([record.jobs[key[a.name, s]]["job_id"] for a, s in waiting if key[a.name, s] in record.jobs])
-        for arm, seed in list(waiting):
-            entry = record.jobs.get(key[arm.name, seed])
-            if entry and entry["job_id"] in known and known[entry["job_id"]][0] in ACTIVE:
-                attached[arm.name, seed] = entry["job_id"]
-                waiting.remove((arm, seed))
-        if attached:
-            log(f"slurm: re-attached to {len(attached)} job(s): {' '.join(sorted(attached.values()))}")
-        if done:
-            log(f"slurm: {len(done)} run(s) done earlier, reused")
-
-        def submit() -> None:
-            ready = [(a, s) for a, s in waiting if a.guide_from is None or (a.guide_from, s) in done]
-            blocked = [(a, s) for a, s in waiting if a.guide_from is not None and (a.guide_from, s) in failed]
-            for arm, seed in blocked:
-                waiting.remove((arm, seed))
-                failed[arm.name, seed] = ("-", f"not run: its guide {arm.guide_from} seed {seed} failed", "-")
-            if not ready:
-                return
-            started = time.monotonic()
-            jobs_of = []
-            with executor.batch():  # one job array
-                for arm, seed in ready:
-                    config = _arm_config(arm, seed, out)
-                    job_run = RunJob(str(arm_folder(arm, seed, out)), config.to_dict(), f"{arm.name} seed {seed}", arm.guide_from)
-                    jobs_of.append(((arm, seed), executor.submit(job_run)))
-            for (arm, seed), job in jobs_of:
-                waiting.remove((arm, seed))
-                attached[arm.name, seed] = job.job_id
-                record.set(key[arm.name, seed], job.job_id, job_log(slurm_folder / "logs", job.job_id))
-            ids = " ".join(job.job_id for _, job in jobs_of)
-            log(f"slurm: submitted {len(jobs_of)} run(s) in {time.monotonic() - started:.1f} s: {ids}")
-
+    with writer_lock(out / "slurm"):  # one runner submits for a study folder at a time
+        runner = _Runner(tasks, out, settings, log)
         try:
-            last = None
-            bar = _bar(len(tasks), len(done))
-            while True:
-                submit()
-                if detach or not (attached or waiting):
-                    break
-                states = squeue_states(list(attached.values()))
-                counts: dict[str, list[str]] = {"pending": [], "running": []}
-                for task, job_id in list(attached.items()):
-                    state = states.get(job_id, ("", ""))[0]
-                    folder = arm_folder(arms[task[0]], task[1], out)
-                    if state in ACTIVE:
-                        counts[ACTIVE[state]].append(job_id)
-                    elif (folder / "result.json").exists():
-                        done[task] = _result(folder)
-                        del attached[task]
-                    else:
-                        failed[task] = (job_id, state or "VANISHED", record.jobs[key[task]]["log"])
-                        del attached[task]
-                line = (
-                    f"slurm: {len(counts['pending'])} pending, {len(counts['running'])} running, {len(done)} done, "
-                    f"{len(failed)} failed, {len(waiting)} waiting for their guide"
-                )
-                if line != last:
-                    jobs = "; ".join(f"{k} {' '.join(v)}" for k, v in counts.items() if v)
-                    log(line + (f" (jobs: {jobs})" if jobs else ""))
-                    last = line
-                bar.update(len(done) + len(failed) - bar.n)
-                if attached:
-                    time.sleep(settings.poll_s)
-            bar.close()
+            runner.wait(detach)
         except KeyboardInterrupt:
+            jobs = " ".join(runner.attached.values())
             log(
-                f"slurm: runner stopped; {len(attached)} job(s) keep running under SLURM "
-                f"({' '.join(attached.values())}); run the same command again to re-attach"
+                f"slurm: runner stopped; {len(runner.attached)} job(s) keep running ({jobs}); run the same command to re-attach"
             )
             raise
-    if detach and (attached or waiting):
+    if detach and (runner.attached or runner.waiting):
         raise Detached(
-            f"{len(attached)} run(s) submitted or running ({' '.join(attached.values())}), {len(done)} done"
-            + (f", {len(waiting)} waiting for their guide (submitted by a later run of the same command)" if waiting else "")
-            + f"; run the same command again to collect the table (job ids in {record.path})"
+            f"{len(runner.attached)} run(s) submitted or running ({' '.join(runner.attached.values())}), "
+            f"{len(runner.done)} done"
+            + (f", {len(runner.waiting)} waiting for their guide (submitted by a later run)" if runner.waiting else "")
+            + f"; run the same command again to collect the table (job ids in {runner.record.path})"
         )
-    if failed:
-        raise StudyFailed(out, [(f"{name} seed {seed}", *failed[name, seed]) for name, seed in key if (name, seed) in failed])
-    return done
+    if runner.failed:
+        rows = [
+            (f"{name} seed {seed}", *runner.failed[name, seed])
+            for name, seed in runner.key
+            if (name, seed) in runner.failed
+        ]
+        raise StudyFailed(out, rows)
+    return runner.done
+
+
+class _Runner:
+    """The state of one study's runs: done (run folders), attached (job ids), waiting (for a guide), failed."""
+
+    def __init__(self, tasks: list[tuple[Arm, int]], out: Path, settings: SlurmSettings, log: Callable[[str], None]):
+        import submitit
+
+        from untrainable.experiment import arm_folder
+
+        self.tasks, self.out, self.settings, self.log = tasks, out, settings, log
+        self.record = JobRecord(out / "slurm" / "jobs.json")
+        self.executor = submitit.SlurmExecutor(folder=out / "slurm" / "logs", max_num_timeout=settings.max_requeues)
+        self.executor.update_parameters(**settings.executor_parameters())
+        self.key = {(arm.name, seed): f"{arm.name}/seed{seed}" for arm, seed in tasks}
+        self.folder = {(arm.name, seed): arm_folder(arm, seed, out) for arm, seed in tasks}
+        self.done: dict[tuple[str, int], RunResult] = {}
+        self.failed: dict[tuple[str, int], tuple[str, str, str]] = {}  # (job id, state, log)
+        self.attached: dict[tuple[str, int], str] = {}  # job id
+        self.waiting: list[tuple[Arm, int]] = []
+        recorded = {task: entry["job_id"] for task, k in self.key.items() if (entry := self.record.jobs.get(k))}
+        known = squeue_states(list(recorded.values()))
+        for arm, seed in tasks:
+            task = (arm.name, seed)
+            if (self.folder[task] / "result.json").exists():
+                self.done[task] = _result(self.folder[task])
+            elif task in recorded and known.get(recorded[task], ("",))[0] in ACTIVE:
+                self.attached[task] = recorded[task]
+            else:
+                self.waiting.append((arm, seed))
+        if self.attached:
+            log(f"slurm: re-attached to {len(self.attached)} job(s): {' '.join(sorted(self.attached.values()))}")
+        if self.done:
+            log(f"slurm: {len(self.done)} run(s) done earlier, reused")
+
+    def submit(self) -> None:
+        """Submit, as one job array, every waiting run whose guide is done; give up those whose guide failed."""
+        from untrainable.experiment import _arm_config
+
+        for arm, seed in [
+            (a, s) for a, s in self.waiting if a.guide_from is not None and (a.guide_from, s) in self.failed
+        ]:
+            self.waiting.remove((arm, seed))
+            self.failed[arm.name, seed] = ("-", f"not run: its guide {arm.guide_from} seed {seed} failed", "-")
+        ready = [(a, s) for a, s in self.waiting if a.guide_from is None or (a.guide_from, s) in self.done]
+        if not ready:
+            return
+        started = time.monotonic()
+        submitted = []
+        with self.executor.batch():  # one job array
+            for arm, seed in ready:
+                config = _arm_config(arm, seed, self.out).to_dict()
+                run = RunJob(str(self.folder[arm.name, seed]), config, f"{arm.name} seed {seed}", arm.guide_from)
+                submitted.append(((arm, seed), self.executor.submit(run)))
+        for (arm, seed), job in submitted:
+            self.waiting.remove((arm, seed))
+            self.attached[arm.name, seed] = job.job_id
+            self.record.set(self.key[arm.name, seed], job.job_id, job_log(self.out / "slurm" / "logs", job.job_id))
+        ids = " ".join(job.job_id for _, job in submitted)
+        self.log(f"slurm: submitted {len(submitted)} run(s) in {time.monotonic() - started:.1f} s: {ids}")
+
+    def poll(self) -> dict[str, list[str]]:
+        """Move ended jobs to done (their folder holds result.json) or failed; the job ids pending and running."""
+        states = squeue_states(list(self.attached.values()))
+        counts: dict[str, list[str]] = {"pending": [], "running": []}
+        for task, job_id in list(self.attached.items()):
+            state = states.get(job_id, ("", ""))[0]
+            if state in ACTIVE:
+                counts[ACTIVE[state]].append(job_id)
+                continue
+            del self.attached[task]
+            if (self.folder[task] / "result.json").exists():
+                self.done[task] = _result(self.folder[task])
+            else:
+                self.failed[task] = (job_id, state or "VANISHED", self.record.jobs[self.key[task]]["log"])
+        return counts
+
+    def wait(self, detach: bool) -> None:
+        """Submit what can run, then poll until every run is done or failed (with `detach`: submit only)."""
+        last = None
+        bar = _bar(len(self.tasks), len(self.done))
+        while True:
+            self.submit()
+            if detach or not (self.attached or self.waiting):
+                break
+            counts = self.poll()
+            line = (
+                f"slurm: {len(counts['pending'])} pending, {len(counts['running'])} running, {len(self.done)} done, "
+                f"{len(self.failed)} failed, {len(self.waiting)} waiting for their guide"
+            )
+            if line != last:
+                jobs = "; ".join(f"{k} {' '.join(v)}" for k, v in counts.items() if v)
+                self.log(line + (f" (jobs: {jobs})" if jobs else ""))
+                last = line
+            bar.update(len(self.done) + len(self.failed) - bar.n)
+            if self.attached:
+                time.sleep(self.settings.poll_s)
+        bar.close()
 
 
 def _bar(total: int, initial: int) -> Any:
