@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from untrainable import cli
-from untrainable.checkpoint import load_weights
+from untrainable.checkpoint import CheckpointManager, load_weights
 from untrainable.cluster import SlurmSettings
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, RunConfig, TrainSpec
 from untrainable.experiment import Arm, Experiment, _arm_config, register_experiment, run_experiment
@@ -137,7 +137,10 @@ def test_a_study_through_slurm_gives_the_local_table_to_the_last_digit(tmp_path)
     print(f"SLURM study: {time.monotonic() - started:.1f} s; " + " | ".join(lines))
     assert slurm["rows"] == local["rows"]
     assert any("submitted 2 run(s)" in line for line in lines), lines  # the guides, then the guided arm
-    assert len([line for line in lines if "submitted" in line]) == 2, "the guided runs waited for their guides"
+    jobs = json.loads((tmp_path / "slurm" / "slurm" / "jobs.json").read_text())
+    for seed in (0, 1):  # each guided run was submitted once its guide was done
+        guide_done = (tmp_path / "slurm" / "cnn" / f"seed{seed}" / "result.json").stat().st_mtime
+        assert jobs[f"fcn+trained-cnn/seed{seed}"]["submitted"] >= guide_done
     for name in ("cnn", "fcn+trained-cnn"):
         for seed in (0, 1):
             run = f"{name}/seed{seed}"
@@ -173,19 +176,24 @@ def test_a_job_requeued_while_running_resumes_each_step_once_to_the_uninterrupte
 
 
 def test_a_job_at_its_time_limit_is_checkpointed_requeued_and_finishes(tmp_path):
-    # About 35 to 70 s of training under a one-minute limit, SIGUSR2 up to 30 s before it: the first start cannot
-    # finish. A signal during the set-up requeues at once (submitit's own handler); one during training stops the run
-    # at its next step with a checkpoint, which the requeued job resumes.
-    experiment = long_run(40)
+    # SIGUSR2 55 s before a one-minute limit reaches the job at SLURM's next time-limit check, 5 to 35 s after it
+    # starts; the run (about 4,300 steps) is still training then, however fast the machine. A signal during the
+    # set-up requeues at once (submitit's own handler); one during training stops the run at its next step with a
+    # checkpoint. Once that happened the requeued job gets ten minutes, so the test need not wait for more requeues.
+    experiment = long_run(100)
     out = tmp_path / "study"
-    job = submit_detached(experiment, out, settings(time=1, signal_delay_s=30, max_requeues=6))
+    job = submit_detached(experiment, out, settings(time=1, signal_delay_s=55, max_requeues=6))
     folder = out / "fcn" / "seed0"
     released = 0
 
     def finished() -> bool:
         nonlocal released
-        released += release_when_requeued(job)
-        return (folder / "result.json").exists() or squeue().get(job, ("",))[0] in ("FAILED", "TIMEOUT", "CANCELLED")
+        state, reason = squeue().get(job, ("", ""))
+        if state == "PENDING" and reason == "BeginTime" and restarts(job) > released:
+            longer = ["TimeLimit=10"] if CheckpointManager(folder / "checkpoints").paths() else []
+            subprocess.run(["scontrol", "update", f"JobId={job}", *longer, "StartTime=now"], check=True)
+            released += 1
+        return (folder / "result.json").exists() or state in ("FAILED", "TIMEOUT", "CANCELLED")
 
     wait_for(finished, 600, "the run to finish")
     lines: list[str] = []
