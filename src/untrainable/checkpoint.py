@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-_TRAINING_STATE = {
+_TRAINING_STATE: dict[str, type | tuple[type, ...]] = {
     "model": dict,
     "optimizer": dict,
     "lr_schedule": dict,
@@ -113,7 +113,7 @@ _TRAINING_STATE = {
     "history": list,
     "rng": (dict, list),
 }
-_OPTIONAL_STATE = {"best": (dict, type(None)), "seconds": (int, float), "config": (dict, type(None))}
+_OPTIONAL_STATE: dict[str, type | tuple[type, ...]] = {"best": (dict, type(None)), "seconds": (int, float), "config": (dict, type(None))}
 
 
 def check_training_state(state: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -82,16 +82,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     import untrainable.recipes  # noqa: F401
     from untrainable.experiment import EXPERIMENTS, format_table, run_study
 
+    cluster = _cluster_settings(args)
     built = EXPERIMENTS.create(args.experiment, quick=args.quick)
     # Quick runs get their own folder: finished runs in a folder are reused.
-    root = _out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else "")))
+    root = _out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
     seeds = tuple(args.seeds) if args.seeds else None
-    for experiment, out, table in run_study(built, root, seeds=seeds, jobs=args.jobs):
+    if cluster is None:
+        steps = run_study(built, root, seeds=seeds, jobs=args.jobs)
+    else:
+        from untrainable.slurm import Detached, StudyFailed, format_failures
+
+        try:
+            steps = run_study(built, root, seeds=seeds, cluster=cluster, detach=args.detach)
+        except Detached as detached:
+            print(f"untrainable run: detached: {detached}")
+            return 0
+        except StudyFailed as failed:
+            print(f"\n{format_failures(failed)}\n")
+            print(f"untrainable run: error: {failed}", file=sys.stderr)
+            return 2
+    for experiment, out, table in steps:
         print(f"\n## {experiment.name}\n\n{format_table(table)}")
         for note in table.get("notes", []):
             print(f"- {note}")
         print(f"\n{len(table['seeds'])} seeds, {table['seconds']:.0f} s. Table, curves and runs in {out}/")
     return 0
+
+
+def _cluster_settings(args: argparse.Namespace) -> Any:
+    """The SLURM settings of `run --executor slurm` (file, then flags over it), None for local runs."""
+    from untrainable.cluster import FLAGS, load_cluster, require_slurm
+    from untrainable.config import ConfigError
+
+    flags = {name: getattr(args, name) for name in FLAGS}
+    if args.executor == "local":
+        given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
+        given += ["--cluster"] * (args.cluster is not None) + ["--detach"] * args.detach
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --executor slurm (the local executor runs here)")
+        return None
+    if args.jobs != 1:
+        raise ConfigError("--jobs: only with --executor local; on SLURM, slurm.array_parallelism limits runs at once")
+    settings = load_cluster(args.cluster, flags)
+    require_slurm()
+    return settings
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -194,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
     p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
+    p.add_argument(
+        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or one SLURM job each"
+    )
+    p.add_argument("--cluster", metavar="FILE", help="SLURM settings: a TOML file with a [slurm] table")
+    p.add_argument("--detach", action="store_true", help="SLURM: submit and return; the same command later collects")
+    for name, kind, text in (
+        ("partition", str, "SLURM partition"),
+        ("account", str, "SLURM account"),
+        ("qos", str, "SLURM quality of service"),
+        ("time", str, "time limit per job, minutes or HH:MM:SS"),
+        ("gpus_per_run", int, "GPUs per run (one task each)"),
+        ("cpus_per_run", int, "CPUs per task"),
+        ("array_parallelism", int, "array tasks running at once"),
+        ("max_requeues", int, "requeues after a time limit"),
+    ):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train one run from a TOML or JSON config file")

@@ -97,7 +97,7 @@ def _dataclass_nodes(path: Path, package: Path, seen: set[Path]) -> dict[str, tu
     nodes = {}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("untrainable."):
-            other = _package_file(node.module, package)
+            other = _package_file(node.module or "", package)
             if other is None or other in seen:
                 continue
             theirs = _dataclass_nodes(other, package, seen)

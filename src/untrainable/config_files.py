@@ -38,7 +38,7 @@ def _check_type(where: str, value: Any, hint: Any) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is Any:
         return value
@@ -178,6 +178,6 @@ def _json_default(root: type, path: str) -> Any:
             default = _NO_DEFAULT
         hint = typing.get_type_hints(cls)[name]
         cls = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
         default = dataclasses.asdict(default)
     return default if default is _NO_DEFAULT else json.loads(json.dumps(default))

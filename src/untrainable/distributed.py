@@ -40,6 +40,40 @@ def setup(device_name: str = "auto", timeout_s: float = 300.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def export_slurm_env(environ: dict[str, str] | None = None) -> bool:
+    """Set what torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT) from a SLURM task's variables.
+
+    Only inside a job step of several tasks (SLURM_NTASKS > 1) and where
+    torchrun has not set them already; `setup` then joins the group as under
+    torchrun. The master is the job's first node; the port is derived from
+    the job id, so the tasks of one job agree without talking. Returns
+    whether anything was set.
+    """
+    env = os.environ if environ is None else environ
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    if tasks <= 1 or "RANK" in env:
+        return False
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    env["RANK"] = env["SLURM_PROCID"]
+    env["LOCAL_RANK"] = env["SLURM_LOCALID"]
+    env["WORLD_SIZE"] = str(tasks)
+    env["LOCAL_WORLD_SIZE"] = str(tasks // max(nodes, 1))
+    env["MASTER_ADDR"] = first_node(env.get("SLURM_JOB_NODELIST", env.get("SLURMD_NODENAME", "localhost")))
+    job = env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID")
+    number = int(env["SLURM_JOB_ID"]) if not job else int(env["SLURM_ARRAY_JOB_ID"]) + int(env["SLURM_ARRAY_TASK_ID"])
+    env["MASTER_PORT"] = str(20000 + number % 20000)
+    return True
+
+
+def first_node(nodelist: str) -> str:
+    """The first host name of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03"."""
+    first = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in first:
+        return first
+    prefix, ranges = first[:-1].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
 def is_timeout(err: BaseException) -> bool:
     """Whether `err` is a collective's time-out (another process hung), as gloo and nccl raise it."""
     return (

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from untrainable.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, write_atomic
+from untrainable.cluster import SlurmSettings
 from untrainable.config import RunConfig, config_differences
 from untrainable.data import DataSplits, load_data
 from untrainable.registry import Registry
@@ -92,13 +93,17 @@ def run_experiment(
     seeds: tuple[int, ...] | None = None,
     log: Callable[[str], None] = print,
     jobs: int = 1,
+    cluster: SlurmSettings | None = None,
+    detach: bool = False,
 ) -> dict[str, Any]:
     """Train every arm for every seed (finished runs are reused, interrupted ones resumed) and write the table.
 
     With `jobs` > 1, runs go to that many worker processes (each with
     cores / jobs threads), an arm's run starting once the run it takes its
-    guide from (same seed) has finished. Writes into `out`: one run folder per
-    arm and seed (`ARM/seedN/`), `table.md`, `table.json` and `curves.png`.
+    guide from (same seed) has finished. With `cluster`, each run is a SLURM
+    job instead (`untrainable.slurm`; `detach` submits and raises Detached).
+    Writes into `out`: one run folder per arm and seed (`ARM/seedN/`),
+    `table.md`, `table.json` and `curves.png`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,11 @@ def run_experiment(
         folder = arm_folder(arm, seed, out)
         if (folder / "config.json").exists() or (folder / "checkpoints").is_dir():
             _check_folder(folder, _arm_config(arm, seed, out), arm.guide_from)  # read only: no lock held
-    if jobs == 1:
+    if cluster is not None:
+        from untrainable.slurm import run_on_slurm
+
+        done = run_on_slurm(tasks, out, cluster, log, detach)
+    elif jobs == 1:
         data_sets: dict[str, DataSplits] = {}
         done = {(arm.name, seed): _run_arm(arm, seed, out, log, data_sets) for arm, seed in tasks}
     else:
@@ -195,33 +204,44 @@ def _checkpoint_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
 def _run_arm(
     arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True
 ) -> RunResult:
-    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained.
+    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
+    folder = arm_folder(arm, seed, out)
+    return run_folder(
+        folder, _arm_config(arm, seed, out), f"{arm.name} seed {seed}", arm.guide_from, log, data_sets, progress
+    )
+
+
+def run_folder(
+    folder: Path,
+    config: RunConfig,
+    label: str,
+    guide_from: str | None,
+    log: Callable[[str], None],
+    data_sets: dict[str, DataSplits],
+    progress: bool = True,
+) -> RunResult:
+    """Train `config` into `folder`: reused when finished, resumed from its newest checkpoint when started, else trained.
 
     The run folder's writer lock is taken first: a process that does not
     hold it touches nothing in the folder.
     """
-    folder = arm_folder(arm, seed, out)
-    config = _arm_config(arm, seed, out)
     with writer_lock(folder):
-        _check_folder(folder, config, arm.guide_from, repoint=True)
+        _check_folder(folder, config, guide_from, repoint=True)
         if not progress:
             config = config.with_section("train", progress=False)
         if (folder / "result.json").exists():
-            log(f"[{arm.name} seed {seed}] done earlier, reusing {folder}")
+            log(f"[{label}] done earlier, reusing {folder}")
             return RunResult(folder, _read_json(folder / "history.json"), _read_json(folder / "result.json"))
-        log(f"[{arm.name} seed {seed}] training")
+        log(f"[{label}] training")
         # A checkpoint, good or set aside, means the run started; a temporary file of a killed first write does not.
         checkpoints = CheckpointManager(folder / "checkpoints")
         resume = bool(checkpoints.paths() or checkpoints.set_aside())
         if not resume and holds_logs(folder):
             kept = keep_earlier_log(folder)
-            log(
-                f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, "
-                f"its log kept as {kept.name}"
-            )
+            log(f"[{label}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")
         result = train(config, folder, resume=resume, data=_data(config, data_sets), locked=True)
     if not progress:
-        log(f"[{arm.name} seed {seed}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
+        log(f"[{label}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
     return result
 
 
@@ -287,6 +307,8 @@ def run_study(
     seeds: tuple[int, ...] | None = None,
     log: Callable[[str], None] = print,
     jobs: int = 1,
+    cluster: SlurmSettings | None = None,
+    detach: bool = False,
 ) -> list[tuple[Experiment, Path, dict[str, Any]]]:
     """Run one experiment into `root`, or a study of several into `root/NAME/`, one after another.
 
@@ -301,7 +323,7 @@ def run_study(
     for step in steps:
         experiment = step if isinstance(step, Experiment) else step(tables)
         out = root / experiment.name if len(steps) > 1 else root
-        table = run_experiment(experiment, out, seeds=seeds, log=log, jobs=jobs)
+        table = run_experiment(experiment, out, seeds=seeds, log=log, jobs=jobs, cluster=cluster, detach=detach)
         tables[experiment.name] = table
         done.append((experiment, out, table))
     return done

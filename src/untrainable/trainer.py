@@ -213,7 +213,7 @@ class _Run:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run after a checkpoint of its last finished step; `signum` says which."""
+    """Ctrl-C, SIGTERM or SIGUSR2 stopped the run after a checkpoint of its last finished step; `signum` says which."""
 
     def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
         super().__init__(message)
@@ -427,7 +427,10 @@ def _keep_best(run: _Run, val_metrics: dict[str, float]) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals(run: _Run) -> Iterator[None]:
-    """Turn Ctrl-C and SIGTERM into a request to stop after the current step; a second Ctrl-C stops at once."""
+    """Turn Ctrl-C, SIGTERM and SIGUSR2 into a request to stop after the current step; a second Ctrl-C stops at once.
+
+    SIGUSR2 is what a SLURM job receives before its time limit (`slurm.signal_delay_s`).
+    """
 
     def request(signum: int, frame: Any) -> None:
         if run.stop_requested and signum == signal.SIGINT:
@@ -437,7 +440,8 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
+    previous = {sig: signal.signal(sig, request) for sig in stops}
     try:
         yield
     finally:

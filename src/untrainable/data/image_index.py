@@ -174,12 +174,13 @@ def _invalid(stored: Any) -> str | None:
     """What is wrong with the structure of a stored index (version INDEX_VERSION), or None where it is sound."""
     if not isinstance(stored, dict):
         return f"expected a JSON object, got {type(stored).__name__}"
-    for key, kind in (("root", str), ("level", str)):
-        if not isinstance(stored.get(key), kind):
-            return f"'{key}' is {_short(stored.get(key))}, expected a {kind.__name__}"
-    for key, kind in (("classes", str), ("files", str), ("labels", int), ("sizes", int), ("mtimes", int)):
-        if not _is_list_of(stored.get(key), kind):
-            return f"'{key}' is {_short(stored.get(key))}, expected a list of {kind.__name__}"
+    for key in ("root", "level"):
+        if not isinstance(stored.get(key), str):
+            return f"'{key}' is {_short(stored.get(key))}, expected a str"
+    lists: tuple[tuple[str, type], ...] = (("classes", str), ("files", str), ("labels", int), ("sizes", int), ("mtimes", int))
+    for key, of in lists:
+        if not _is_list_of(stored.get(key), of):
+            return f"'{key}' is {_short(stored.get(key))}, expected a list of {of.__name__}"
     lengths = {key: len(stored[key]) for key in ("files", "labels", "sizes", "mtimes")}
     if len(set(lengths.values())) > 1:
         return f"'files', 'labels', 'sizes' and 'mtimes' differ in length ({lengths})"

@@ -1,0 +1,323 @@
+"""Studies as SLURM jobs through submitit: each arm x seed a job, requeued at time limits, re-attached by a later runner.
+
+The run folder is the truth, not the scheduler's accounting (there may be no
+`sacct`): `result.json` says a run is done. The runner records each job's id
+in `OUT/slurm/jobs.json`; a second runner on the same folder re-attaches to
+the jobs `squeue` still lists, reuses finished runs and resubmits only runs
+whose job failed or vanished.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from untrainable.cluster import SlurmSettings, require_slurm
+from untrainable.runs import writer_lock
+
+if TYPE_CHECKING:
+    from untrainable.experiment import Arm
+    from untrainable.trainer import RunResult
+
+# squeue states of a job that will still run (or is running); any other means it ended.
+ACTIVE = {
+    "PENDING": "pending",
+    "REQUEUED": "pending",
+    "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending",
+    "RESV_DEL_HOLD": "pending",
+    "SUSPENDED": "pending",
+    "PREEMPTED": "pending",
+    "CONFIGURING": "running",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "RESIZING": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
+    "STOPPED": "running",
+}
+
+
+class Detached(Exception):
+    """`--detach`: the runs were submitted (or are running); the same command later collects them."""
+
+
+class StudyFailed(Exception):
+    """Some runs failed; `rows` gives (label, job id, state, log path) for each, after every other run ended."""
+
+    def __init__(self, out: Path, rows: list[tuple[str, str, str, str]]) -> None:
+        self.rows = rows
+        super().__init__(
+            f"{len(rows)} run(s) of {out} failed: " + "; ".join(f"{r[0]}: {r[2]}, log {r[3]}" for r in rows)
+        )
+
+
+@dataclass
+class RunJob:
+    """What a SLURM job runs: one run folder and its config, nothing else; every start resumes from disk.
+
+    Each task of the job calls it (several tasks: one DDP run, torch.distributed
+    set up from SLURM's variables). Holding no training state, a requeued job
+    (this very object, or the fresh copy `checkpoint` returns) continues from
+    the folder's newest checkpoint, as `untrainable train --resume` does.
+    """
+
+    folder: str
+    config: dict[str, Any]  # RunConfig.to_dict()
+    label: str
+    guide_from: str | None = None
+
+    def __call__(self) -> str:
+        import torch
+
+        from untrainable import distributed
+        from untrainable.config import RunConfig, from_dict
+        from untrainable.experiment import run_folder
+        from untrainable.trainer import TrainingInterrupted
+
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        distributed.export_slurm_env()
+        rank = os.environ.get("RANK", "0")
+        # submitit's handler for the signal before the time limit: it calls `checkpoint` and requeues (rank 0 only).
+        requeue = signal.getsignal(signal.SIGUSR2)
+
+        def log(line: str) -> None:
+            if rank == "0":
+                print(line, flush=True)
+
+        try:
+            run_folder(
+                Path(self.folder), from_dict(RunConfig, self.config), self.label, self.guide_from, log, {}, False
+            )
+        except TrainingInterrupted as stop:
+            # The checkpoint of the last step is on disk. Before a time limit, requeue (bounded by
+            # slurm.max_requeues); on SIGTERM (preemption, `scontrol requeue`, `scancel`) SLURM decides.
+            log(f"[{self.label}] {stop}")
+            if stop.signum == signal.SIGUSR2 and callable(requeue):
+                requeue(signal.SIGUSR2, None)  # exits after requeueing; raises when out of requeues
+            sys.exit(-1)  # no result: the job is requeued or ends, never reported done
+        return self.folder
+
+    def checkpoint(self) -> Any:
+        """submitit's hook, called before a requeue: a fresh copy, which resumes from the folder's checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(RunJob(self.folder, self.config, self.label, self.guide_from))
+
+
+def job_log(folder: Path, job_id: str) -> Path:
+    """The log file of task 0 of a job submitted into `folder` (stdout and stderr together)."""
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=job_id, task_id=0).stdout
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """State and reason of each of this user's jobs that squeue knows ("12", "12_3" for array tasks)."""
+    if not job_ids:
+        return {}
+    command = ["squeue", "-h", "-r", "--states=all", "-u", getpass.getuser(), "-o", "%i|%T|%r"]
+    for attempt in range(3):  # a busy controller may time out once
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            break
+        time.sleep(2 * (attempt + 1))
+    else:
+        raise OSError(f"squeue failed ({done.stderr.strip()[:200]}); is the SLURM controller reachable?")
+    states = {}
+    for line in done.stdout.splitlines():
+        job, state, reason = (line.split("|") + ["", ""])[:3]
+        states[job.strip()] = (state.strip().split()[0] if state.strip() else "", reason.strip())
+    return {job: states[job] for job in job_ids if job in states}
+
+
+class JobRecord:
+    """`OUT/slurm/jobs.json`: the job id and log of each run submitted, keyed by `ARM/seedN`, written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.jobs: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            try:
+                self.jobs = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path} is not valid JSON ({err}); remove it to submit every unfinished run again"
+                ) from None
+
+    def set(self, key: str, job_id: str, log: Path) -> None:
+        self.jobs[key] = {"job_id": job_id, "log": str(log), "submitted": time.time()}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.jobs, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def _result(folder: Path) -> RunResult:
+    from untrainable.experiment import _read_json
+    from untrainable.trainer import RunResult
+
+    return RunResult(folder, _read_json(folder / "history.json"), _read_json(folder / "result.json"))
+
+
+def run_on_slurm(
+    tasks: list[tuple[Arm, int]], out: Path, settings: SlurmSettings, log: Callable[[str], None], detach: bool = False
+) -> dict[tuple[str, int], RunResult]:
+    """Run each (arm, seed) as a SLURM job and wait for all; finished runs are reused, recorded jobs re-attached.
+
+    Independent runs go in one job array; an arm guided by another arm's
+    weights is submitted once that run is done (never if it failed). Prints
+    a line at each change of the counts. Raises StudyFailed after the other
+    runs ended when any failed, Detached with `detach` once submitted.
+    """
+    require_slurm()
+    with writer_lock(out / "slurm"):  # one runner submits for a study folder at a time
+        runner = _Runner(tasks, out, settings, log)
+        try:
+            runner.wait(detach)
+        except KeyboardInterrupt:
+            jobs = " ".join(runner.attached.values())
+            log(
+                f"slurm: runner stopped; {len(runner.attached)} job(s) keep running ({jobs}); run the same command to re-attach"
+            )
+            raise
+    if detach and (runner.attached or runner.waiting):
+        raise Detached(
+            f"{len(runner.attached)} run(s) submitted or running ({' '.join(runner.attached.values())}), "
+            f"{len(runner.done)} done"
+            + (f", {len(runner.waiting)} waiting for their guide (submitted by a later run)" if runner.waiting else "")
+            + f"; run the same command again to collect the table (job ids in {runner.record.path})"
+        )
+    if runner.failed:
+        rows = [
+            (f"{name} seed {seed}", *runner.failed[name, seed])
+            for name, seed in runner.key
+            if (name, seed) in runner.failed
+        ]
+        raise StudyFailed(out, rows)
+    return runner.done
+
+
+class _Runner:
+    """The state of one study's runs: done (run folders), attached (job ids), waiting (for a guide), failed."""
+
+    def __init__(self, tasks: list[tuple[Arm, int]], out: Path, settings: SlurmSettings, log: Callable[[str], None]):
+        import submitit
+
+        from untrainable.experiment import arm_folder
+
+        self.tasks, self.out, self.settings, self.log = tasks, out, settings, log
+        self.record = JobRecord(out / "slurm" / "jobs.json")
+        self.executor = submitit.SlurmExecutor(folder=out / "slurm" / "logs", max_num_timeout=settings.max_requeues)
+        self.executor.update_parameters(**settings.executor_parameters())
+        self.key = {(arm.name, seed): f"{arm.name}/seed{seed}" for arm, seed in tasks}
+        self.folder = {(arm.name, seed): arm_folder(arm, seed, out) for arm, seed in tasks}
+        self.done: dict[tuple[str, int], RunResult] = {}
+        self.failed: dict[tuple[str, int], tuple[str, str, str]] = {}  # (job id, state, log)
+        self.attached: dict[tuple[str, int], str] = {}  # job id
+        self.waiting: list[tuple[Arm, int]] = []
+        recorded = {task: entry["job_id"] for task, k in self.key.items() if (entry := self.record.jobs.get(k))}
+        known = squeue_states(list(recorded.values()))
+        for arm, seed in tasks:
+            task = (arm.name, seed)
+            if (self.folder[task] / "result.json").exists():
+                self.done[task] = _result(self.folder[task])
+            elif task in recorded and known.get(recorded[task], ("",))[0] in ACTIVE:
+                self.attached[task] = recorded[task]
+            else:
+                self.waiting.append((arm, seed))
+        if self.attached:
+            log(f"slurm: re-attached to {len(self.attached)} job(s): {' '.join(sorted(self.attached.values()))}")
+        if self.done:
+            log(f"slurm: {len(self.done)} run(s) done earlier, reused")
+
+    def submit(self) -> None:
+        """Submit, as one job array, every waiting run whose guide is done; give up those whose guide failed."""
+        from untrainable.experiment import _arm_config
+
+        for arm, seed in [
+            (a, s) for a, s in self.waiting if a.guide_from is not None and (a.guide_from, s) in self.failed
+        ]:
+            self.waiting.remove((arm, seed))
+            self.failed[arm.name, seed] = ("-", f"not run: its guide {arm.guide_from} seed {seed} failed", "-")
+        ready = [(a, s) for a, s in self.waiting if a.guide_from is None or (a.guide_from, s) in self.done]
+        if not ready:
+            return
+        started = time.monotonic()
+        submitted = []
+        with self.executor.batch():  # one job array
+            for arm, seed in ready:
+                config = _arm_config(arm, seed, self.out).to_dict()
+                run = RunJob(str(self.folder[arm.name, seed]), config, f"{arm.name} seed {seed}", arm.guide_from)
+                submitted.append(((arm, seed), self.executor.submit(run)))
+        for (arm, seed), job in submitted:
+            self.waiting.remove((arm, seed))
+            self.attached[arm.name, seed] = job.job_id
+            self.record.set(self.key[arm.name, seed], job.job_id, job_log(self.out / "slurm" / "logs", job.job_id))
+        ids = " ".join(job.job_id for _, job in submitted)
+        self.log(f"slurm: submitted {len(submitted)} run(s) in {time.monotonic() - started:.1f} s: {ids}")
+
+    def poll(self) -> dict[str, list[str]]:
+        """Move ended jobs to done (their folder holds result.json) or failed; the job ids pending and running."""
+        states = squeue_states(list(self.attached.values()))
+        counts: dict[str, list[str]] = {"pending": [], "running": []}
+        for task, job_id in list(self.attached.items()):
+            state = states.get(job_id, ("", ""))[0]
+            if state in ACTIVE:
+                counts[ACTIVE[state]].append(job_id)
+                continue
+            del self.attached[task]
+            if (self.folder[task] / "result.json").exists():
+                self.done[task] = _result(self.folder[task])
+            else:
+                self.failed[task] = (job_id, state or "VANISHED", self.record.jobs[self.key[task]]["log"])
+        return counts
+
+    def wait(self, detach: bool) -> None:
+        """Submit what can run, then poll until every run is done or failed (with `detach`: submit only)."""
+        last = None
+        bar = _bar(len(self.tasks), len(self.done))
+        while True:
+            self.submit()
+            if detach or not (self.attached or self.waiting):
+                break
+            counts = self.poll()
+            line = (
+                f"slurm: {len(counts['pending'])} pending, {len(counts['running'])} running, {len(self.done)} done, "
+                f"{len(self.failed)} failed, {len(self.waiting)} waiting for their guide"
+            )
+            if line != last:
+                jobs = "; ".join(f"{k} {' '.join(v)}" for k, v in counts.items() if v)
+                self.log(line + (f" (jobs: {jobs})" if jobs else ""))
+                last = line
+            bar.update(len(self.done) + len(self.failed) - bar.n)
+            if self.attached:
+                time.sleep(self.settings.poll_s)
+        bar.close()
+
+
+def _bar(total: int, initial: int) -> Any:
+    """A progress bar of finished runs on a terminal; a no-op otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="run", disable=not sys.stderr.isatty(), leave=False)
+
+
+def format_failures(error: StudyFailed) -> str:
+    """The failed rows as a Markdown table: run, job, state, log."""
+    lines = ["| run | job | state | log |", "|---|---|---|---|"]
+    lines += [f"| {label} | {job} | {state} | {path} |" for label, job, state, path in error.rows]
+    return "\n".join(lines)
