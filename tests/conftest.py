@@ -7,9 +7,9 @@ this session's own, which subprocesses inherit through the environment.
 In parallel (pytest-xdist, `-n auto`), each worker is one process among as many
 as there are cores: its torch runs one thread (and so do the subprocesses it
 starts), where each would otherwise take every core and the workers fight over
-them. The longest tests (LONGEST, from `--durations`) are handed out first, then
-the other `slow` ones, so that no long test starts last and leaves one worker
-running alone at the end. The order changes nothing else.
+them. The longest tests (LONGEST, from `--durations`) are started first, then
+the other `slow` ones, spread over the workers, so that no long test starts last
+and leaves one worker running alone at the end. The order changes nothing else.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (1 if item.get_closest_marker("slow") is not None else 2, 0)
 
     items.sort(key=order)  # stable: within a group, file order
+    # xdist's worksteal hands each worker one contiguous block and an idle worker takes the tail of a busy one's:
+    # dealt round-robin into the blocks, every worker starts on long tests and ends on short ones.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        items[:] = [item for k in range(workers) for item in items[k::workers]]
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
