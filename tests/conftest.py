@@ -10,8 +10,9 @@ this session's own, which subprocesses inherit through the environment.
 In parallel (pytest-xdist, `-n auto`), each worker is one process among as many
 as there are cores: its torch runs one thread (and so do the subprocesses it
 starts), where each would otherwise take every core and the workers fight over
-them. Tests marked `slow` are handed out first, so that the longest ones do not
-start last and leave one worker running alone at the end.
+them. The longest tests (LONGEST, from `--durations`) are started first, then
+the other `slow` ones, spread over the workers, so that no long test starts last
+and leaves one worker running alone at the end. The order changes nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +20,20 @@ from __future__ import annotations
 import os
 
 import pytest
+
+# The longest tests, longest first (from the suite's --durations): started first, one per worker in turn.
+LONGEST = (
+    "test_rescue.py::test_quick_rescue_prints_both_epochs_and_its_verdict",
+    "test_torchrun.py::test_two_processes_train_and_resume_like_one_unbroken_run",
+    "test_rescue.py::test_the_long_study_runs_end_to_end_at_toy_size",
+    "test_torchrun.py::test_a_hung_rank_stops_the_other_with_one_line_after_the_timeout",
+    "test_bench_loader.py::test_the_measurement_writes_its_numbers_and_command",
+    "test_vision_study.py::test_canvas_study_sets_the_wide_fcn_on_a_larger_image",
+    "test_gpu_check.py::test_the_cpu_dry_run_passes_every_step_and_summarises_them",
+    "test_bench.py::test_quick_scaling_writes_tables_and_a_figure",
+    "test_run_folder_safety.py::test_sigterm_exits_143_and_ctrl_c_130",
+    "test_vision_study.py::test_run_vision_quick_writes_tables",
+)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by subprocesses
@@ -34,7 +49,18 @@ def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _slurm_items(config, items)
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first, in file order
+    def order(item: pytest.Item) -> tuple[int, int]:
+        name = item.nodeid.rsplit("/", 1)[-1]
+        if name in LONGEST:
+            return (0, LONGEST.index(name))
+        return (1 if item.get_closest_marker("slow") is not None else 2, 0)
+
+    items.sort(key=order)  # stable: within a group, file order
+    # xdist's worksteal hands each worker one contiguous block and an idle worker takes the tail of a busy one's:
+    # dealt round-robin into the blocks, every worker starts on long tests and ends on short ones.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        items[:] = [item for k in range(workers) for item in items[k::workers]]
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from untrainable import cli
+from untrainable.arms import arm_config
 from untrainable.checkpoint import CheckpointManager, load_weights
 from untrainable.cluster import SlurmSettings
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, RunConfig, TrainSpec
-from untrainable.experiment import Arm, Experiment, _arm_config, register_experiment, run_experiment
+from untrainable.experiment import Arm, Experiment, register_experiment, run_experiment
 from untrainable.slurm import Detached
 from untrainable.trainer import train
 
@@ -155,7 +156,7 @@ def test_a_study_through_slurm_gives_the_local_table_to_the_last_digit(tmp_path)
 def test_a_job_requeued_while_running_resumes_each_step_once_to_the_uninterrupted_weights(tmp_path):
     experiment = long_run(30)
     reference = tmp_path / "reference"
-    config = _arm_config(experiment.arms[0], 0, tmp_path / "unused").with_section("train", progress=False)
+    config = arm_config(experiment.arms[0], 0, tmp_path / "unused").with_section("train", progress=False)
     train(config, reference)
 
     out = tmp_path / "study"
@@ -285,7 +286,7 @@ def test_a_two_task_job_trains_one_ddp_run_with_the_global_batch_guidance(tmp_pa
     assert "global_rank=0(2)" in log and (out / "slurm" / "logs" / f"{job}_1_log.out").exists()
 
     # Step 1 in one process: the first batch of each rank's shard, concatenated (the gather's order).
-    run = _set_up(_arm_config(experiment.arms[0], 0, out), tmp_path / "recompute", False, None)
+    run = _set_up(arm_config(experiment.arms[0], 0, out), tmp_path / "recompute", False, None)
     shards = []
     for rank in range(2):
         sampler = DistributedSampler(

@@ -122,7 +122,7 @@ def _cli_markdown(parser: argparse.ArgumentParser) -> str:
 def _repository_links(markdown: str, depth: int) -> str:
     """`../results/...` (right where GitHub shows docs/ pages) as the site holds it: one `../` fewer."""
     up = "../" * (depth + 1)
-    return re.sub(rf"\]\({re.escape(up)}(results|examples)/", lambda m: f"]({'../' * depth}{m[1]}/", markdown)
+    return re.sub(rf"\]\({re.escape(up)}(results|examples|configs)/", lambda m: f"]({'../' * depth}{m[1]}/", markdown)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
@@ -135,12 +135,12 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def on_files(files, config):
-    """The committed results and the examples, under `results/` and `examples/` as in the repository."""
+    """The committed results, examples and cluster configs, under `results/`, `examples/`, `configs/` as in the repository."""
     from mkdocs.structure.files import File
 
-    shown = [*(ROOT / "results").rglob("*"), *(ROOT / "examples").glob("*.py")]
+    shown = [*(ROOT / "results").rglob("*"), *(ROOT / "examples").glob("*.py"), *(ROOT / "configs").glob("*.toml")]
     for path in sorted(shown):
-        if path.is_file() and path.suffix in (".md", ".png", ".json", ".py"):
+        if path.is_file() and path.suffix in (".md", ".png", ".json", ".py", ".toml"):
             uri = path.relative_to(ROOT).as_posix()
             files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files

@@ -24,7 +24,7 @@ from untrainable.cluster import SlurmSettings, require_slurm
 from untrainable.runs import writer_lock
 
 if TYPE_CHECKING:
-    from untrainable.experiment import Arm
+    from untrainable.arms import Arm
     from untrainable.trainer import RunResult
 
 # squeue states of a job that will still run (or is running); any other means it ended.
@@ -79,8 +79,8 @@ class RunJob:
         import torch
 
         from untrainable import distributed
+        from untrainable.arms import run_folder
         from untrainable.config import RunConfig, from_dict
-        from untrainable.experiment import run_folder
         from untrainable.trainer import TrainingInterrupted
 
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
@@ -167,10 +167,10 @@ class JobRecord:
 
 
 def _result(folder: Path) -> RunResult:
-    from untrainable.experiment import _read_json
+    from untrainable.arms import read_json
     from untrainable.trainer import RunResult
 
-    return RunResult(folder, _read_json(folder / "history.json"), _read_json(folder / "result.json"))
+    return RunResult(folder, read_json(folder / "history.json"), read_json(folder / "result.json"))
 
 
 def run_on_slurm(
@@ -217,7 +217,7 @@ class _Runner:
     def __init__(self, tasks: list[tuple[Arm, int]], out: Path, settings: SlurmSettings, log: Callable[[str], None]):
         import submitit
 
-        from untrainable.experiment import arm_folder
+        from untrainable.arms import arm_folder
 
         self.tasks, self.out, self.settings, self.log = tasks, out, settings, log
         self.record = JobRecord(out / "slurm" / "jobs.json")
@@ -246,7 +246,7 @@ class _Runner:
 
     def submit(self) -> None:
         """Submit, as one job array, every waiting run whose guide is done; give up those whose guide failed."""
-        from untrainable.experiment import _arm_config
+        from untrainable.arms import arm_config
 
         for arm, seed in [
             (a, s) for a, s in self.waiting if a.guide_from is not None and (a.guide_from, s) in self.failed
@@ -260,7 +260,7 @@ class _Runner:
         submitted = []
         with self.executor.batch():  # one job array
             for arm, seed in ready:
-                config = _arm_config(arm, seed, self.out).to_dict()
+                config = arm_config(arm, seed, self.out).to_dict()
                 run = RunJob(str(self.folder[arm.name, seed]), config, f"{arm.name} seed {seed}", arm.guide_from)
                 submitted.append(((arm, seed), self.executor.submit(run)))
         for (arm, seed), job in submitted:

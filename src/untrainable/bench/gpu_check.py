@@ -229,7 +229,10 @@ def gpu_tests(check: Check) -> tuple[str, str, dict[str, Any]]:
     if not files:
         return "failed", f"no test in {check.tests} is marked gpu", {}
     report = check.out / "gpu-tests.xml"
-    command = _python("-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rs", f"--junitxml={report}")
+    # -n 0: in one process (the suite's default is a worker per core; the GPU tests share one device).
+    command = _python(
+        "-m", "pytest", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider", "-q", "-rs", f"--junitxml={report}"
+    )
     command += [str(path) for path in files]
     budget = check.budget("gpu-tests")
     rc = run_one("gpu-tests", command + ["--rootdir", str(check.tests.parent)], check, budget)
