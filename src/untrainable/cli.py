@@ -207,6 +207,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that send a study's runs to SLURM (`run`), each over the --cluster file's [slurm] table."""
+    p.add_argument(
+        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or one SLURM job each"
+    )
+    p.add_argument("--cluster", metavar="FILE", help="SLURM settings: a TOML file with a [slurm] table")
+    p.add_argument("--detach", action="store_true", help="SLURM: submit and return; the same command later collects")
+    for name, kind, text in (
+        ("partition", str, "SLURM partition"),
+        ("account", str, "SLURM account"),
+        ("qos", str, "SLURM quality of service"),
+        ("time", str, "time limit per job, minutes or HH:MM:SS"),
+        ("gpus_per_run", int, "GPUs per run (one task each)"),
+        ("cpus_per_run", int, "CPUs per task"),
+        ("array_parallelism", int, "array tasks running at once"),
+        ("max_requeues", int, "requeues after a time limit"),
+    ):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="untrainable",
@@ -228,22 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
     p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
-    p.add_argument(
-        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or one SLURM job each"
-    )
-    p.add_argument("--cluster", metavar="FILE", help="SLURM settings: a TOML file with a [slurm] table")
-    p.add_argument("--detach", action="store_true", help="SLURM: submit and return; the same command later collects")
-    for name, kind, text in (
-        ("partition", str, "SLURM partition"),
-        ("account", str, "SLURM account"),
-        ("qos", str, "SLURM quality of service"),
-        ("time", str, "time limit per job, minutes or HH:MM:SS"),
-        ("gpus_per_run", int, "GPUs per run (one task each)"),
-        ("cpus_per_run", int, "CPUs per task"),
-        ("array_parallelism", int, "array tasks running at once"),
-        ("max_requeues", int, "requeues after a time limit"),
-    ):
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
+    add_cluster_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
