@@ -1,4 +1,4 @@
-"""Studies through a real SLURM (`bash scripts/slurm_local.sh start`; run with `pytest -m slurm -p no:xdist`).
+"""Studies through a real SLURM (`bash scripts/slurm_local.sh start`; run with `pytest -m slurm -n 0`).
 
 Each test submits tiny MNIST-1D runs (one thread each) and checks what the
 scheduler did with `squeue`/`scontrol` and what the run folders hold. A
