@@ -174,9 +174,18 @@ def _check_folder(folder: Path, config: RunConfig, guide_from: str | None = None
 
 
 def _run_arm(
-    arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True
+    arm: Arm,
+    seed: int,
+    out: Path,
+    log: Callable[[str], None],
+    data_sets: dict[str, DataSplits],
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
+    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained.
+
+    `on_epoch` goes to `train` (called after each epoch trained here, not for a reused run).
+    """
     folder = arm_folder(arm, seed, out)
     config = _arm_config(arm, seed, out)
     _check_folder(folder, config, arm.guide_from)
@@ -192,7 +201,7 @@ def _run_arm(
     if not resume and holds_logs(folder):
         kept = _keep_earlier_log(folder)
         log(f"[{arm.name} seed {seed}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")
-    result = train(config, folder, resume=resume, data=_data(config, data_sets))
+    result = train(config, folder, resume=resume, data=_data(config, data_sets), on_epoch=on_epoch)
     if not progress:
         log(f"[{arm.name} seed {seed}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
     return result

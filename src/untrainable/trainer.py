@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -443,7 +443,13 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train(config: RunConfig, folder: str | Path, resume: bool = False, data: DataSplits | None = None) -> RunResult:
+def train(
+    config: RunConfig,
+    folder: str | Path,
+    resume: bool = False,
+    data: DataSplits | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
     """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
@@ -456,16 +462,27 @@ def train(config: RunConfig, folder: str | Path, resume: bool = False, data: Dat
     built. Under torchrun, each process trains on its shard; only rank 0
     writes. Ctrl-C or SIGTERM stops the run after a checkpoint of its last
     step (raising TrainingInterrupted); `resume=True` continues from there.
+
+    `on_epoch(entry)` is called after each epoch's evaluation and checkpoint
+    with its history entry (`epoch`, `step`, `val_<metric>`, ...): how a tuner
+    reports the validation curve. An exception it raises (a pruned trial)
+    stops the run there, its logs and that epoch's checkpoint kept.
     """
     folder = Path(folder)
     if resume and not folder.is_dir():
         check_folder(folder, config, resume)  # refuses: nothing to resume, and nothing to lock
     with writer_lock(folder, hold=os.environ.get("RANK", "0") == "0"):
         check_folder(folder, config, resume)
-        return _train_locked(config, folder, resume, data)
+        return _train_locked(config, folder, resume, data, on_epoch)
 
 
-def _train_locked(config: RunConfig, folder: Path, resume: bool, data: DataSplits | None) -> RunResult:
+def _train_locked(
+    config: RunConfig,
+    folder: Path,
+    resume: bool,
+    data: DataSplits | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
     run = _set_up(config, folder, resume, data)
     if run.is_main:
         write_run_files(folder, config)
@@ -493,6 +510,14 @@ def _train_locked(config: RunConfig, folder: Path, resume: bool, data: DataSplit
             entry = _end_epoch(run, logger)
             if record:
                 lines.epoch(record, entry, config.train.epochs)
+            if on_epoch is not None:
+                try:
+                    on_epoch(dict(entry))
+                except BaseException:
+                    logger.close()
+                    if run.parts.guidance is not None:
+                        run.parts.guidance.remove_hooks()
+                    raise
     return _finish(run, logger, run.seconds())
 
 
