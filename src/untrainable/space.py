@@ -121,9 +121,11 @@ class Space:
     def check(self, config: RunConfig) -> None:
         """Refuse, in one line naming the file and the path, a field the config lacks or a value it refuses.
 
-        Every choice and both ends of every range are set on `config` in turn and validated.
+        Every choice and both ends of every range are set on `config` in turn, the other fields at their first
+        choice or low end (fields that depend on each other, a schedule and its steps, are checked together).
         """
         guided = bool(config.guide_entries())
+        first = {p.path: _probes(p)[0][1] for p in self.params}
         for p in self.params:
             section = p.path.split(".")[0]
             if section in ("guidance", "guides") and not guided:
@@ -133,7 +135,7 @@ class Space:
                 )
             for label, value in _probes(p):
                 try:
-                    self.apply(config, {p.path: value})
+                    self.apply(config, {**first, p.path: value})
                 except ConfigError as err:
                     raise ConfigError(
                         f"{self.source}: {p.path}: {label} {value!r} is refused by the config ({err})"
