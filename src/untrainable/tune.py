@@ -597,7 +597,7 @@ def tune(
         f"{storage_url or out / JOURNAL}"
     )
     if workers == 1:
-        work(out, storage_url, name)
+        work(out, storage_url, name, log=lambda line: log(f"[{name}] {line}"))
     else:
         run_workers(out, storage_url, name, workers, log)
     return finish_study(open_study(out, storage_url, name), out, arm or config.name)
