@@ -184,7 +184,9 @@ def _start_tune(args: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_study_killed_mid_trial_finishes_with_its_trials_and_no_duplicate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_study_killed_mid_trial_finishes_with_its_trials_and_no_duplicate(tmp_path: Path, sig: int) -> None:
+    """Killed: its trial is found RUNNING with a dead worker. Stopped: the run checkpoints, the trial is marked failed."""
     config, _, space = _alone(tmp_path, epochs=12)
     alone = tmp_path / "alone.toml"
     alone.write_text(to_toml(config))
@@ -196,12 +198,17 @@ def test_a_study_killed_mid_trial_finishes_with_its_trials_and_no_duplicate(tmp_
     while not list(checkpoints.glob("step-*.pt")):  # the first trial is under way
         assert first.poll() is None, first.stdout.read().decode()
         time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    first.send_signal(sig)
+    stopped = first.communicate()[0].decode()
+    assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM), stopped
     again = _start_tune(args)
     log = again.communicate()[0].decode()
     assert again.returncode == 0, log
-    assert "trial 0 failed: its worker" in log and "trial 0 will be run again" in log
+    if sig == signal.SIGKILL:
+        assert "trial 0 failed: its worker" in log
+    else:
+        assert "trial 0 failed (interrupted)" in stopped
+    assert "trial 0 will be run again" in log
     study = open_study(out, None, "study")
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1, states  # N finished, the dead one not counted

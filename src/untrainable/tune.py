@@ -293,12 +293,14 @@ def work(
     study_name: str | None = None,
     worker: int = 0,
     log: Callable[[str], None] | None = None,
+    on_finish: Callable[[dict[str, int]], None] | None = None,
 ) -> int:
     """Pull trials of the study until it has its number of finished trials; returns the trials run here.
 
     Any number of workers (processes, cluster jobs) may call this on the same
     study at once: asking for a trial happens under the folder's lock, so
     the study never gets more trials than its budget and no trial runs twice.
+    `on_finish(counts)` is called after each trial this worker ends.
     """
     study_dir = Path(study_dir)
     config, space, settings, spec = read_study(study_dir)
@@ -325,6 +327,8 @@ def work(
                 continue
             run_trial(study, trial, study_dir, config, space, settings, spec["metric"], log)
             ran += 1
+            if on_finish is not None:
+                on_finish(counts(study))
     with contextlib.suppress(OSError):
         (study_dir / "workers" / f"{me}.lock").unlink()
     return ran
@@ -467,8 +471,6 @@ def run_workers(
     """
     import multiprocessing
 
-    from tqdm.auto import tqdm
-
     _, _, settings, _ = read_study(study_dir)
     if workers < 1:
         raise ConfigError(f"--workers: expected a number >= 1, got {workers}")
@@ -483,7 +485,7 @@ def run_workers(
         for i in range(workers)
     ]
     study = open_study(study_dir, storage_url, study_name)
-    bar = tqdm(total=settings.trials, desc=study_name, unit="trial", disable=None, leave=False)
+    bar = _bar(settings.trials, study_name)
 
     def stop(signum: int, frame: Any) -> None:
         for proc in procs:
@@ -498,9 +500,7 @@ def run_workers(
         while any(proc.is_alive() for proc in procs):
             for proc in procs:
                 proc.join(timeout=2.0 / workers)
-            n = counts(study)
-            bar.n = min(settings.trials, n["complete"] + n["pruned"])
-            bar.refresh()
+            _advance(bar, counts(study))
     except KeyboardInterrupt:
         for proc in procs:
             proc.join()
@@ -515,6 +515,19 @@ def run_workers(
             f"{', '.join(failed)} stopped with an error (see its lines above); run the same command again to continue "
             "(its trial is retried from its checkpoints)"
         )
+
+
+def _bar(total: int, name: str) -> Any:
+    """A bar of finished trials, drawn on a terminal only (log files get the trial lines)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, unit="trial", disable=None, leave=False)
+
+
+def _advance(bar: Any, n: dict[str, int]) -> None:
+    bar.n = min(bar.total, n["complete"] + n["pruned"])
+    bar.set_postfix(pruned=n["pruned"], failed=n["failed"], refresh=False)
+    bar.refresh()
 
 
 def best_config(study: Any, study_dir: Path) -> tuple[RunConfig, Any]:
@@ -597,7 +610,18 @@ def tune(
         f"{storage_url or out / JOURNAL}"
     )
     if workers == 1:
-        work(out, storage_url, name, log=lambda line: log(f"[{name}] {line}"))
+        bar = _bar(settings.trials, name)
+
+        def line(text: str) -> None:
+            if bar.disable:
+                log(f"[{name}] {text}")
+            else:
+                bar.write(f"[{name}] {text}")
+
+        try:
+            work(out, storage_url, name, log=line, on_finish=lambda n: _advance(bar, n))
+        finally:
+            bar.close()
     else:
         run_workers(out, storage_url, name, workers, log)
     return finish_study(open_study(out, storage_url, name), out, arm or config.name)
