@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from untrainable.cli import main
-from untrainable.config import ConfigError, RunConfig, from_dict, load_config, shipped_config, to_toml
+from untrainable.compare import compare, run_workers, tune, unguided
+from untrainable.config import ConfigError, RunConfig, from_dict, load_config, shipped_config
+from untrainable.config_toml import to_toml
 from untrainable.space import load_space
-from untrainable.tune import Settings, compare, counts, open_study, prepare, run_workers, tune, unguided, work
+from untrainable.tune import Settings, counts, open_study, prepare, work
 
 TINY = """
 name = "tiny-guided"
@@ -244,6 +246,16 @@ def test_two_local_workers_never_run_a_trial_twice(tmp_path: Path) -> None:
         assert meta["seed"] == 0
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(params)) == 6  # differently seeded samplers, constant liar: no values drawn twice
+
+
+def test_a_worker_joins_a_study_by_its_folder_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a cluster job runs: `untrainable tune --worker STUDY_DIR` finds the study's name and settings there."""
+    config, _, space = _alone(tmp_path, epochs=1)
+    study_dir = tmp_path / "folder"
+    prepare(study_dir, config, load_space(space), Settings(trials=2, tune_seeds=(0,)), "named-study")
+    assert main(["tune", "--worker", str(study_dir)]) == 0
+    assert "2 trial(s) run by this worker" in capsys.readouterr().out
+    assert [t.state.name for t in open_study(study_dir, None, "named-study").trials] == ["COMPLETE"] * 2
 
 
 # ---------------------------------------------------------------- best.toml and the comparison

@@ -106,16 +106,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
-    from untrainable import tune
+    from untrainable import compare, tune
     from untrainable.config import ConfigError, load_config
     from untrainable.experiment import format_table
     from untrainable.space import load_space
 
     if args.worker:
         study = Path(args.worker)
-        ran = tune.work(
-            study, args.storage, args.study_name or tune.default_study_name(study), worker=args.worker_index
-        )
+        ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index)
         print(f"{ran} trial(s) run by this worker; the study in {study} is done")
         return 0
     missing = [
@@ -142,7 +140,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.compare:
         config = load_config(args.config, overrides)
-        summary = tune.tune(config, space, settings, out, args.workers, args.storage, args.study_name)
+        summary = compare.tune(config, space, settings, out, args.workers, args.storage, args.study_name)
         n = summary["trials"]
         print(
             f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
@@ -150,9 +148,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
         return 0
     guided = load_config(args.compare, overrides)
-    base = load_config(args.config, overrides) if args.config else tune.unguided(guided)
+    base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
     guided_space = load_space(args.guided_space)
-    experiment, folder, table = tune.compare(
+    experiment, folder, table = compare.compare(
         guided, base, space, guided_space, settings, out, args.seeds, args.workers, args.storage, args.study_name
     )
     print(f"\n## {experiment.name}\n\n{format_table(table)}")
@@ -216,41 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="untrainable",
-        description="Train untrainable networks by guiding their layers toward a frozen guide network (CKA).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("run", help="run an experiment (several arms x seeds) and print its table")
-    p.add_argument("experiment", help="experiment name (see `untrainable list`)")
-    p.add_argument("--quick", action="store_true", help="a small version that finishes in minutes on a CPU")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
-    p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
-    p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
-    p.add_argument("--out", help="run folder (default: runs/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
-    )
-    p.set_defaults(func=cmd_train)
-
+def _add_tune(sub: Any) -> None:
+    """The `tune` subcommand's arguments."""
     p = sub.add_parser(
         "tune",
         help="tune a config with Optuna on validation; --compare: a baseline and its guided twin, the same budget",
@@ -288,11 +253,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (worker k uses seed + k)")
     p.add_argument("--workers", type=int, default=1, help="trials run at once, one local process each (default: 1)")
     p.add_argument("--storage", help="an RDB URL for the study (default: a journal file in the study folder)")
-    p.add_argument("--study-name", help="the study's name in the storage (default: the folder's name)")
+    p.add_argument(
+        "--study-name",
+        help="the study's name in the storage (default: the folder's name; with --compare, NAME-alone and NAME-guided)",
+    )
     p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
     p.add_argument("--worker-index", type=int, default=0, help="with --worker: this worker's number (sampler seed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
     p.set_defaults(func=cmd_tune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="untrainable",
+        description="Train untrainable networks by guiding their layers toward a frozen guide network (CKA).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run an experiment (several arms x seeds) and print its table")
+    p.add_argument("experiment", help="experiment name (see `untrainable list`)")
+    p.add_argument("--quick", action="store_true", help="a small version that finishes in minutes on a CPU")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
+    p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
+    p.add_argument("--config", required=True, help="config file (.toml or .json, e.g. a run folder's config.json)")
+    p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    _add_tune(sub)
 
     p = sub.add_parser("layers", help="show guide/target layer pairs, shapes and similarity at initialisation")
     p.add_argument("target", help="target model name")

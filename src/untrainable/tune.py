@@ -1,4 +1,4 @@
-"""Tuning with Optuna: a config over a search space, and the fair comparison of a baseline with its guided twin.
+"""Tuning with Optuna: a study in a folder, and the workers that pull its trials.
 
 A study folder holds everything a worker needs: `study.json` (the config,
 the space, the settings), the study itself (Optuna's journal file
@@ -6,8 +6,8 @@ the space, the settings), the study itself (Optuna's journal file
 under `trials/` (`trial-NNNN/seedS/`, ordinary run folders, and `trial.json`:
 number, parameters, state, value). `work(study_dir, storage_url,
 study_name)` pulls trials until the study has its number of finished
-(complete or pruned) trials: run it in K local processes (`tune(...,
-workers=K)`) or, as is, in jobs on a cluster.
+(complete or pruned) trials: run it in K local processes
+(`compare.tune(..., workers=K)`) or, as is, in jobs on a cluster.
 
 Each trial trains the config with the trial's values on every tuning seed;
 its objective is the mean validation metric at the best validation epoch
@@ -25,12 +25,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
-import signal
 import socket
 import statistics
-import sys
 import time
 import uuid
 import warnings
@@ -38,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig, from_dict, to_toml
+from untrainable.config import ConfigError, RunConfig, from_dict
 from untrainable.data import DataSplits
 from untrainable.runs import fcntl
 from untrainable.space import Space, space_from_dict
@@ -47,8 +44,6 @@ STUDY_FILE = "study.json"
 JOURNAL = "journal.log"
 OBJECTIVES = ("best", "last")
 PRUNERS = ("median", "halving", "none")
-# How a verdict reads a difference: more than this many pooled seed standard deviations counts as an effect.
-EFFECT_SDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,10 +89,14 @@ def trial_config(config: RunConfig, space: Space, values: dict[str, Any]) -> Run
 # ---------------------------------------------------------------- study folders
 
 
-def prepare(study_dir: Path, config: RunConfig, space: Space, settings: Settings) -> dict[str, Any]:
+def prepare(
+    study_dir: Path, config: RunConfig, space: Space, settings: Settings, study_name: str | None = None
+) -> dict[str, Any]:
     """Write (or check) `study.json`: a study folder is continued only with the same config, space and settings.
 
-    The number of trials may grow (the study continues up to it).
+    The number of trials may grow (the study continues up to it). The study's
+    name in the storage is recorded (default: the folder's name), so a worker
+    given only the folder finds it.
     """
     space.check(config)
     metric, direction = metric_of(config)
@@ -108,11 +107,12 @@ def prepare(study_dir: Path, config: RunConfig, space: Space, settings: Settings
         "settings": dataclasses.asdict(settings),
         "metric": metric,
         "direction": direction,
+        "study_name": study_name or default_study_name(study_dir),
     }
     path = study_dir / STUDY_FILE
     if path.exists():
-        saved = _read_json(path)
-        keep = {k: saved.get(k) for k in spec if k not in ("settings", "space_source")}
+        saved = read_json(path)
+        keep = {k: saved[k] for k in spec if k in saved and k not in ("settings", "space_source")}  # older: fewer keys
         mine = {k: json.loads(json.dumps(spec[k])) for k in keep}
         old = {k: v for k, v in (saved.get("settings") or {}).items() if k != "trials"}
         new = {k: v for k, v in json.loads(json.dumps(spec["settings"])).items() if k != "trials"}
@@ -123,18 +123,18 @@ def prepare(study_dir: Path, config: RunConfig, space: Space, settings: Settings
                 "or run the command that started it"
             )
     study_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, spec)
+    write_json(path, spec)
     return spec
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); restore it or remove the study folder") from None
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Atomically: a temporary file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -148,7 +148,7 @@ def read_study(study_dir: Path) -> tuple[RunConfig, Space, Settings, dict[str, A
     path = Path(study_dir) / STUDY_FILE
     if not path.exists():
         raise FileNotFoundError(f"{study_dir} holds no study ({STUDY_FILE} is missing); start it with untrainable tune")
-    spec = _read_json(path)
+    spec = read_json(path)
     settings = dict(spec["settings"], tune_seeds=tuple(spec["settings"]["tune_seeds"]))
     return (
         from_dict(RunConfig, spec["config"]),
@@ -271,8 +271,8 @@ def _note(study_dir: Path, folder: str | None, changes: dict[str, Any]) -> None:
         return
     path = study_dir / "trials" / folder / "trial.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_json(path) if path.exists() else {}
-    _write_json(path, {**data, **changes})
+    data = read_json(path) if path.exists() else {}
+    write_json(path, {**data, **changes})
 
 
 def counts(study: Any) -> dict[str, int]:
@@ -304,7 +304,7 @@ def work(
     """
     study_dir = Path(study_dir)
     config, space, settings, spec = read_study(study_dir)
-    name = study_name or default_study_name(study_dir)
+    name = study_name or spec["study_name"]
     log = log or (lambda line: print(f"[{name}] {line}", flush=True))
     study = open_study(study_dir, storage_url, name, worker)
     me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -439,308 +439,9 @@ def _line(study: Any, number: int, outcome: str, values: dict[str, Any], log: Ca
         best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
     except ValueError:
         best = "no complete trial yet"
-    params = " ".join(f"{k}={_short(v)}" for k, v in values.items())
+    params = " ".join(f"{k}={format_value(v)}" for k, v in values.items())
     log(f"trial {number}: {outcome} | {params} | {best} | {n['complete'] + n['pruned']} finished")
 
 
-def _short(value: Any) -> str:
+def format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-# ---------------------------------------------------------------- driving a study
-
-
-def _worker_main(study_dir: str, storage_url: str | None, study_name: str, worker: int, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a stop as SIGTERM; the run checkpoints
-    try:
-        work(study_dir, storage_url, study_name, worker)
-    except KeyboardInterrupt:
-        sys.exit(143)
-
-
-def run_workers(
-    study_dir: Path, storage_url: str | None, study_name: str, workers: int, log: Callable[[str], None] = print
-) -> None:
-    """Run `workers` local processes of `work` on the study (one in this process when 1) until it is done.
-
-    A progress bar on a terminal counts finished trials. Ctrl-C or SIGTERM
-    stops each worker after a checkpoint; the same command continues.
-    """
-    import multiprocessing
-
-    _, _, settings, _ = read_study(study_dir)
-    if workers < 1:
-        raise ConfigError(f"--workers: expected a number >= 1, got {workers}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    procs = [
-        context.Process(
-            target=_worker_main,
-            args=(str(study_dir), storage_url, study_name, i, max(1, cores // workers)),
-            name=f"tune-worker-{i}",
-        )
-        for i in range(workers)
-    ]
-    study = open_study(study_dir, storage_url, study_name)
-    bar = _bar(settings.trials, study_name)
-
-    def stop(signum: int, frame: Any) -> None:
-        for proc in procs:
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
-        raise KeyboardInterrupt(f"stopped by signal {signum}; every worker stops after a checkpoint")
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for proc in procs:
-            proc.start()
-        while any(proc.is_alive() for proc in procs):
-            for proc in procs:
-                proc.join(timeout=2.0 / workers)
-            _advance(bar, counts(study))
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.join()
-        raise
-    finally:
-        bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    failed = [proc.name for proc in procs if proc.exitcode != 0]
-    if failed:
-        raise RuntimeError(
-            f"{', '.join(failed)} stopped with an error (see its lines above); run the same command again to continue "
-            "(its trial is retried from its checkpoints)"
-        )
-
-
-def _bar(total: int, name: str) -> Any:
-    """A bar of finished trials, drawn on a terminal only (log files get the trial lines)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=name, unit="trial", disable=None, leave=False)
-
-
-def _advance(bar: Any, n: dict[str, int]) -> None:
-    bar.n = min(bar.total, n["complete"] + n["pruned"])
-    bar.set_postfix(pruned=n["pruned"], failed=n["failed"], refresh=False)
-    bar.refresh()
-
-
-def best_config(study: Any, study_dir: Path) -> tuple[RunConfig, Any]:
-    """The best trial's config (its first tuning seed) and the trial; ValueError when no trial completed."""
-    config, space, settings, _ = read_study(study_dir)
-    try:
-        trial = study.best_trial
-    except ValueError:
-        raise ValueError(
-            f"{study_dir}: no trial completed (all pruned or failed); widen the space or add trials"
-        ) from None
-    best = trial_config(config, space, trial.params).with_section("train", seed=settings.tune_seeds[0], progress=True)
-    return best, trial
-
-
-def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
-    """Write best.toml, trials.json and the figures (optimisation history, parameter importances); return a summary."""
-    from untrainable.plots import plot_study
-
-    config, space, settings, spec = read_study(study_dir)
-    best, trial = best_config(study, study_dir)
-    folder = trial.user_attrs.get("folder", f"trial-{trial.number:04d}")
-    per_seed = _read_json(study_dir / "trials" / folder / "trial.json").get("per_seed", {})
-    seed = settings.tune_seeds[0]
-    comments = [
-        f"{arm}: the best of {settings.trials} trials of {study_dir} (trial {trial.number}, {folder}), tuned on validation.",
-        f"Objective: validation {spec['metric']} at the {'best validation' if settings.objective == 'best' else 'last'} "
-        f"epoch, mean over seeds {', '.join(map(str, settings.tune_seeds))}: {trial.value:.4f} "
-        f"(per seed: {', '.join(f'{s}: {v:.4f}' for s, v in per_seed.items())}).",
-        f"train.seed = {seed} reproduces that trial's seed-{seed} run; change it for other seeds.",
-        "Tuned: " + ", ".join(f"{k} = {_short(v)}" for k, v in trial.params.items()) + ".",
-        f"Run: untrainable train --config {study_dir / 'best.toml'} --out runs/{best.name}",
-    ]
-    (study_dir / "best.toml").write_text(to_toml(best, comments))
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name.lower(),
-                "value": t.value,
-                "params": t.params,
-                "folder": t.user_attrs.get("folder"),
-                "last_step": t.last_step,
-                "retry_of": t.system_attrs.get("retry_history"),
-            }
-        )
-    _write_json(study_dir / "trials.json", rows)
-    figures = plot_study(study, study_dir, title=f"{arm}: validation {spec['metric']}")
-    n = counts(study)
-    return {
-        "arm": arm,
-        "trials": n,
-        "best_trial": trial.number,
-        "best_value": trial.value,
-        "best_params": trial.params,
-        "figures": [str(p.name) for p in figures],
-    }
-
-
-def tune(
-    config: RunConfig,
-    space: Space,
-    settings: Settings,
-    out: Path,
-    workers: int = 1,
-    storage_url: str | None = None,
-    study_name: str | None = None,
-    arm: str | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Tune `config` over `space`: the study in `out` until it has `settings.trials` finished trials, then its summary."""
-    out = Path(out)
-    prepare(out, config, space, settings)
-    name = study_name or default_study_name(out)
-    log(
-        f"[{name}] tuning {config.name}: {settings.trials} trials over {', '.join(space.paths)}; objective validation "
-        f"{metric_of(config)[0]} at the {settings.objective} epoch, mean over seeds "
-        f"{', '.join(map(str, settings.tune_seeds))}; pruner {settings.pruner}; {workers} worker(s); study in "
-        f"{storage_url or out / JOURNAL}"
-    )
-    if workers == 1:
-        bar = _bar(settings.trials, name)
-
-        def line(text: str) -> None:
-            if bar.disable:
-                log(f"[{name}] {text}")
-            else:
-                bar.write(f"[{name}] {text}")
-
-        try:
-            work(out, storage_url, name, log=line, on_finish=lambda n: _advance(bar, n))
-        finally:
-            bar.close()
-    else:
-        run_workers(out, storage_url, name, workers, log)
-    return finish_study(open_study(out, storage_url, name), out, arm or config.name)
-
-
-def unguided(config: RunConfig) -> RunConfig:
-    """The guided config's baseline twin: the same config without guide, guidance or distillation."""
-    return config.replace(
-        guide=None, guides=None, guidance=GuidanceSpec(), distill=DistillSpec(), name=f"{config.name}-alone"
-    )
-
-
-def compare(
-    guided: RunConfig,
-    base: RunConfig,
-    space: Space,
-    guided_space: Space,
-    settings: Settings,
-    out: Path,
-    seeds: int = 5,
-    workers: int = 1,
-    storage_url: str | None = None,
-    study_name: str | None = None,
-    log: Callable[[str], None] = print,
-) -> tuple[Any, Path, dict[str, Any]]:
-    """The fair comparison: `base` over `space` and `guided` over `space` + `guided_space`, the same budget each.
-
-    Same trials, sampler, pruner, objective and tuning seeds; then the best
-    config of each trained on `seeds` seeds the tuning did not use, in one
-    table (test at the last and at the best validation epoch, Δ in pooled seed
-    stds, per-seed values) with a verdict. Returns (experiment, folder, table).
-    """
-    from untrainable.experiment import Arm, Experiment, run_experiment, write_table
-
-    out = Path(out)
-    if not guided.guide_entries():
-        raise ConfigError(f"--compare: the config {guided.name!r} has no [guide] or [[guides]]; give the guided config")
-    if base.guide_entries():
-        raise ConfigError(
-            f"--config: the baseline {base.name!r} has a guide; give the unguided config (or leave --config out)"
-        )
-    if seeds < 1:
-        raise ConfigError(f"--seeds: expected a number >= 1, got {seeds}")
-    full = space.with_extra(guided_space)
-    space.check(base)  # every refusal before any trial runs
-    full.check(guided)
-    arms = {"alone": (base, space), "guided": (guided, full)}
-    name = study_name or default_study_name(out)
-    for arm, (config, arm_space) in arms.items():
-        prepare(out / arm, config, arm_space, settings)
-    started = time.time()
-    summaries = {}
-    for arm, (config, arm_space) in arms.items():
-        summaries[arm] = tune(config, arm_space, settings, out / arm, workers, storage_url, f"{name}-{arm}", arm, log)
-    tuned = time.time() - started
-    final_seeds = tuple(s for s in range(max(settings.tune_seeds) + seeds + 1) if s not in settings.tune_seeds)[:seeds]
-    bests = {arm: read_best(out / arm) for arm in arms}
-    metric = metric_of(guided)[0]
-    experiment = Experiment(
-        name=out.name,
-        description=(
-            f"The fair comparison: `alone` ({base.name}) tuned over {', '.join(space.paths)}; `guided` ({guided.name}) "
-            f"over the same and {', '.join(p for p in full.paths if p not in space.paths)}; {settings.trials} trials each, "
-            f"the same TPE sampler (seed {settings.sampler_seed}), {settings.pruner} pruner and objective (validation "
-            f"{metric} at the {settings.objective} epoch, mean over tuning seeds "
-            f"{', '.join(map(str, settings.tune_seeds))}). Each arm's best config (best.toml) then trained on seeds "
-            f"{', '.join(map(str, final_seeds))}, which the tuning did not use. Test {metric} at the last epoch and at "
-            "the best validation epoch, mean ± std over seeds; Δ / std: difference to `alone` in pooled seed standard "
-            f"deviations (more than {EFFECT_SDS:g} counts as an effect)."
-        ),
-        arms=[Arm(arm, bests[arm]) for arm in arms],
-        metric=metric,
-        higher_is_better=metric == "accuracy",
-        seeds=final_seeds,
-        baseline="alone",
-    )
-    for arm in arms:
-        s = summaries[arm]
-        n = s["trials"]
-        experiment.notes.append(
-            f"`{arm}` tuning: {n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
-            f"{s['best_trial']} (validation {s['best_value']:.4f}): "
-            + ", ".join(f"{k} = {_short(v)}" for k, v in s["best_params"].items())
-            + f". Figures: {arm}/optimisation_history.png, {arm}/param_importances.png."
-        )
-    table = run_experiment(experiment, out / "final", jobs=workers, log=log)
-    table["notes"].append(verdict(table))
-    table["tuning_seconds"] = tuned
-    table["tuning"] = summaries
-    table["tune_seeds"] = list(settings.tune_seeds)
-    write_table(experiment, table, out / "final")
-    for name_ in ("table.md", "table.json"):
-        (out / name_).write_text((out / "final" / name_).read_text())
-    return experiment, out, table
-
-
-def read_best(study_dir: Path) -> RunConfig:
-    from untrainable.config import load_config
-
-    return load_config(Path(study_dir) / "best.toml")
-
-
-def verdict(table: dict[str, Any]) -> str:
-    """One sentence: guided − alone at the last and at the best validation epoch, in seed stds, and what that means."""
-    metric = table["metric"]
-    rows = {row["arm"]: row for row in table["rows"]}
-    sign = 1 if metric == "accuracy" else -1
-    parts, leads = [], []
-    for label, key in (("the last epoch", "vs_baseline"), ("the best validation epoch", "best_vs_baseline")):
-        vs = rows["guided"].get(key)
-        if vs is None:
-            continue
-        sd = vs["sd"]
-        parts.append(f"{vs['difference']:+.3f} ({'—' if sd is None else f'{sd:+.1f}'} std) at {label}")
-        leads.append(None if sd is None or math.isnan(sd) else sign * sd)
-    if leads and all(s is not None and s > EFFECT_SDS for s in leads):
-        word = "the guided arm leads"
-    elif leads and all(s is not None and s < -EFFECT_SDS for s in leads):
-        word = "the tuned baseline leads"
-    else:
-        word = f"no clear lead (within {EFFECT_SDS:g} seed stds at one epoch or both)"
-    return f"Verdict: guided − alone = {'; '.join(parts)}: {word}."
