@@ -102,6 +102,40 @@ def test_space_errors_are_one_line_naming_the_path_before_any_trial(
     assert not out.exists()  # refused before the study or any trial was made
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--trials", "0"], "--trials: expected a number >= 1, got 0"),
+        (["--trials", "2", "--workers", "0"], "--workers: expected a number >= 1, got 0"),
+        (["--trials", "2", "--tune-seeds", "1", "1"], "--tune-seeds: expected distinct seeds"),
+        (["--trials", "2", "--guided-space", "SPACE"], "--guided-space: only with --compare"),
+        ([], "untrainable tune needs --trials"),
+    ],
+)
+def test_bad_flags_are_one_line_before_any_study(
+    tmp_path: Path, flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, space = _files(tmp_path)
+    out = tmp_path / "study"
+    flags = [str(space) if flag == "SPACE" else flag for flag in flags]
+    code = main(["tune", "--config", str(config), "--space", str(space), "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_the_comparison_refuses_a_guided_config_without_guide(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, space = _files(tmp_path)
+    alone = tmp_path / "alone.toml"
+    alone.write_text(to_toml(unguided(load_config(config))))
+    args = ["tune", "--compare", str(alone), "--space", str(space), "--guided-space", str(space)]
+    assert main([*args, "--trials", "2", "--out", str(tmp_path / "cmp")]) == 2
+    assert "has no [guide] or [[guides]]" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_space_of_the_guided_twin_must_keep_the_base_ranges(tmp_path: Path) -> None:
     config, space = _files(tmp_path)
     twin = tmp_path / "twin.toml"

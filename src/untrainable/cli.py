@@ -117,7 +117,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"{ran} trial(s) run by this worker; the study in {study} is done")
         return 0
     missing = [
-        flag for flag, value in (("--space", args.space), ("--trials", args.trials), ("--out", args.out)) if not value
+        flag
+        for flag, value in (("--space", args.space), ("--trials", args.trials), ("--out", args.out))
+        if value is None
     ]
     if not (args.config or args.compare):
         missing.insert(0, "--config (or --compare)")
@@ -127,6 +129,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"untrainable tune needs {', '.join(missing)}; see untrainable tune --help")
     if args.guided_space and not args.compare:
         raise ConfigError("--guided-space: only with --compare GUIDED.toml")
+    if args.workers < 1:
+        raise ConfigError(f"--workers: expected a number >= 1, got {args.workers}")
     settings = tune.Settings(
         trials=args.trials,
         objective=args.objective,
