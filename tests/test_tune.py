@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from untrainable.cli import main
-from untrainable.compare import compare, run_workers, tune, unguided
+from untrainable.compare import compare, run_workers, tune, unguided, verdict
 from untrainable.config import ConfigError, RunConfig, from_dict, load_config, shipped_config
 from untrainable.config_toml import to_toml
 from untrainable.space import load_space
@@ -333,3 +333,20 @@ def test_the_comparison_table_comes_from_seeds_the_tuning_did_not_use(tmp_path: 
     assert table["notes"][-1].startswith("Verdict: guided − alone = ")
     assert (folder / "table.md").read_text().count("| alone |") == 1
     assert sum(line.count("finished") for line in lines) == 4  # one progress line per finished trial
+
+
+@pytest.mark.parametrize(
+    "last, best, word",
+    [
+        (2.5, 3.0, "the guided arm leads"),
+        (-2.5, -3.0, "the tuned baseline leads"),
+        (2.5, 1.0, "no clear lead"),
+        (None, 3.0, "no verdict"),
+    ],
+)
+def test_the_verdict_asks_for_more_than_two_seed_stds_at_both_epochs(last, best, word) -> None:
+    guided = {"arm": "guided", "vs_baseline": {"difference": 0.1, "sd": last}}
+    guided["best_vs_baseline"] = {"difference": 0.1, "sd": best}
+    line = verdict({"metric": "accuracy", "rows": [{"arm": "alone"}, guided]})
+    assert line.startswith("Verdict: guided − alone = +0.100")
+    assert word in line

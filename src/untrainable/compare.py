@@ -343,9 +343,11 @@ def verdict(table: dict[str, Any]) -> str:
         sd = vs["sd"]
         parts.append(f"{vs['difference']:+.3f} ({'—' if sd is None else f'{sd:+.1f}'} std) at {label}")
         leads.append(None if sd is None or math.isnan(sd) else sign * sd)
-    if leads and all(s is not None and s > EFFECT_SDS for s in leads):
+    if not leads or None in leads:
+        word = "no verdict (a difference in seed stds needs two seeds or more, with some spread)"
+    elif all(s > EFFECT_SDS for s in leads):
         word = "the guided arm leads"
-    elif leads and all(s is not None and s < -EFFECT_SDS for s in leads):
+    elif all(s < -EFFECT_SDS for s in leads):
         word = "the tuned baseline leads"
     else:
         word = f"no clear lead (within {EFFECT_SDS:g} seed stds at one epoch or both)"
