@@ -292,6 +292,15 @@ def test_a_worker_joins_a_study_by_its_folder_alone(tmp_path: Path, capsys: pyte
     assert [t.state.name for t in open_study(study_dir, None, "named-study").trials] == ["COMPLETE"] * 2
 
 
+def test_a_study_in_an_rdb_instead_of_the_journal_file(tmp_path: Path) -> None:
+    config, _, space = _alone(tmp_path, epochs=1)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study_dir = tmp_path / "study"
+    tune(config, load_space(space), Settings(trials=2, tune_seeds=(0,)), study_dir, storage_url=url, log=lambda _: None)
+    assert not (study_dir / "journal.log").exists() and (study_dir / "best.toml").exists()
+    assert [t.state.name for t in open_study(study_dir, url, "study").trials] == ["COMPLETE"] * 2
+
+
 # ---------------------------------------------------------------- best.toml and the comparison
 
 
