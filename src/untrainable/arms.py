@@ -137,8 +137,9 @@ def run_folder(
     The run folder's writer lock is taken first: a process that does not
     hold it touches nothing in the folder.
     """
-    with writer_lock(folder):
-        check_arm_folder(folder, config, guide_from, repoint=True)
+    main = os.environ.get("RANK", "0") == "0"  # in a job of several tasks, rank 0 holds the lock for all
+    with writer_lock(folder, hold=main):
+        check_arm_folder(folder, config, guide_from, repoint=main)
         if not progress:
             config = config.with_section("train", progress=False)
         if (folder / "result.json").exists():
@@ -148,7 +149,7 @@ def run_folder(
         # A checkpoint, good or set aside, means the run started; a temporary file of a killed first write does not.
         checkpoints = CheckpointManager(folder / "checkpoints")
         resume = bool(checkpoints.paths() or checkpoints.set_aside())
-        if not resume and holds_logs(folder):
+        if main and not resume and holds_logs(folder):
             kept = keep_earlier_log(folder)
             log(f"[{label}] stopped before its first checkpoint: trained again, its log kept as {kept.name}")
         result = train(
