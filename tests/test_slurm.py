@@ -286,7 +286,7 @@ def test_a_two_task_job_trains_one_ddp_run_with_the_global_batch_guidance(tmp_pa
     assert "global_rank=0(2)" in log and (out / "slurm" / "logs" / f"{job}_1_log.out").exists()
 
     # Step 1 in one process: the first batch of each rank's shard, concatenated (the gather's order).
-    run = _set_up(arm_config(experiment.arms[0], 0, out), tmp_path / "recompute", False, None)
+    run, _ = _set_up(arm_config(experiment.arms[0], 0, out), tmp_path / "recompute", False, None)
     shards = []
     for rank in range(2):
         sampler = DistributedSampler(
