@@ -27,7 +27,9 @@ from untrainable.cluster import SlurmSettings
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, RunConfig, TrainSpec
 from untrainable.experiment import Arm, Experiment, register_experiment, run_experiment
 from untrainable.slurm import Detached
+from untrainable.space import space_from_dict
 from untrainable.trainer import train
+from untrainable.tune import Settings, open_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -303,3 +305,42 @@ def test_a_two_task_job_trains_one_ddp_run_with_the_global_batch_guidance(tmp_pa
     )
     assert records[0]["guidance_loss"] == pytest.approx(global_loss, rel=1e-5, abs=1e-7)
     assert abs(shard_loss - global_loss) > 1e-4, "the shard alone gives another loss: the batch was gathered"
+
+
+def test_tune_on_two_slurm_worker_jobs_shares_one_study_and_runs_no_trial_twice(tmp_path):
+    from untrainable.compare import tune
+
+    config = tiny(2).replace(guide=None, name="tiny-tune")
+    space = space_from_dict({"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "test space")
+    out = tmp_path / "study"
+    lines: list[str] = []
+    started = time.monotonic()
+    summary = tune(
+        config, space, Settings(trials=4, tune_seeds=(0,), pruner="none"), out, workers=2, cluster=settings(),
+        log=lines.append,
+    )  # fmt: skip
+    print(f"tuned by two SLURM workers in {time.monotonic() - started:.1f} s: " + " | ".join(lines))
+    jobs = recorded(out)
+    assert sorted(jobs) == ["worker-0", "worker-1"] and len(set(jobs.values())) == 2, jobs
+    assert any(line.startswith("slurm: submitted 2 tuning worker(s): ") for line in lines), lines
+    assert "4 of 4 trials finished" in lines[-1], lines
+    study = open_study(out, None, "study")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4  # exactly the budget: none asked twice
+    assert summary["trials"]["complete"] == 4 and (out / "best.toml").exists()
+    notes = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("trial-*/trial.json"))]
+    assert sorted(note["number"] for note in notes) == [0, 1, 2, 3]
+    assert len({t.params["optim.lr"] for t in study.trials}) == 4  # no values drawn twice
+    ran = {}
+    for key, job in jobs.items():
+        log = (out / "slurm" / "logs" / f"{job}_0_log.out").read_text()
+        ran[job] = int(re.search(r"(\d+) trial\(s\) run by this worker", log).group(1))
+        assert ran[job] == sum(note["worker"].startswith(f"job{job}-") for note in notes), (key, log)
+    print(f"trials run by each job: {ran}")
+    assert sum(ran.values()) == 4, ran  # each trial run by exactly one job (whichever got a CPU first)
+    for note in notes:
+        assert note["worker"].split("-")[0] in {f"job{job}" for job in jobs.values()}
+        folder = out / "trials" / f"trial-{note['number']:04d}" / "seed0"
+        records = step_records(folder)
+        assert not any(r.get("kind") == "resume" for r in records)
+        assert logged_steps(folder) == list(range(1, len(logged_steps(folder)) + 1))  # trained once, by one job
+        assert (folder / "result.json").exists()
