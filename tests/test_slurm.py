@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,43 @@ def test_tune_on_two_slurm_worker_jobs_shares_one_study_and_runs_no_trial_twice(
         assert not any(r.get("kind") == "resume" for r in records)
         assert logged_steps(folder) == list(range(1, len(logged_steps(folder)) + 1))  # trained once, by one job
         assert (folder / "result.json").exists()
+
+
+def test_tune_when_its_worker_job_is_cancelled_exits_2_with_its_log_and_the_same_command_finishes(tmp_path, capsys):
+    from untrainable.config_toml import to_toml
+
+    config_file, space_file, cluster_file = tmp_path / "c.toml", tmp_path / "s.toml", tmp_path / "cluster.toml"
+    config_file.write_text(to_toml(tiny(20, 10).replace(guide=None, name="tiny-tune")))
+    space_file.write_text('[space]\n"optim.lr" = { low = 1e-4, high = 1e-2, log = true }\n')
+    cluster_file.write_text("[slurm]\ntime = 10\nsignal_delay_s = 60\npoll_s = 1\n")
+    out = tmp_path / "study"
+    command = ["tune", "--config", str(config_file), "--space", str(space_file), "--trials", "2", "--out", str(out)]
+    command += ["--tune-seeds", "0", "--pruner", "none", "--executor", "slurm", "--cluster", str(cluster_file)]
+    assert cli.main([*command, "--detach"]) == 0
+    (job,) = recorded(out).values()
+    assert "detached: 1 tuning worker(s) submitted" in capsys.readouterr().out
+    checkpoints = out / "trials" / "trial-0000" / "seed0" / "checkpoints"
+    with ThreadPoolExecutor(1) as pool:
+        runner = pool.submit(cli.main, command)  # re-attaches to the job and waits
+        wait_for(lambda: list(checkpoints.glob("step-*.pt")), 120, "the first trial to checkpoint")
+        subprocess.run(["scancel", job], check=True)
+        assert runner.result(timeout=120) == 2
+    captured = capsys.readouterr()
+    assert f"slurm: re-attached to 1 tuning worker(s): {job}" in captured.out, captured.out
+    log = out / "slurm" / "logs" / f"{job}_0_log.out"
+    assert f"| tuning worker 0 | {job} | CANCELLED | {log} |" in captured.out, captured.out
+    assert "the study is unfinished" in captured.err and "\n" not in captured.err.strip(), captured.err
+    assert not (out / "best.toml").exists()
+
+    assert cli.main(command) == 0  # a new worker job: the cancelled trial is retried from its checkpoints
+    print(capsys.readouterr().out)
+    (again,) = recorded(out).values()
+    assert again != job
+    study = open_study(out, None, "study")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1, states
+    records = step_records(checkpoints.parent)
+    assert any(r.get("kind") == "resume" for r in records)
+    steps = logged_steps(checkpoints.parent)
+    assert steps == list(range(1, len(steps) + 1)), "each step logged once"
+    assert (out / "best.toml").exists()
