@@ -385,3 +385,25 @@ def test_tune_when_its_worker_job_is_cancelled_exits_2_with_its_log_and_the_same
     steps = logged_steps(checkpoints.parent)
     assert steps == list(range(1, len(steps) + 1)), "each step logged once"
     assert (out / "best.toml").exists()
+
+
+def test_tune_compare_on_slurm_tunes_both_arms_by_worker_jobs_and_trains_the_final_seeds_as_jobs(tmp_path):
+    from untrainable.compare import compare, unguided
+
+    guided = tiny(2).replace(name="tiny-guided")
+    space = space_from_dict({"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "test space")
+    twin = space_from_dict({"guidance.alpha": {"low": 0.1, "high": 10.0, "log": True}}, "test twin space")
+    out = tmp_path / "cmp"
+    lines: list[str] = []
+    started = time.monotonic()
+    _, _, table = compare(
+        guided, unguided(guided), space, twin, Settings(trials=2, tune_seeds=(0,), pruner="none"), out, seeds=2,
+        workers=2, cluster=settings(), log=lines.append,
+    )  # fmt: skip
+    print(f"compared through SLURM in {time.monotonic() - started:.1f} s: " + " | ".join(lines))
+    assert table["seeds"] == [1, 2] and table["tune_seeds"] == [0]
+    for arm in ("alone", "guided"):
+        assert sorted(recorded(out / arm)) == ["worker-0", "worker-1"]
+        assert [t.state.name for t in open_study(out / arm, None, f"cmp-{arm}").trials] == ["COMPLETE"] * 2
+    assert sorted(recorded(out / "final")) == ["alone/seed1", "alone/seed2", "guided/seed1", "guided/seed2"]
+    assert (out / "table.md").exists() and table["notes"][-1].startswith("Verdict: ")
