@@ -92,3 +92,13 @@ def test_without_sbatch_the_slurm_executor_is_one_line_saying_what_to_install(co
 def test_slurm_flags_with_the_local_executor_are_refused(command, capsys):
     assert cli.main([*COMMANDS[command], "--partition", "gpu", "--detach"]) == 2
     assert "--partition, --detach: only with --executor slurm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [{"tasks_per_node": 2}, {"nodes": 2}, {"gpus_per_run": 2}])
+def test_a_tuning_worker_job_is_one_task(changes, monkeypatch):
+    from untrainable import slurm
+    from untrainable.cluster import SlurmSettings
+
+    monkeypatch.setattr(slurm, "require_slurm", lambda: None)
+    with pytest.raises(ConfigError, match="a tuning worker is a job of one task"):
+        slurm.tune_on_slurm(Path("unused"), None, "study", 2, SlurmSettings(**changes), print)
