@@ -73,13 +73,32 @@ def test_torchrun_variables_from_a_slurm_task():
     assert first_node("a1,b[2-3]") == "a1" and first_node("n[10,12]") == "n10"
 
 
-def test_without_sbatch_the_slurm_executor_is_one_line_saying_what_to_install(monkeypatch, capsys):
+# `run` a study, `tune` a config with K workers: the same flags, the same refusals.
+COMMANDS = {
+    "run": ["run", "mnist1d", "--quick", "--out", "unused"],
+    "tune": ["tune", "--config", "c.toml", "--space", "s.toml", "--trials", "4", "--workers", "2", "--out", "unused"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_without_sbatch_the_slurm_executor_is_one_line_saying_what_to_install(command, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert cli.main(["run", "mnist1d", "--quick", "--executor", "slurm", "--out", "unused"]) == 2
+    assert cli.main([*COMMANDS[command], "--executor", "slurm"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "sbatch" in err and "apt-get install" in err and "--executor local" in err
 
 
-def test_slurm_flags_with_the_local_executor_are_refused(capsys):
-    assert cli.main(["run", "mnist1d", "--quick", "--partition", "gpu", "--detach", "--out", "unused"]) == 2
+@pytest.mark.parametrize("command", COMMANDS)
+def test_slurm_flags_with_the_local_executor_are_refused(command, capsys):
+    assert cli.main([*COMMANDS[command], "--partition", "gpu", "--detach"]) == 2
     assert "--partition, --detach: only with --executor slurm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [{"tasks_per_node": 2}, {"nodes": 2}, {"gpus_per_run": 2}])
+def test_a_tuning_worker_job_is_one_task(changes, monkeypatch):
+    from untrainable import slurm
+    from untrainable.cluster import SlurmSettings
+
+    monkeypatch.setattr(slurm, "require_slurm", lambda: None)
+    with pytest.raises(ConfigError, match="a tuning worker is a job of one task"):
+        slurm.tune_on_slurm(Path("unused"), None, "study", 2, SlurmSettings(**changes), print)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ from untrainable.cluster import SlurmSettings
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, RunConfig, TrainSpec
 from untrainable.experiment import Arm, Experiment, register_experiment, run_experiment
 from untrainable.slurm import Detached
+from untrainable.space import space_from_dict
 from untrainable.trainer import train
+from untrainable.tune import Settings, open_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -303,3 +306,104 @@ def test_a_two_task_job_trains_one_ddp_run_with_the_global_batch_guidance(tmp_pa
     )
     assert records[0]["guidance_loss"] == pytest.approx(global_loss, rel=1e-5, abs=1e-7)
     assert abs(shard_loss - global_loss) > 1e-4, "the shard alone gives another loss: the batch was gathered"
+
+
+def test_tune_on_two_slurm_worker_jobs_shares_one_study_and_runs_no_trial_twice(tmp_path):
+    from untrainable.compare import tune
+
+    config = tiny(2).replace(guide=None, name="tiny-tune")
+    space = space_from_dict({"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "test space")
+    out = tmp_path / "study"
+    lines: list[str] = []
+    started = time.monotonic()
+    summary = tune(
+        config, space, Settings(trials=4, tune_seeds=(0,), pruner="none"), out, workers=2, cluster=settings(),
+        log=lines.append,
+    )  # fmt: skip
+    print(f"tuned by two SLURM workers in {time.monotonic() - started:.1f} s: " + " | ".join(lines))
+    jobs = recorded(out)
+    assert sorted(jobs) == ["worker-0", "worker-1"] and len(set(jobs.values())) == 2, jobs
+    assert any(line.startswith("slurm: submitted 2 tuning worker(s): ") for line in lines), lines
+    assert "4 of 4 trials finished" in lines[-1], lines
+    study = open_study(out, None, "study")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4  # exactly the budget: none asked twice
+    assert summary["trials"]["complete"] == 4 and (out / "best.toml").exists()
+    notes = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("trial-*/trial.json"))]
+    assert sorted(note["number"] for note in notes) == [0, 1, 2, 3]
+    assert len({t.params["optim.lr"] for t in study.trials}) == 4  # no values drawn twice
+    ran = {}
+    for key, job in jobs.items():
+        log = (out / "slurm" / "logs" / f"{job}_0_log.out").read_text()
+        ran[job] = int(re.search(r"(\d+) trial\(s\) run by this worker", log).group(1))
+        assert ran[job] == sum(note["worker"].startswith(f"job{job}-") for note in notes), (key, log)
+    print(f"trials run by each job: {ran}")
+    assert sum(ran.values()) == 4, ran  # each trial run by exactly one job (whichever got a CPU first)
+    for note in notes:
+        assert note["worker"].split("-")[0] in {f"job{job}" for job in jobs.values()}
+        folder = out / "trials" / f"trial-{note['number']:04d}" / "seed0"
+        records = step_records(folder)
+        assert not any(r.get("kind") == "resume" for r in records)
+        assert logged_steps(folder) == list(range(1, len(logged_steps(folder)) + 1))  # trained once, by one job
+        assert (folder / "result.json").exists()
+
+
+def test_tune_when_its_worker_job_is_cancelled_exits_2_with_its_log_and_the_same_command_finishes(tmp_path, capsys):
+    from untrainable.config_toml import to_toml
+
+    config_file, space_file, cluster_file = tmp_path / "c.toml", tmp_path / "s.toml", tmp_path / "cluster.toml"
+    config_file.write_text(to_toml(tiny(20, 10).replace(guide=None, name="tiny-tune")))
+    space_file.write_text('[space]\n"optim.lr" = { low = 1e-4, high = 1e-2, log = true }\n')
+    cluster_file.write_text("[slurm]\ntime = 10\nsignal_delay_s = 60\npoll_s = 1\n")
+    out = tmp_path / "study"
+    command = ["tune", "--config", str(config_file), "--space", str(space_file), "--trials", "2", "--out", str(out)]
+    command += ["--tune-seeds", "0", "--pruner", "none", "--executor", "slurm", "--cluster", str(cluster_file)]
+    assert cli.main([*command, "--detach"]) == 0
+    (job,) = recorded(out).values()
+    assert "detached: 1 tuning worker(s) submitted" in capsys.readouterr().out
+    checkpoints = out / "trials" / "trial-0000" / "seed0" / "checkpoints"
+    with ThreadPoolExecutor(1) as pool:
+        runner = pool.submit(cli.main, command)  # re-attaches to the job and waits
+        wait_for(lambda: list(checkpoints.glob("step-*.pt")), 120, "the first trial to checkpoint")
+        subprocess.run(["scancel", job], check=True)
+        assert runner.result(timeout=120) == 2
+    captured = capsys.readouterr()
+    assert f"slurm: re-attached to 1 tuning worker(s): {job}" in captured.out, captured.out
+    log = out / "slurm" / "logs" / f"{job}_0_log.out"
+    assert f"| tuning worker 0 | {job} | CANCELLED | {log} |" in captured.out, captured.out
+    assert "the study is unfinished" in captured.err and "\n" not in captured.err.strip(), captured.err
+    assert not (out / "best.toml").exists()
+
+    assert cli.main(command) == 0  # a new worker job: the cancelled trial is retried from its checkpoints
+    print(capsys.readouterr().out)
+    (again,) = recorded(out).values()
+    assert again != job
+    study = open_study(out, None, "study")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1, states
+    records = step_records(checkpoints.parent)
+    assert any(r.get("kind") == "resume" for r in records)
+    steps = logged_steps(checkpoints.parent)
+    assert steps == list(range(1, len(steps) + 1)), "each step logged once"
+    assert (out / "best.toml").exists()
+
+
+def test_tune_compare_on_slurm_tunes_both_arms_by_worker_jobs_and_trains_the_final_seeds_as_jobs(tmp_path):
+    from untrainable.compare import compare, unguided
+
+    guided = tiny(2).replace(name="tiny-guided")
+    space = space_from_dict({"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "test space")
+    twin = space_from_dict({"guidance.alpha": {"low": 0.1, "high": 10.0, "log": True}}, "test twin space")
+    out = tmp_path / "cmp"
+    lines: list[str] = []
+    started = time.monotonic()
+    _, _, table = compare(
+        guided, unguided(guided), space, twin, Settings(trials=2, tune_seeds=(0,), pruner="none"), out, seeds=2,
+        workers=2, cluster=settings(), log=lines.append,
+    )  # fmt: skip
+    print(f"compared through SLURM in {time.monotonic() - started:.1f} s: " + " | ".join(lines))
+    assert table["seeds"] == [1, 2] and table["tune_seeds"] == [0]
+    for arm in ("alone", "guided"):
+        assert sorted(recorded(out / arm)) == ["worker-0", "worker-1"]
+        assert [t.state.name for t in open_study(out / arm, None, f"cmp-{arm}").trials] == ["COMPLETE"] * 2
+    assert sorted(recorded(out / "final")) == ["alone/seed1", "alone/seed2", "guided/seed1", "guided/seed2"]
+    assert (out / "table.md").exists() and table["notes"][-1].startswith("Verdict: ")

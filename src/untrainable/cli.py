@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cluster_settings(args: argparse.Namespace) -> Any:
-    """The SLURM settings of `run --executor slurm` (file, then flags over it), None for local runs."""
+    """The SLURM settings of `run` or `tune` `--executor slurm` (file, then flags over it), None for local runs."""
     from untrainable.cluster import FLAGS, load_cluster, require_slurm
     from untrainable.config import ConfigError
 
@@ -122,7 +122,7 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
         if given:
             raise ConfigError(f"{', '.join(given)}: only with --executor slurm (the local executor runs here)")
         return None
-    if args.jobs != 1:
+    if getattr(args, "jobs", 1) != 1:
         raise ConfigError("--jobs: only with --executor local; on SLURM, slurm.array_parallelism limits runs at once")
     settings = load_cluster(args.cluster, flags)
     require_slurm()
@@ -161,6 +161,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from untrainable import compare, tune
     from untrainable.config import ConfigError, load_config
     from untrainable.experiment import format_table
+    from untrainable.slurm import Detached, StudyFailed, format_failures
     from untrainable.space import load_space
 
     if args.worker:
@@ -168,6 +169,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index)
         print(f"{ran} trial(s) run by this worker; the study in {study} is done")
         return 0
+    cluster = _cluster_settings(args)
     missing = [
         flag
         for flag, value in (("--space", args.space), ("--trials", args.trials), ("--out", args.out))
@@ -194,21 +196,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     overrides = _overrides(args.set)
     space = load_space(args.space)
     out = Path(args.out)
+    try:
+        if not args.compare:
+            config = load_config(args.config, overrides)
+            summary = compare.tune(
+                config, space, settings, out, args.workers, args.storage, args.study_name,
+                cluster=cluster, detach=args.detach,
+            )  # fmt: skip
+        else:
+            guided = load_config(args.compare, overrides)
+            base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
+            experiment, folder, table = compare.compare(
+                guided, base, space, load_space(args.guided_space), settings, out, args.seeds, args.workers,
+                args.storage, args.study_name, cluster=cluster, detach=args.detach,
+            )  # fmt: skip
+    except Detached as detached:
+        print(f"untrainable tune: detached: {detached}")
+        return 0
+    except StudyFailed as failed:
+        print(f"\n{format_failures(failed)}\n")
+        print(f"untrainable tune: error: {failed}", file=sys.stderr)
+        return 2
     if not args.compare:
-        config = load_config(args.config, overrides)
-        summary = compare.tune(config, space, settings, out, args.workers, args.storage, args.study_name)
         n = summary["trials"]
         print(
             f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
             f"{summary['best_trial']}: validation {summary['best_value']:.4f}. Best config: {out / 'best.toml'}"
         )
         return 0
-    guided = load_config(args.compare, overrides)
-    base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
-    guided_space = load_space(args.guided_space)
-    experiment, folder, table = compare.compare(
-        guided, base, space, guided_space, settings, out, args.seeds, args.workers, args.storage, args.study_name
-    )
     print(f"\n## {experiment.name}\n\n{format_table(table)}")
     for note in table.get("notes", []):
         print(f"- {note}")
@@ -279,9 +294,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that send a study's runs to SLURM (`run`), each over the --cluster file's [slurm] table."""
+    """The flags that send a study's runs (`run`) or tuning workers (`tune`) to SLURM, each over the --cluster file."""
     p.add_argument(
-        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or one SLURM job each"
+        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or as SLURM jobs"
     )
     p.add_argument("--cluster", metavar="FILE", help="SLURM settings: a TOML file with a [slurm] table")
     p.add_argument("--detach", action="store_true", help="SLURM: submit and return; the same command later collects")
@@ -335,7 +350,12 @@ def _add_tune(sub: Any) -> None:
     )
     p.add_argument("--prune-after", type=int, help="epochs of each seed never pruned (default: a quarter)")
     p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (worker k uses seed + k)")
-    p.add_argument("--workers", type=int, default=1, help="trials run at once, one local process each (default: 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="trials run at once: local processes, or SLURM jobs with --executor slurm (default: 1)",
+    )
     p.add_argument("--storage", help="an RDB URL for the study (default: a journal file in the study folder)")
     p.add_argument(
         "--study-name",
@@ -344,6 +364,7 @@ def _add_tune(sub: Any) -> None:
     p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
     p.add_argument("--worker-index", type=int, default=0, help="with --worker: this worker's number (sampler seed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
+    add_cluster_flags(p)
     p.set_defaults(func=cmd_tune)
 
 

@@ -1,7 +1,7 @@
 """Running studies to their end, and the fair comparison of a baseline with its guided twin.
 
-`tune` runs one study (`untrainable.tune`) with K local worker processes and
-writes its outputs: `best.toml` (the best trial's config), `trials.json` and
+`tune` runs one study (`untrainable.tune`) with K workers, local processes or
+SLURM jobs, and writes its outputs: `best.toml` (the best trial's config), `trials.json` and
 the figures. `compare` tunes a baseline and its guided twin with the same
 budget, trains each best config on seeds the tuning did not use and writes
 the studies' table with a verdict.
@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig
 from untrainable.config_toml import to_toml
@@ -35,6 +35,9 @@ from untrainable.tune import (
     work,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from untrainable.cluster import SlurmSettings
 
 # How a verdict reads a difference: more than this many pooled seed standard deviations counts as an effect.
 EFFECT_SDS = 2.0
@@ -188,17 +191,28 @@ def tune(
     study_name: str | None = None,
     arm: str | None = None,
     log: Callable[[str], None] = print,
+    cluster: SlurmSettings | None = None,
+    detach: bool = False,
 ) -> dict[str, Any]:
-    """Tune `config` over `space`: the study in `out` until it has `settings.trials` finished trials, then its summary."""
+    """Tune `config` over `space`: the study in `out` until it has `settings.trials` finished trials, then its summary.
+
+    The `workers` are local processes, or with `cluster` SLURM jobs (`untrainable.slurm.tune_on_slurm`; `detach`
+    submits them and raises Detached).
+    """
     out = Path(out)
     name = prepare(out, config, space, settings, study_name)["study_name"]
     log(
         f"[{name}] tuning {config.name}: {settings.trials} trials over {', '.join(space.paths)}; objective validation "
         f"{metric_of(config)[0]} at the {settings.objective} epoch, mean over seeds "
-        f"{', '.join(map(str, settings.tune_seeds))}; pruner {settings.pruner}; {workers} worker(s); study in "
+        f"{', '.join(map(str, settings.tune_seeds))}; pruner {settings.pruner}; {workers} worker(s)"
+        f"{' as SLURM jobs' if cluster is not None else ''}; study in "
         f"{storage_url or out / JOURNAL}"
     )
-    if workers == 1:
+    if cluster is not None:
+        from untrainable.slurm import tune_on_slurm
+
+        tune_on_slurm(out, storage_url, name, workers, cluster, log, detach)
+    elif workers == 1:
         bar = _bar(settings.trials, name)
 
         def line(text: str) -> None:
@@ -235,6 +249,8 @@ def compare(
     storage_url: str | None = None,
     study_name: str | None = None,
     log: Callable[[str], None] = print,
+    cluster: SlurmSettings | None = None,
+    detach: bool = False,
 ) -> tuple[Any, Path, dict[str, Any]]:
     """The fair comparison: `base` over `space` and `guided` over `space` + `guided_space`, the same budget each.
 
@@ -242,6 +258,7 @@ def compare(
     config of each trained on `seeds` seeds the tuning did not use, in one
     table (test at the last and at the best validation epoch, Δ in pooled seed
     stds, per-seed values) with a verdict. Returns (experiment, folder, table).
+    With `cluster`, the tuning workers and the final runs are SLURM jobs.
     """
     from untrainable.experiment import run_experiment, write_table
 
@@ -264,11 +281,13 @@ def compare(
     started = time.time()
     summaries = {}
     for arm, (config, arm_space) in arms.items():
-        summaries[arm] = tune(config, arm_space, settings, out / arm, workers, storage_url, f"{name}-{arm}", arm, log)
+        summaries[arm] = tune(
+            config, arm_space, settings, out / arm, workers, storage_url, f"{name}-{arm}", arm, log, cluster, detach
+        )
     tuned = time.time() - started
     final_seeds = tuple(s for s in range(max(settings.tune_seeds) + seeds + 1) if s not in settings.tune_seeds)[:seeds]
     experiment = _final_experiment(out, arms, space, full, settings, final_seeds, summaries)
-    table = run_experiment(experiment, out / "final", jobs=workers, log=log)
+    table = run_experiment(experiment, out / "final", jobs=workers, log=log, cluster=cluster, detach=detach)
     table["notes"].append(verdict(table))
     table["tuning_seconds"] = tuned
     table["tuning"] = summaries

@@ -4,7 +4,9 @@ The run folder is the truth, not the scheduler's accounting (there may be no
 `sacct`): `result.json` says a run is done. The runner records each job's id
 in `OUT/slurm/jobs.json`; a second runner on the same folder re-attaches to
 the jobs `squeue` still lists, reuses finished runs and resubmits only runs
-whose job failed or vanished.
+whose job failed or vanished. A tuning study's workers (`tune_on_slurm`) are
+jobs the same way: K jobs pulling trials from the study, recorded in
+`STUDY/slurm/jobs.json`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from untrainable.cluster import SlurmSettings, require_slurm
+from untrainable.errors import ConfigError
 from untrainable.runs import writer_lock
 
 if TYPE_CHECKING:
@@ -53,10 +56,10 @@ class Detached(Exception):
 class StudyFailed(Exception):
     """Some runs failed; `rows` gives (label, job id, state, log path) for each, after every other run ended."""
 
-    def __init__(self, out: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    def __init__(self, out: Path, rows: list[tuple[str, str, str, str]], what: str = "run(s)", hint: str = "") -> None:
         self.rows = rows
         super().__init__(
-            f"{len(rows)} run(s) of {out} failed: " + "; ".join(f"{r[0]}: {r[2]}, log {r[3]}" for r in rows)
+            f"{len(rows)} {what} of {out} failed: " + "; ".join(f"{r[0]}: {r[2]}, log {r[3]}" for r in rows) + hint
         )
 
 
@@ -98,12 +101,8 @@ class RunJob:
                 Path(self.folder), from_dict(RunConfig, self.config), self.label, self.guide_from, log, {}, False
             )
         except TrainingInterrupted as stop:
-            # The checkpoint of the last step is on disk. Before a time limit, requeue (bounded by
-            # slurm.max_requeues); on SIGTERM (preemption, `scontrol requeue`, `scancel`) SLURM decides.
             log(f"[{self.label}] {stop}")
-            if stop.signum == signal.SIGUSR2 and callable(requeue):
-                requeue(signal.SIGUSR2, None)  # exits after requeueing; raises when out of requeues
-            sys.exit(-1)  # no result: the job is requeued or ends, never reported done
+            _stopped(stop.signum, requeue)
         return self.folder
 
     def checkpoint(self) -> Any:
@@ -111,6 +110,65 @@ class RunJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(RunJob(self.folder, self.config, self.label, self.guide_from))
+
+
+def _stopped(signum: int, requeue: Any) -> NoReturn:
+    """A job's run stopped with the checkpoint of its last step on disk: requeue before a time limit, else end.
+
+    Before a time limit (SIGUSR2), submitit's handler `requeue` requeues
+    (bounded by slurm.max_requeues); on SIGTERM (preemption, `scontrol
+    requeue`, `scancel`) SLURM decides. Never a result: never reported done.
+    """
+    if signum == signal.SIGUSR2 and callable(requeue):
+        requeue(signal.SIGUSR2, None)  # exits after requeueing; raises when out of requeues
+    sys.exit(-1)
+
+
+@dataclass
+class TuneJob:
+    """What a tuning worker job runs: `tune.work` on a study folder; a requeued job joins the study again.
+
+    It holds no trial: a trial its job stopped (signal, time limit) is marked
+    failed, and the next worker to ask retries it from its checkpoints.
+    """
+
+    study_dir: str
+    storage_url: str | None
+    study_name: str
+    worker: int  # its sampler's seed offset
+
+    def __call__(self) -> int:
+        import torch
+
+        from untrainable.trainer import TrainingInterrupted
+        from untrainable.tune import work
+
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: between trials it requeues at once
+        try:
+            ran = work(self.study_dir, self.storage_url, self.study_name, self.worker)
+        except TrainingInterrupted as stop:
+            print(f"[{self.study_name}] worker {self.worker}: {stop}", flush=True)
+            _stopped(stop.signum, requeue)
+        print(f"{ran} trial(s) run by this worker; the study in {self.study_dir} is done", flush=True)
+        return ran
+
+    def checkpoint(self) -> Any:
+        """submitit's hook, called before a requeue: a fresh copy, which joins the study again."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(
+            TuneJob(self.study_dir, self.storage_url, self.study_name, self.worker)
+        )
+
+
+def slurm_executor(folder: Path, settings: SlurmSettings) -> Any:
+    """submitit's executor for jobs logging into `folder`, with the settings' sbatch parameters."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings.max_requeues)
+    executor.update_parameters(**settings.executor_parameters())
+    return executor
 
 
 def job_log(folder: Path, job_id: str) -> Path:
@@ -215,14 +273,11 @@ class _Runner:
     """The state of one study's runs: done (run folders), attached (job ids), waiting (for a guide), failed."""
 
     def __init__(self, tasks: list[tuple[Arm, int]], out: Path, settings: SlurmSettings, log: Callable[[str], None]):
-        import submitit
-
         from untrainable.arms import arm_folder
 
         self.tasks, self.out, self.settings, self.log = tasks, out, settings, log
         self.record = JobRecord(out / "slurm" / "jobs.json")
-        self.executor = submitit.SlurmExecutor(folder=out / "slurm" / "logs", max_num_timeout=settings.max_requeues)
-        self.executor.update_parameters(**settings.executor_parameters())
+        self.executor = slurm_executor(out / "slurm" / "logs", settings)
         self.key = {(arm.name, seed): f"{arm.name}/seed{seed}" for arm, seed in tasks}
         self.folder = {(arm.name, seed): arm_folder(arm, seed, out) for arm, seed in tasks}
         self.done: dict[tuple[str, int], RunResult] = {}
@@ -307,6 +362,104 @@ class _Runner:
             if self.attached:
                 time.sleep(self.settings.poll_s)
         bar.close()
+
+
+def tune_on_slurm(
+    study_dir: Path,
+    storage_url: str | None,
+    study_name: str,
+    workers: int,
+    settings: SlurmSettings,
+    log: Callable[[str], None],
+    detach: bool = False,
+) -> None:
+    """Run a tuning study as `workers` SLURM jobs, each `tune.work` on the study; wait until every job ended.
+
+    The study is the truth: its finished trials say when it is done. Job ids
+    go to `STUDY/slurm/jobs.json` (`worker-K`); a second runner re-attaches
+    to the jobs squeue still lists and, while the study is unfinished,
+    submits the workers whose job ended. Prints a line at each change of the
+    jobs' states or of the finished trials. Raises StudyFailed when every job
+    ended and the study is not done, Detached with `detach` once submitted.
+    """
+    from untrainable.tune import counts, open_study, read_study
+
+    require_slurm()
+    if workers < 1:
+        raise ConfigError(f"--workers: expected a number >= 1, got {workers}")
+    if settings.nodes != 1 or settings.tasks != 1:
+        raise ConfigError(
+            f"slurm.nodes = {settings.nodes}, {settings.tasks} task(s) per node: a tuning worker is a job of one task "
+            "(each trial trains in one process); give nodes = 1 and one task (at most one GPU), and --workers K"
+        )
+    trials = read_study(study_dir)[2].trials
+    study = open_study(study_dir, storage_url, study_name)
+
+    def finished() -> dict[str, int]:
+        n = counts(study)
+        return {**n, "finished": n["complete"] + n["pruned"]}
+
+    folder = Path(study_dir) / "slurm"
+    with writer_lock(folder):  # one runner submits for a study at a time
+        record = JobRecord(folder / "jobs.json")
+        keys = [f"worker-{k}" for k in range(workers)]
+        recorded = {key: record.jobs[key]["job_id"] for key in keys if key in record.jobs}
+        known = squeue_states(list(recorded.values()))
+        attached = {key: job for key, job in recorded.items() if known.get(job, ("",))[0] in ACTIVE}
+        if attached:
+            log(f"slurm: re-attached to {len(attached)} tuning worker(s): {' '.join(sorted(attached.values()))}")
+        missing = [key for key in keys if key not in attached]
+        if missing and finished()["finished"] < trials:
+            executor = slurm_executor(folder / "logs", settings)
+            with executor.batch():  # one job array
+                jobs = [
+                    (key, executor.submit(TuneJob(str(study_dir), storage_url, study_name, int(key.split("-")[1]))))
+                    for key in missing
+                ]
+            for key, job in jobs:
+                attached[key] = job.job_id
+                record.set(key, job.job_id, job_log(folder / "logs", job.job_id))
+            log(f"slurm: submitted {len(jobs)} tuning worker(s): {' '.join(job.job_id for _, job in jobs)}")
+        if detach and attached:
+            raise Detached(
+                f"{len(attached)} tuning worker(s) submitted or running ({' '.join(attached.values())}); "
+                f"run the same command again to collect the study (job ids in {record.path})"
+            )
+        ended: dict[str, tuple[str, str]] = {}  # job id, state
+        last = None
+        while attached:
+            states = squeue_states(list(attached.values()))
+            active: dict[str, list[str]] = {"pending": [], "running": []}
+            for key, job in list(attached.items()):
+                state = states.get(job, ("", ""))[0]
+                if state in ACTIVE:
+                    active[ACTIVE[state]].append(job)
+                else:
+                    ended[key] = (job, state or "VANISHED")
+                    del attached[key]
+            n = finished()
+            line = (
+                f"slurm: {len(active['pending'])} pending, {len(active['running'])} running, {len(ended)} ended; "
+                f"{n['finished']} of {trials} trials finished ({n['pruned']} pruned, {n['failed']} failed)"
+            )
+            if line != last:
+                jobs_now = "; ".join(f"{k} {' '.join(v)}" for k, v in active.items() if v)
+                log(line + (f" (jobs: {jobs_now})" if jobs_now else ""))
+                last = line
+            if attached:
+                time.sleep(settings.poll_s)
+    bad = [
+        (f"tuning {key.replace('-', ' ')}", job, state, record.jobs[key]["log"])
+        for key, (job, state) in ended.items()
+        if state != "COMPLETED"
+    ]
+    if finished()["finished"] < trials:
+        rows = bad or [(f"tuning {k.replace('-', ' ')}", j, s, record.jobs[k]["log"]) for k, (j, s) in ended.items()]
+        raise StudyFailed(
+            study_dir, rows, "tuning worker job(s)", "; the study is unfinished: run the same command to continue it"
+        )
+    for label, job, state, path in bad:
+        log(f"slurm: {label} (job {job}) ended {state}, the study is done all the same; its log: {path}")
 
 
 def _bar(total: int, initial: int) -> Any:

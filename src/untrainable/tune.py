@@ -7,7 +7,8 @@ under `trials/` (`trial-NNNN/seedS/`, ordinary run folders, and `trial.json`:
 number, parameters, state, value). `work(study_dir, storage_url,
 study_name)` pulls trials until the study has its number of finished
 (complete or pruned) trials: run it in K local processes
-(`compare.tune(..., workers=K)`) or, as is, in jobs on a cluster.
+(`compare.tune(..., workers=K)`) or in K SLURM jobs (`cluster=...`,
+`untrainable.slurm.tune_on_slurm`).
 
 Each trial trains the config with the trial's values on every tuning seed;
 its objective is the mean validation metric at the best validation epoch
@@ -307,7 +308,7 @@ def work(
     name = study_name or spec["study_name"]
     log = log or (lambda line: print(f"[{name}] {line}", flush=True))
     study = open_study(study_dir, storage_url, name, worker)
-    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    me = _job_prefix() + f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ran = 0
     with _file_lock(study_dir / "workers" / f"{me}.lock"):
         while True:
@@ -332,6 +333,14 @@ def work(
     with contextlib.suppress(OSError):
         (study_dir / "workers" / f"{me}.lock").unlink()
     return ran
+
+
+def _job_prefix() -> str:
+    """In a SLURM job, `jobID-` (an array task: `jobARRAY_TASK-`, as squeue and submitit write it): its trials name it."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"job{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}-"
+    return f"job{env['SLURM_JOB_ID']}-" if env.get("SLURM_JOB_ID") else ""
 
 
 def default_study_name(study_dir: Path) -> str:
