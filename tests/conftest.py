@@ -5,7 +5,7 @@ Tests marked `slurm` run only when selected (`-m slurm`, against a cluster:
 `bash scripts/slurm_local.sh start`); selected where `sbatch` is missing, they
 are skipped, except in CI (CI set), where they fail instead.
 The image index (and any other cache under XDG_CACHE_HOME) goes to a folder of
-this session's own, which subprocesses inherit through the environment.
+this test run's own, which subprocesses inherit through the environment.
 
 In parallel (pytest-xdist, `-n auto`), each worker is one process among as many
 as there are cores: its torch runs one thread (and so do the subprocesses it

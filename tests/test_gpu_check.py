@@ -16,7 +16,7 @@ from untrainable.bench.gpu_check import Check, gpu_test_files, junit_counts, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-# The steps of issue 17, in order, as their lines number and name them.
+# The steps of the GPU check, in order, as their lines number and name them.
 STEPS = [
     ("1", "environment"),
     ("2", "gpu-tests"),
@@ -72,7 +72,7 @@ def test_the_cpu_dry_run_passes_every_step_and_summarises_them(tmp_path):
     for name in ("rescue-alone", "rescue-guided"):
         arm = by_name[name]["details"]
         assert arm["train_images"] == 200 and arm["epochs_done"] == 1 and 0 <= arm["test_accuracy"] <= 1
-    assert seconds < 300  # measured: about 45 s on 2 busy CPU cores; the issue asks for under 2 minutes
+    assert seconds < 300  # measured: about 45 s on 2 busy CPU cores; the check is meant to take under 2 minutes
 
 
 @pytest.mark.slow

@@ -5,21 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tiny import tiny_config as _tiny
 from untrainable.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from untrainable.cli import main
-from untrainable.config import RunConfig, from_dict
-
-
-def _tiny(**train) -> RunConfig:
-    return from_dict(
-        RunConfig,
-        {
-            "name": "tiny",
-            "model": {"name": "fcn", "args": {"depth": 2, "width": 32}},
-            "data": {"name": "mnist1d", "args": {"num_samples": 600, "val_size": 60}, "batch_size": 50},
-            "train": {"epochs": 1, "max_steps": 5, "progress": False, **train},
-        },
-    )
 
 
 def _started(tmp_path: Path) -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import tiny_config as _tiny
 from untrainable import trainer
 from untrainable.checkpoint import CheckpointError, load_weights, read_weights, save_safetensors
 from untrainable.cli import main
@@ -345,18 +346,6 @@ def test_a_checkpoint_error_is_still_one_line(tmp_path, capsys):
 
 # The lock comes first; the log is rewritten atomically; refusals before data and models.
 
-
-def _tiny(**train) -> RunConfig:
-    """The issue's reproduction size: FCN depth 2 width 32, 600 MNIST-1D samples, 5 steps."""
-    return from_dict(
-        RunConfig,
-        {
-            "name": "tiny",
-            "model": {"name": "fcn", "args": {"depth": 2, "width": 32}},
-            "data": {"name": "mnist1d", "args": {"num_samples": 600, "val_size": 60}, "batch_size": 50},
-            "train": {"epochs": 1, "max_steps": 5, "progress": False, **train},
-        },
-    )
 
 
 def test_a_second_study_process_touches_nothing_in_a_run_folder_another_process_writes(tmp_path):

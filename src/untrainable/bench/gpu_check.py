@@ -3,7 +3,7 @@
     bash scripts/gpu_check.sh --out DIR [--device cuda|cpu] [--tiny]
     python -m untrainable.bench.gpu_check --out DIR [--device cuda|cpu] [--tiny] [--tests tests/]
 
-Steps (numbered as in issue 17):
+Steps, numbered:
 
 1. `environment`: torch, CUDA, cuDNN and driver versions, each GPU's name
    and memory, bf16 support, nccl; nothing is installed.

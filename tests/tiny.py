@@ -1,0 +1,18 @@
+"""The suite's smallest run config: FCN depth 2 width 32, 600 MNIST-1D samples, 5 steps."""
+
+from __future__ import annotations
+
+from untrainable.config import RunConfig, from_dict
+
+
+def tiny_config(**train) -> RunConfig:
+    """A run of 5 steps on 600 MNIST-1D samples; `train` overrides fields of the train section."""
+    return from_dict(
+        RunConfig,
+        {
+            "name": "tiny",
+            "model": {"name": "fcn", "args": {"depth": 2, "width": 32}},
+            "data": {"name": "mnist1d", "args": {"num_samples": 600, "val_size": 60}, "batch_size": 50},
+            "train": {"epochs": 1, "max_steps": 5, "progress": False, **train},
+        },
+    )
