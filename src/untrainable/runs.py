@@ -44,6 +44,28 @@ def versions() -> dict[str, str]:
     return found
 
 
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state in plain types and tensors, so checkpoints load with `weights_only=True`."""
+    legacy: Any = np.random.get_state()  # (kind, key, pos, has_gauss, gauss)
+    kind, key, pos, has_gauss, gauss = legacy
+    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos)}
+    numpy_state.update(has_gauss=int(has_gauss), gauss=float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore every RNG from `rng_state()`'s dict."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
     random.seed(seed)

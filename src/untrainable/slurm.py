@@ -425,29 +425,7 @@ def tune_on_slurm(
                 f"{len(attached)} tuning worker(s) submitted or running ({' '.join(attached.values())}); "
                 f"run the same command again to collect the study (job ids in {record.path})"
             )
-        ended: dict[str, tuple[str, str]] = {}  # job id, state
-        last = None
-        while attached:
-            states = squeue_states(list(attached.values()))
-            active: dict[str, list[str]] = {"pending": [], "running": []}
-            for key, job in list(attached.items()):
-                state = states.get(job, ("", ""))[0]
-                if state in ACTIVE:
-                    active[ACTIVE[state]].append(job)
-                else:
-                    ended[key] = (job, state or "VANISHED")
-                    del attached[key]
-            n = finished()
-            line = (
-                f"slurm: {len(active['pending'])} pending, {len(active['running'])} running, {len(ended)} ended; "
-                f"{n['finished']} of {trials} trials finished ({n['pruned']} pruned, {n['failed']} failed)"
-            )
-            if line != last:
-                jobs_now = "; ".join(f"{k} {' '.join(v)}" for k, v in active.items() if v)
-                log(line + (f" (jobs: {jobs_now})" if jobs_now else ""))
-                last = line
-            if attached:
-                time.sleep(settings.poll_s)
+        ended = _wait_for_workers(attached, settings, finished, trials, log)
     bad = [
         (f"tuning {key.replace('-', ' ')}", job, state, record.jobs[key]["log"])
         for key, (job, state) in ended.items()
@@ -460,6 +438,40 @@ def tune_on_slurm(
         )
     for label, job, state, path in bad:
         log(f"slurm: {label} (job {job}) ended {state}, the study is done all the same; its log: {path}")
+
+
+def _wait_for_workers(
+    attached: dict[str, str],
+    settings: SlurmSettings,
+    finished: Callable[[], dict[str, int]],
+    trials: int,
+    log: Callable[[str], None],
+) -> dict[str, tuple[str, str]]:
+    """Poll squeue until every worker job in `attached` (key -> job id) ended; a line at each change. Returns key -> (job id, state)."""
+    ended: dict[str, tuple[str, str]] = {}  # job id, state
+    last = None
+    while attached:
+        states = squeue_states(list(attached.values()))
+        active: dict[str, list[str]] = {"pending": [], "running": []}
+        for key, job in list(attached.items()):
+            state = states.get(job, ("", ""))[0]
+            if state in ACTIVE:
+                active[ACTIVE[state]].append(job)
+            else:
+                ended[key] = (job, state or "VANISHED")
+                del attached[key]
+        n = finished()
+        line = (
+            f"slurm: {len(active['pending'])} pending, {len(active['running'])} running, {len(ended)} ended; "
+            f"{n['finished']} of {trials} trials finished ({n['pruned']} pruned, {n['failed']} failed)"
+        )
+        if line != last:
+            jobs_now = "; ".join(f"{k} {' '.join(v)}" for k, v in active.items() if v)
+            log(line + (f" (jobs: {jobs_now})" if jobs_now else ""))
+            last = line
+        if attached:
+            time.sleep(settings.poll_s)
+    return ended
 
 
 def _bar(total: int, initial: int) -> Any:

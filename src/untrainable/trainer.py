@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import shutil
 import signal
 import sys
@@ -42,7 +41,9 @@ from untrainable.logs import MetricsLog, ProgressLines
 from untrainable.runs import (
     check_folder,
     check_resumed_config,
+    rng_state,
     seed_everything,
+    set_rng_state,
     start_again,
     write_run_files,
     writer_lock,
@@ -60,26 +61,6 @@ class RunResult:
     folder: Path
     history: list[dict[str, float]]
     final: dict[str, Any]
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state in plain types and tensors, so checkpoints load with `weights_only=True`."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos)}
-    numpy_state.update(has_gauss=int(has_gauss), gauss=float(gauss))
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
@@ -185,7 +166,7 @@ class _Run:
         }
 
     def checkpoint(self) -> None:
-        rng = distributed.gather_objects(_rng_state(), self.parts.dist_info)
+        rng = distributed.gather_objects(rng_state(), self.parts.dist_info)
         if self.is_main:
             self.checkpoints.save({**self.state(), "rng": rng}, self.step)
         distributed.barrier(self.parts.dist_info)
@@ -209,7 +190,7 @@ class _Run:
         rng = state["rng"]
         if isinstance(rng, list):  # one state per rank of the run that saved it
             rng = rng[p.dist_info.rank] if len(rng) == p.dist_info.world_size else rng[0]
-        _set_rng_state(rng)
+        set_rng_state(rng)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
