@@ -245,7 +245,9 @@ def test_a_runner_killed_mid_study_and_started_again_reattaches_without_a_second
     print(f"re-attached and finished in {time.monotonic() - started:.1f} s: " + " | ".join(lines))
     jobs = recorded(out)
     assert {k: jobs[k] for k in first} == first, "the guides' jobs were not submitted again"
-    assert len([line for line in lines if "submitted" in line]) == 1  # the guided arm only
+    # The guided arm's two seeds only, each submitted when its guide finishes (together or apart).
+    submissions = [re.search(r"submitted (\d+) run", line) for line in lines]
+    assert sum(int(m.group(1)) for m in submissions if m) == 2
     submitted = {job for job in squeue() if int(job.split("_")[0]) > before}
     assert submitted == set(jobs.values()), "squeue knows no other job of this study"
     assert "slurm: re-attached to 2 job(s): " + " ".join(sorted(first.values())) in lines
