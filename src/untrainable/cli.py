@@ -239,6 +239,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """Print the guide-target pairs with their shapes and similarity at initialisation."""
     from untrainable.build import build_data, build_model
     from untrainable.config import ConfigError, DataSpec, ModelSpec
+    from untrainable.data.registry import Prepared
     from untrainable.guidance import MIN_EXAMPLES, describe_pairs
 
     least = MIN_EXAMPLES.get(args.similarity, 2)
@@ -263,7 +264,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     rows = describe_pairs(
         target,
         guide,
-        data.train,
+        Prepared(data.train, data.prepare),
         batch_size=args.batch,
         target_layers=args.target_layers,
         guide_layers=args.guide_layers,

@@ -1,13 +1,15 @@
 """An image store (see `pack`) as a data set: decoded uint8 images read from memory-mapped shards.
 
-Item i is the same float (C, S, S) tensor `image_folder` gives for the same
-file when the store was packed at S = image_size (the same decode, resize,
-crop and normalisation, done once at pack time); the splits are carved by the
-same seeded permutation and the training augmentation is the same batch
-transform. A store packed larger than image_size is resized to it on read
-(bilinear, antialiased). A map-style data set: the trainer's sampler gives
-each rank its own indices under torchrun or SLURM, and every DataLoader worker
-maps the shards itself (nothing but their paths is pickled).
+Item i is uint8 (3, S, S); the data set's `prepare` (`Normalise`) turns a
+batch of them, on the device the model runs on, into the very floats
+`image_folder` gives for the same files when the store was packed at
+S = image_size (the same decode, resize and crop, done once at pack time).
+The splits are carved by the same seeded permutation and the training
+augmentation is the same batch transform. A store packed larger than
+image_size is resized to it on read (torch's antialiased bilinear on uint8).
+A map-style data set: the trainer's sampler gives each rank its own indices
+under torchrun or SLURM, and every DataLoader worker maps the shards itself
+(nothing but their paths is pickled).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ REPACK = "pack it again into a new folder (untrainable pack IMAGE_FOLDER --out N
 
 
 class ImageStoreDataset(Dataset):
-    """Images of a store's part: item i -> (float tensor (3, image_size, image_size), int label).
+    """Images of a store's part: item i -> (uint8 tensor (3, image_size, image_size), int label).
+
+    `Normalise` (the data set's `prepare`) turns a batch of them into what `image_folder` gives.
 
     `shards` are (path, count) of .npy files of uint8 (count, 3, S, S);
     `positions[i]` is item i's position in the part (all of them by default).
@@ -50,15 +54,13 @@ class ImageStoreDataset(Dataset):
         shards: Sequence[tuple[str, int]],
         labels: Sequence[int],
         image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
         positions: Sequence[int] | None = None,
     ):
         self.paths = [path for path, _ in shards]
         self.starts = np.cumsum([0] + [count for _, count in shards])
         self.labels = np.asarray(labels, dtype=np.int64)
         self.positions = np.arange(len(self.labels)) if positions is None else np.asarray(positions, dtype=np.int64)
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.image_size = image_size
         self._maps: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -80,12 +82,22 @@ class ImageStoreDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x = self.pixels(i)
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x[None].float(), size=(self.image_size,) * 2, mode="bilinear", antialias=True)[0]
-            x = x.clamp_(0, 255).div_(255.0)
-        else:
-            x = x.float().div_(255.0)
-        return normalize(x, self.mean, self.std), int(self.labels[self.positions[i]])
+        if x.shape[-1] != self.image_size:  # uint8 in, uint8 out (torch's antialiased bilinear)
+            x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True)[0]
+        return x, int(self.labels[self.positions[i]])
+
+
+class Normalise:
+    """uint8 pixels (B, C, H, W) -> float32 (B, C, H, W): x / 255, then (x - mean[c]) / std[c], as `image_folder` does.
+
+    A data set's `prepare`: it runs where the model runs, so loader workers move uint8, a quarter of the bytes.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return normalize(x.float().div_(255.0), self.mean, self.std)
 
 
 def _damaged(root: Path, why: str) -> ValueError:
@@ -192,7 +204,7 @@ def image_store(
 
     def dataset(name: str, positions: Sequence[int] | None = None) -> ImageStoreDataset:
         shards = [(os.fspath(store / shard["file"]), shard["count"]) for shard in parts[name]["shards"]]
-        return ImageStoreDataset(shards, parts[name]["labels"], image_size, mean_c, std_c, positions)
+        return ImageStoreDataset(shards, parts[name]["labels"], image_size, positions)
 
     labels, classes = parts["train"]["labels"], manifest["classes"]
     present = [classes[i] for i in sorted(set(labels))]
@@ -212,5 +224,6 @@ def image_store(
         input_shape=(3, image_size, image_size),
         num_classes=len(classes),
         train_transform=train_augment if augment else None,
+        prepare=Normalise(mean_c, std_c),
         meta={"classes": classes, "mean": mean_c, "std": std_c, "root": str(store), "source": manifest["source"]},
     )
