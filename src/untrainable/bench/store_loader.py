@@ -39,8 +39,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from untrainable.bench.loader import machine, make_tree, skipped
-from untrainable.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, decoded, find_images
-from untrainable.data.image_folder import train_augment
+from untrainable.data.image_folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolderDataset,
+    decoded,
+    find_images,
+    train_augment,
+)
 from untrainable.data.image_store import ImageStoreDataset, Normalise
 from untrainable.data.pack import pack
 
@@ -201,7 +207,6 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Case]]:
     record: dict[str, Any] = {"tree": make_tree(tree, args.images, args.classes, (500, 375), cores)}
     paths, labels, _ = find_images(tree)
     store_dir = args.tree / f"store-{size}"
-    start = time.perf_counter()
     manifest = pack(tree, store_dir, size, processes=cores, progress=False)
     record["packing"] = {"store_s": manifest["seconds"], "store_images": manifest["parts"]["train"]["count"]}
     folder = ImageFolderDataset(paths, labels, size, IMAGENET_MEAN, IMAGENET_STD)
@@ -249,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     record["store_to_jpeg_ratio_per_worker"] = round(store["per_worker"] / jpeg["per_worker"], 2)
     record["store_to_jpeg_ratio_per_core"] = round(store["per_core"] / jpeg["per_core"], 2)
     if "litdata" in record["rates"]:
-        record["litdata_to_store_ratio_per_worker"] = round(record["rates"]["litdata"]["per_worker"] / store["per_worker"], 2)
+        record["litdata_to_store_ratio_per_worker"] = round(
+            record["rates"]["litdata"]["per_worker"] / store["per_worker"], 2
+        )
     record["cores_needed"] = cores_needed(record["rates"])
     record["load_average_1min_at_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -149,14 +149,18 @@ def check_shards(root: Path, manifest: dict[str, Any], verify: str) -> None:
             if not path.is_file():
                 raise _damaged(root, f"shard {shard['file']} is missing")
             if path.stat().st_size != shard["bytes"]:
-                raise _damaged(root, f"shard {shard['file']} has {path.stat().st_size} bytes, expected {shard['bytes']}")
+                raise _damaged(
+                    root, f"shard {shard['file']} has {path.stat().st_size} bytes, expected {shard['bytes']}"
+                )
             try:
                 array = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as err:
                 raise _damaged(root, f"shard {shard['file']} is not readable ({' '.join(str(err).split())})") from None
             expected = (shard["count"], 3, size, size)
             if array.dtype != np.uint8 or array.shape != expected:
-                raise _damaged(root, f"shard {shard['file']} holds {array.dtype} {array.shape}, expected uint8 {expected}")
+                raise _damaged(
+                    root, f"shard {shard['file']} holds {array.dtype} {array.shape}, expected uint8 {expected}"
+                )
             if verify == "checksum" and sha256_of(path) != shard["sha256"]:
                 raise _damaged(root, f"shard {shard['file']} does not match its SHA-256 checksum")
 
