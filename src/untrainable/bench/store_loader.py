@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from untrainable.bench.loader import machine, make_tree, skipped
 from untrainable.data.image_folder import (
@@ -51,7 +51,7 @@ from untrainable.data.image_store import ImageStoreDataset, Normalise
 from untrainable.data.pack import pack
 
 try:  # optional: measured against when installed
-    from litdata import StreamingDataset, optimize
+    from litdata import StreamingDataset, optimize  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover - depends on the environment
     StreamingDataset = None
 BATCH = 64
@@ -105,7 +105,7 @@ def timed_rate(batches: Iterable[Any], skip: int, timed: int, transform: Callabl
     return count / (time.perf_counter() - start)
 
 
-def map_loader(dataset: Dataset, workers: int, batches: int, seed: int) -> DataLoader:
+def map_loader(dataset: ImageFolderDataset | ImageStoreDataset, workers: int, batches: int, seed: int) -> DataLoader:
     """Shuffled training batches of a map-style data set, `batches` of them (several epochs if needed)."""
     sampler = RandomSampler(dataset, num_samples=batches * BATCH, generator=torch.Generator().manual_seed(seed))
     context = "fork" if workers else None  # litdata sets the default to spawn; every path gets the same

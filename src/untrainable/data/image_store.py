@@ -54,7 +54,7 @@ class ImageStoreDataset(Dataset):
         shards: Sequence[tuple[str, int]],
         labels: Sequence[int],
         image_size: int,
-        positions: Sequence[int] | None = None,
+        positions: Sequence[int] | np.ndarray | None = None,
     ):
         self.paths = [path for path, _ in shards]
         self.starts = np.cumsum([0] + [count for _, count in shards])
@@ -206,7 +206,7 @@ def image_store(
     check_shards(store, manifest, verify)
     parts = manifest["parts"]
 
-    def dataset(name: str, positions: Sequence[int] | None = None) -> ImageStoreDataset:
+    def dataset(name: str, positions: Sequence[int] | np.ndarray | None = None) -> ImageStoreDataset:
         shards = [(os.fspath(store / shard["file"]), shard["count"]) for shard in parts[name]["shards"]]
         return ImageStoreDataset(shards, parts[name]["labels"], image_size, positions)
 
