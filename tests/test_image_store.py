@@ -225,3 +225,12 @@ def test_the_data_set_pickles_its_paths_not_its_memory_maps(tmp_path):
     train_set[0]  # maps its shard
     assert len(pickle.dumps(train_set)) < 20_000  # the shard holds 18 x 3 x 64 x 64 bytes
     assert torch.equal(pickle.loads(pickle.dumps(train_set))[0][0], train_set[0][0])
+
+
+def test_layers_reads_the_stores_images_as_floats(tmp_path, capsys):
+    root = write_tree(tmp_path / "tree")
+    pack(root, tmp_path / "store", 16, processes=1, progress=False)
+    data_args = json.dumps({"root": str(tmp_path / "store"), "image_size": 16})
+    args = ["layers", "fcn", "resnet18", "--data", "image_store", "--data-args", data_args]
+    assert main([*args, "--guide-args", '{"width": 4}', "--batch", "8"]) == 0
+    assert "similarity" in capsys.readouterr().out

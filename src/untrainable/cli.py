@@ -301,7 +301,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     out = _out_folder(args.out)
     assert out is not None  # --out is required
-    manifest = pack(args.folder, out, args.size, args.shard_size, args.processes, args.skip_bad, not args.quiet)
+    manifest = pack(args.image_folder, out, args.size, args.shard_size, args.processes, args.skip_bad, not args.quiet)
     parts = manifest["parts"]
     counts = ", ".join(f"{name} {part['count']}" for name, part in parts.items())
     skipped = sum(len(part["skipped"]) for part in parts.values())
@@ -389,6 +389,25 @@ def _add_tune(sub: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _add_pack(sub: Any) -> None:
+    """The `pack` subcommand's arguments."""
+    p = sub.add_parser(
+        "pack",
+        help="pack an image folder into a store of decoded images (data name image_store)",
+        description="Decode every image of a class-per-folder tree once, resize its shorter side to --size and "
+        "centre-crop it to a square, and write the uint8 pixels in memory-mapped shards with labels, classes and a "
+        "checksum per shard. Run again after a kill: the shards written are kept.",
+    )
+    p.add_argument("image_folder", help="the tree of images, laid out as for the image_folder data set")
+    p.add_argument("--out", required=True, help="the store's folder (new, empty, or an unfinished pack to resume)")
+    p.add_argument("--size", type=int, required=True, help="side of the stored squares, >= the image_size trained")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
+    p.add_argument("--processes", type=int, help="decoding processes (default: every core)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in store.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="untrainable",
@@ -462,21 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser(
-        "pack",
-        help="pack an image folder into a store of decoded images (data name image_store)",
-        description="Decode every image of a class-per-folder tree once, resize its shorter side to --size and "
-        "centre-crop it to a square, and write the uint8 pixels in memory-mapped shards with labels, classes and a "
-        "checksum per shard. Run again after a kill: the shards written are kept.",
-    )
-    p.add_argument("folder", metavar="IMAGE_FOLDER", help="the tree, laid out as for image_folder")
-    p.add_argument("--out", required=True, help="the store's folder (new, empty, or an unfinished pack to resume)")
-    p.add_argument("--size", type=int, required=True, help="side of the stored squares, >= the image_size trained")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
-    p.add_argument("--processes", type=int, help="decoding processes (default: every core)")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in store.json)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_pack)
+    _add_pack(sub)
     return parser
 
 
