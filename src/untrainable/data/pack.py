@@ -220,7 +220,7 @@ def _pack_part(out: Path, plan: dict[str, Any], name: str, processes: int, skip_
 
 
 def _manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """store.json's content from the shard records, each shard's SHA-256 checked against its file on disk."""
+    """store.json's content from the shard records, each shard's count and SHA-256 checked against its file on disk."""
     parts: dict[str, Any] = {}
     for name, part in plan["parts"].items():
         shards, labels, skipped = [], [], []
@@ -228,8 +228,13 @@ def _manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
             record = _read_json(out / f"{shard_name(name, k)}.json")
             if record is None:
                 raise ValueError(f"--out {out}: the record of shard {shard_name(name, k)} is missing; run again")
-            actual = sha256_of(out / record["file"])
-            if actual != record["sha256"]:
+            count = np.load(out / record["file"], mmap_mode="r").shape[0]
+            if count != record["count"] or count != len(record["labels"]):
+                raise ValueError(
+                    f"--out {out}: shard {record['file']} holds {count} images, its record {record['count']}; "
+                    f"delete {shard_name(name, k)}.json and run the same command again"
+                )
+            if sha256_of(out / record["file"]) != record["sha256"]:
                 raise ValueError(
                     f"--out {out}: shard {record['file']} does not match its checksum after writing "
                     f"(the disk?); delete {shard_name(name, k)}.json and run the same command again"
