@@ -1,4 +1,4 @@
-"""The `untrainable` command line: list, run, train, layers, bench."""
+"""The `untrainable` command line: list, run, train, tune, layers, bench, pack."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ EPILOG = (
     "  untrainable run mnist1d --quick\n"
     "  untrainable train --config src/untrainable/configs/mnist1d.toml --out runs/one\n"
     "  untrainable layers fcn cnn1d --data mnist1d\n"
+    "  untrainable pack /path/to/imagenet --out /data/imagenet-256 --size 256\n"
     "  untrainable tune --compare GUIDED.toml --space SPACE.toml --guided-space GSPACE.toml --trials 16 --out runs/tune"
 )
 
@@ -238,6 +239,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """Print the guide-target pairs with their shapes and similarity at initialisation."""
     from untrainable.build import build_data, build_model
     from untrainable.config import ConfigError, DataSpec, ModelSpec
+    from untrainable.data.registry import Prepared
     from untrainable.guidance import MIN_EXAMPLES, describe_pairs
 
     least = MIN_EXAMPLES.get(args.similarity, 2)
@@ -262,7 +264,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     rows = describe_pairs(
         target,
         guide,
-        data.train,
+        Prepared(data.train, data.prepare),
         batch_size=args.batch,
         target_layers=args.target_layers,
         guide_layers=args.guide_layers,
@@ -290,6 +292,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"\nMachine: {results['machine']}\n\n{format_results(results)}")
     if out is not None:
         print(f"\nWritten to {write_results(results, out)}/")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Pack an image folder into an image store (`[data] name = "image_store"`)."""
+    from untrainable.data.pack import pack
+
+    out = _out_folder(args.out)
+    assert out is not None  # --out is required
+    manifest = pack(args.image_folder, out, args.size, args.shard_size, args.processes, args.skip_bad, not args.quiet)
+    parts = manifest["parts"]
+    counts = ", ".join(f"{name} {part['count']}" for name, part in parts.items())
+    skipped = sum(len(part["skipped"]) for part in parts.values())
+    shards = [shard for part in parts.values() for shard in part["shards"]]
+    print(
+        f"image store {out}: {counts} images of {len(manifest['classes'])} classes at {manifest['size']} x "
+        f"{manifest['size']}, {len(shards)} shards, {sum(s['bytes'] for s in shards) / 1e9:.2f} GB, checksums verified"
+        + (f"; {skipped} unreadable image(s) skipped (listed in store.json)" if skipped else "")
+    )
     return 0
 
 
@@ -368,6 +389,25 @@ def _add_tune(sub: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _add_pack(sub: Any) -> None:
+    """The `pack` subcommand's arguments."""
+    p = sub.add_parser(
+        "pack",
+        help="pack an image folder into a store of decoded images (data name image_store)",
+        description="Decode every image of a class-per-folder tree once, resize its shorter side to --size and "
+        "centre-crop it to a square, and write the uint8 pixels in memory-mapped shards with labels, classes and a "
+        "checksum per shard. Run again after a kill: the shards written are kept.",
+    )
+    p.add_argument("image_folder", help="the tree of images, laid out as for the image_folder data set")
+    p.add_argument("--out", required=True, help="the store's folder (new, empty, or an unfinished pack to resume)")
+    p.add_argument("--size", type=int, required=True, help="side of the stored squares, >= the image_size trained")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
+    p.add_argument("--processes", type=int, help="decoding processes (default: every core)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in store.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="untrainable",
@@ -440,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for table.md and bench.json (e.g. results/bench)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=cmd_bench)
+
+    _add_pack(sub)
     return parser
 
 
