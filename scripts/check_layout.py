@@ -5,7 +5,8 @@
     python scripts/check_layout.py /tmp/site --width 390 --pages configuration/index.html
 
 Every page of the site is loaded at the given window width (served over HTTP from a
-copy of the site into which a measuring script is written) and reports, after the
+copy of the site into which a measuring script is written, under the path of the
+site's `site_url`, as 404.html's absolute links expect) and reports, after the
 theme's scripts have run:
 
 - each code block whose text is wider than the block (`scrollWidth > clientWidth`:
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,11 +86,18 @@ def _chromium() -> str:
     sys.exit("check_layout: no chromium on PATH; install it (Debian: apt-get install chromium)")
 
 
-def _serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+def _site_path(site: Path) -> str:
+    """The path part of the site's `site_url` (`/untrainable/`), read from its sitemap; `/` without one."""
+    sitemap = site / "sitemap.xml"
+    found = re.search(r"<loc>([^<]+)</loc>", sitemap.read_text()) if sitemap.is_file() else None
+    return urllib.parse.urlparse(found[1]).path if found else "/"
+
+
+def _serve(root: Path, path: str) -> tuple[http.server.ThreadingHTTPServer, str]:
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+    return server, f"http://127.0.0.1:{server.server_address[1]}{path}"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -96,20 +105,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _browser(url: str, width: int, *extra: str) -> str:
+def _browser(url: str, width: int, *extra: str, height: int = 1000) -> str:
     command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    command += [f"--window-size={width},1000", "--virtual-time-budget=4000", *extra, url]
+    command += [f"--window-size={width},{height}", "--virtual-time-budget=4000", *extra, url]
     return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
 
 
-def measure(page: str, base: str, width: int, shots: Path | None) -> dict:
+def measure(page: str, base: str, width: int, shots: Path | None, height: int = 1000) -> dict:
     """One page's report (see the module's docstring), read back from the DOM Chromium dumps."""
     url = base + (page[: -len("index.html")] if page.endswith("index.html") else page)
     found = REPORT.search(_browser(url, width, "--dump-dom"))
     report = json.loads(found[1]) if found else {"error": "no report (the page did not finish loading)"}
     if shots is not None:
         name = page.replace("/index.html", "").replace("/", "_").replace(".html", "") or "index"
-        _browser(url, width, f"--screenshot={shots / f'{name}-{width}.png'}")
+        _browser(url, width, f"--screenshot={shots / f'{name}-{width}.png'}", height=height)
     return report
 
 
@@ -119,23 +128,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1280, help="window width in CSS pixels (default 1280)")
     parser.add_argument("--pages", nargs="*", help="pages to measure, relative to the site (default: every page)")
     parser.add_argument("--shots", type=Path, help="save a screenshot of each page measured into this folder")
+    parser.add_argument("--shot-height", type=int, default=1000, help="height of the screenshots in CSS pixels")
     parser.add_argument("--jobs", type=int, default=2, help="browsers at once (default 2)")
     args = parser.parse_args(argv)
     if not (args.site / "index.html").is_file():
         parser.error(f"{args.site}: no index.html there; give the folder mkdocs built")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "site"
+        site_path = _site_path(args.site)
+        root = Path(tmp) / "served" / site_path.strip("/")
         shutil.copytree(args.site, root)
         pages = args.pages or sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html"))
         for page in pages:
-            path = root / page
-            path.write_text(path.read_text().replace("</body>", MEASURE + "</body>", 1))
+            html = root / page
+            html.write_text(html.read_text().replace("</body>", MEASURE + "</body>", 1))
         if args.shots:
             args.shots.mkdir(parents=True, exist_ok=True)
-        server, base = _serve(root)
+        server, base = _serve(Path(tmp) / "served", site_path)
         try:
             with ThreadPoolExecutor(args.jobs) as pool:
-                reports = dict(zip(pages, pool.map(lambda p: measure(p, base, args.width, args.shots), pages)))
+                reports = dict(zip(pages, pool.map(lambda p: measure(p, base, args.width, args.shots, args.shot_height), pages)))
         finally:
             server.shutdown()
     return _summary(reports, args.width)
