@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         server, base = _serve(Path(tmp) / "served", site_path)
         try:
             with ThreadPoolExecutor(args.jobs) as pool:
-                reports = dict(zip(pages, pool.map(lambda p: measure(p, base, args.width, args.shots, args.shot_height), pages)))
+                reports = dict(
+                    zip(pages, pool.map(lambda p: measure(p, base, args.width, args.shots, args.shot_height), pages))
+                )
         finally:
             server.shutdown()
     return _summary(reports, args.width)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -327,6 +328,14 @@ def test_site_builds_strict(tmp_path):
     assert "--guide-checkpoint" in cli and "cli-reference" not in cli
     assert "guide_input" in (site / "api" / "guidance" / "index.html").read_text()  # mkdocstrings wrote the API
     assert (site / "results" / "rescue" / "rescue-long" / "rescue_curves.png").exists()
+    assert (site / "assets" / "katex" / "katex.min.js").is_file()  # the formulas' renderer, shipped
+    assert 'class="arithmatex"' in (site / "concepts" / "index.html").read_text()
+    assert "<loc>https://" in (site / "sitemap.xml").read_text()  # site_url set: the sitemap lists the pages
+    index = json.loads((site / "search" / "search_index.json").read_text())["docs"]
+    # Pages under the repository's results/ (docs/results.md, the Results page, is at results/ itself).
+    pages = [(doc["location"].split("#")[0], doc) for doc in index]
+    results = [doc for page, doc in pages if page.startswith("results/") and page != "results/"]
+    assert results and all(doc.get("boost", 1) < 1 for doc in results), "results pages must rank below the guides"
 
 
 def test_lists_start_after_a_blank_line():
