@@ -84,7 +84,7 @@ def check_storage(storage_url: str | None) -> None:
     except Exception as err:  # SQLAlchemy's ArgumentError, NoSuchModuleError, OperationalError; Optuna's ImportError
         reason = " ".join(str(err).split("\n")[0].split())
         if isinstance(err, ImportError):
-            reason = "its database driver is not installed (e.g. pip install psycopg2-binary for postgresql://)"
+            reason = "its database driver is not installed, e.g. psycopg2 for postgresql://"
         raise ConfigError(
             f"--storage {storage_label(storage_url)}: cannot open it ({reason}); give an RDB URL such as "
             "sqlite:///PATH/studies.db (its folder must exist) or postgresql://USER@HOST/DB, or leave --storage out "
