@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-from tiny import tiny_config
 
+from tiny import tiny_config
 from untrainable.cli import main
 from untrainable.compare import finish_study
 from untrainable.config import from_dict
@@ -44,7 +44,18 @@ def _files(tmp_path: Path, space: str = SPACE, guided: bool = False) -> tuple[Pa
 
 def _tune(tmp_path: Path, *flags: str, trials: int = 1) -> list[str]:
     config, space = _files(tmp_path)
-    return ["tune", "--config", str(config), "--space", str(space), "--trials", str(trials), "--tune-seeds", "0", *flags]
+    return [
+        "tune",
+        "--config",
+        str(config),
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--tune-seeds",
+        "0",
+        *flags,
+    ]
 
 
 def _refused(capsys: pytest.CaptureFixture[str], code: int, *expected: str) -> str:
@@ -54,19 +65,23 @@ def _refused(capsys: pytest.CaptureFixture[str], code: int, *expected: str) -> s
     return err
 
 
-def _finished_study(folder: Path, values: list[float], storage: str | None = None) -> None:
+def _finished_study(folder: Path, values: list[float]) -> None:
     """A study folder whose trials finished, made without training (Optuna trials and their trial.json)."""
     import optuna
 
     settings = Settings(trials=len(values), tune_seeds=(0,))
-    prepare(folder, tiny_config(), load_space(_files(folder.parent)[1]), settings, storage_url=storage)
-    study = open_study(folder, storage, folder.name)
+    space = load_space(_files(folder.parent)[1])
+    prepare(folder, tiny_config(), space, settings)
+    study = open_study(folder, None, folder.name)
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
     for i, value in enumerate(values):
         name = f"trial-{i:04d}"
         study.add_trial(
             optuna.trial.create_trial(
-                params={"optim.lr": 1e-3 * (i + 1)}, distributions={"optim.lr": lr}, value=value, user_attrs={"folder": name}
+                params={"optim.lr": 1e-3 * (i + 1)},
+                distributions={"optim.lr": lr},
+                value=value,
+                user_attrs={"folder": name},
             )
         )
         (folder / "trials" / name).mkdir(parents=True)
@@ -192,21 +207,26 @@ def test_the_storage_is_recorded_and_another_is_refused(tmp_path: Path, capsys: 
     pytest.importorskip("sqlalchemy")
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     out = tmp_path / "study"
-    _finished_study(out, [0.5], storage=url)
+    assert main(_tune(tmp_path, "--out", str(out), "--storage", url)) == 0  # one trial of 5 steps
     assert json.loads((out / "study.json").read_text())["storage"] == url
+    capsys.readouterr()
     _refused(capsys, main(_tune(tmp_path, "--out", str(out), trials=2)), "no --storage", f"give --storage {url}")
     _refused(capsys, main(["tune", "--worker", str(out)]), "no --storage", f"give --storage {url}")
     assert not (out / "journal.log").exists() and not (out / "trials" / "trial-0001").exists()
 
 
-def test_the_guided_space_takes_only_fields_the_baseline_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_guided_space_takes_only_fields_the_baseline_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     guided, space = _files(tmp_path, guided=True)
     twin = tmp_path / "twin.toml"
     twin.write_text('[space]\n"guidance.alpha" = { low = 0.1, high = 10.0, log = true }\n'
                     '"optim.weight_decay" = { low = 1e-6, high = 1e-3, log = true }\n')  # fmt: skip
     out = tmp_path / "cmp"
     args = ["tune", "--compare", str(guided), "--space", str(space), "--guided-space", str(twin), "--trials", "1"]
-    _refused(capsys, main([*args, "--seeds", "1", "--out", str(out)]), str(twin), "optim.weight_decay: not a guidance field")
+    _refused(
+        capsys, main([*args, "--seeds", "1", "--out", str(out)]), str(twin), "optim.weight_decay: not a guidance field"
+    )
     assert not out.exists()
 
 
@@ -256,7 +276,7 @@ def _workers_of(proc: subprocess.Popen) -> list[int]:
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, out: Path) -> None:
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while not list(out.glob("trials/trial-*/seed0/checkpoints/step-*.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
@@ -274,7 +294,7 @@ def _worker_flags(tmp_path: Path, trials: int) -> tuple[list[str], Path]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
 def test_a_worker_killed_leaves_best_toml_and_one_line(tmp_path: Path) -> None:
-    flags, out = _worker_flags(tmp_path, trials=3)
+    flags, out = _worker_flags(tmp_path, trials=2)
     proc = _start(flags)
     _wait_for_checkpoint(proc, out)
     os.kill(_workers_of(proc)[0], signal.SIGKILL)
@@ -282,22 +302,21 @@ def test_a_worker_killed_leaves_best_toml_and_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and "was killed by signal 9" in stderr, stderr
     assert "Traceback" not in stdout + stderr
-    trials = json.loads((out / "trials.json").read_text())
-    assert (out / "best.toml").exists() and sum(t["state"] == "complete" for t in trials) >= 1
-    again = _start(flags)  # the same command continues, or finds the study done
-    assert again.wait(timeout=300) == 0, again.communicate()
-    assert sum(t["state"] == "complete" for t in json.loads((out / "trials.json").read_text())) == 3
+    trials = json.loads((out / "trials.json").read_text())  # the other worker ran the killed one's trial again
+    complete = sum(t["state"] == "complete" for t in trials)
+    assert (out / "best.toml").exists() and f"hold the {complete} finished trials; the study is done" in stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigterm_exits_143_naming_the_command_that_continues(tmp_path: Path, workers: str) -> None:
+def test_sigterm_with_two_workers_exits_143_naming_the_command_that_continues(tmp_path: Path) -> None:
     flags, out = _worker_flags(tmp_path, trials=2)
-    flags[-1] = workers
     proc = _start(flags)
     _wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGTERM)
     _, stderr = (s.decode() for s in proc.communicate(timeout=300))
     assert proc.returncode == 143, stderr
     (line,) = stderr.strip().splitlines()
-    assert "--resume" not in line and f"continue the study with the same command: untrainable tune {' '.join(flags)}" in line
+    assert (
+        "--resume" not in line
+        and f"continue the study with the same command: untrainable tune {' '.join(flags)}" in line
+    )

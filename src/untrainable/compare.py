@@ -98,9 +98,17 @@ def run_workers(
         raise stopped
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A worker killed (kill -9) leaves its semaphores to multiprocessing's resource tracker, started with the
+    # first worker, which frees them and warns in raw lines at exit: the failed worker is reported in one line.
+    warn = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warn, "ignore:resource_tracker:UserWarning"]))
     try:
         for proc in procs:
             proc.start()
+        if warn is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warn
         while any(proc.is_alive() for proc in procs):
             for proc in procs:
                 proc.join(timeout=2.0 / workers)
