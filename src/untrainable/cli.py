@@ -198,8 +198,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     ).validate()
     overrides = _overrides(args.set)
     space = load_space(args.space)
-    out = _out_folder(args.out)
-    assert out is not None  # --out is required above
+    out = _out_folder(args.out) or Path(args.out)
     try:
         if not args.compare:
             config = load_config(args.config, overrides)
@@ -211,8 +210,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             guided = load_config(args.compare, overrides)
             base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
             experiment, folder, table = compare.compare(
-                guided, base, space, load_space(args.guided_space), settings, out,
-                5 if args.seeds is None else args.seeds, args.workers,
+                guided, base, space, load_space(args.guided_space), settings, out, args.seeds or 5, args.workers,
                 args.storage, args.study_name, cluster=cluster, detach=args.detach,
             )  # fmt: skip
     except Detached as detached:
@@ -222,13 +220,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"\n{format_failures(failed)}\n")
         print(f"untrainable tune: error: {failed}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # a trial checkpointed: the same command continues the study, not train --resume
-        stopped = KeyboardInterrupt(
-            f"{str(err).split('; continue with --resume')[0]}; continue the study with the same command: "
-            f"untrainable {shlex.join(getattr(args, 'argv', sys.argv[1:]))}"
-        )
-        stopped.signum = getattr(err, "signum", signal.SIGINT)  # type: ignore[attr-defined]
-        raise stopped from None
+    except KeyboardInterrupt as err:
+        raise _continue_with(err, args) from None
     if not args.compare:
         n = summary["trials"]
         print(
@@ -244,6 +237,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
     )
     return 0
+
+
+def _continue_with(err: KeyboardInterrupt, args: argparse.Namespace) -> KeyboardInterrupt:
+    """A stopped tune's message: its trial checkpointed, and the same command (not `train --resume`) continues."""
+    stopped = KeyboardInterrupt(
+        f"{str(err).split('; continue with --resume')[0]}; continue the study with the same command: "
+        f"untrainable {shlex.join(getattr(args, 'argv', sys.argv[1:]))}"
+    )
+    stopped.signum = getattr(err, "signum", signal.SIGINT)  # type: ignore[attr-defined]  # the exit status
+    return stopped
 
 
 def cmd_layers(args: argparse.Namespace) -> int:

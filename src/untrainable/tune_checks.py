@@ -41,6 +41,8 @@ def check_tune_flags(args: Any) -> None:
         raise ConfigError("--worker-index: only with --worker STUDY_DIR (it numbers that worker's sampler seed)")
     if args.seeds is not None and not args.compare:
         raise ConfigError("--seeds: only with --compare GUIDED.toml (the final seeds of the comparison)")
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds: expected a number >= 1, got {args.seeds}")
 
 
 def check_out(folder: Path, marks: tuple[str, ...], flag: str = "--out") -> None:
