@@ -138,10 +138,14 @@ def check_journal(path: Path) -> None:
     """
     if not path.is_file():
         return
-    bad = _bad_line(path)
-    if bad is not None and bad[0] == bad[1]:
-        time.sleep(0.5)
-        bad = _bad_line(path)
+    size, bad = path.stat().st_size, _bad_line(path)
+    for _ in range(10):  # while another worker appends, its last line may be half written
+        if bad is None or bad[0] < bad[1]:
+            break
+        time.sleep(0.2)
+        before, size, bad = size, path.stat().st_size, _bad_line(path)
+        if size == before:
+            break
     if bad is None:
         return
     number, total = bad
