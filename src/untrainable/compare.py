@@ -9,6 +9,7 @@ the studies' table with a verdict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -16,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig
 from untrainable.config_toml import to_toml
@@ -98,17 +99,10 @@ def run_workers(
         raise stopped
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # A worker killed (kill -9) leaves its semaphores to multiprocessing's resource tracker, started with the
-    # first worker, which frees them and warns in raw lines at exit: the failed worker is reported in one line.
-    warn = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warn, "ignore:resource_tracker:UserWarning"]))
     try:
-        for proc in procs:
-            proc.start()
-        if warn is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = warn
+        with _quiet_resource_tracker():
+            for proc in procs:
+                proc.start()
         while any(proc.is_alive() for proc in procs):
             for proc in procs:
                 proc.join(timeout=2.0 / workers)
@@ -122,12 +116,32 @@ def run_workers(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     failed = [
-        f"{proc.name} {'was killed by signal ' + str(-(proc.exitcode or 0)) if (proc.exitcode or 0) < 0 else 'failed'}"
+        f"{proc.name} was killed by signal {-proc.exitcode}"
+        if proc.exitcode is not None and proc.exitcode < 0
+        else f"{proc.name} failed (see its lines above)"
         for proc in procs
         if proc.exitcode != 0
     ]
     if failed:
-        raise StudyError(f"{' and '.join(failed)} (see its lines above)")
+        raise StudyError(" and ".join(failed))
+
+
+@contextlib.contextmanager
+def _quiet_resource_tracker() -> Iterator[None]:
+    """Workers started here leave multiprocessing's resource tracker (started with the first) without its warning.
+
+    A worker killed with kill -9 leaves its semaphores to the tracker, which
+    frees them and warns in raw lines at exit; the worker is reported in one line instead.
+    """
+    warn = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warn, "ignore:resource_tracker:UserWarning"]))
+    try:
+        yield
+    finally:
+        if warn is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warn
 
 
 def _bar(total: int, name: str) -> Any:
