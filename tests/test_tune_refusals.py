@@ -263,7 +263,8 @@ def test_optunas_importance_warnings_become_one_line_notes(tmp_path: Path) -> No
 
 def _start(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
+    here = Path(__file__).resolve().parent  # the package, and the tests' importable models
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), str(here), env.get("PYTHONPATH", "")])
     return subprocess.Popen(
         [sys.executable, "-m", "untrainable", "tune", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -305,6 +306,19 @@ def test_a_worker_killed_leaves_best_toml_and_one_line(tmp_path: Path) -> None:
     trials = json.loads((out / "trials.json").read_text())  # the other worker ran the killed one's trial again
     complete = sum(t["state"] == "complete" for t in trials)
     assert (out / "best.toml").exists() and f"hold the {complete} finished trials; the study is done" in stderr
+
+
+@pytest.mark.slow
+def test_workers_whose_trials_fail_end_in_one_line_and_exit_2(tmp_path: Path) -> None:
+    flags, out = _worker_flags(tmp_path, trials=2)
+    config = tiny_config().to_dict() | {"model": {"name": "importable_models:not_a_model"}}  # fails when built
+    (tmp_path / "tiny.toml").write_text(to_toml(from_dict(type(tiny_config()), config)))
+    proc = _start(flags)
+    stdout, stderr = (s.decode() for s in proc.communicate(timeout=300))
+    assert proc.returncode == 2, stderr
+    (line,) = [line for line in stderr.splitlines() if "error" in line or "Warning" in line]
+    assert "tune-worker-0 failed" in line and "run the same command again to continue" in line, stderr
+    assert "Traceback" not in stdout + stderr and stdout.count("tune-worker-0: error: ") == 1, stdout
 
 
 @pytest.mark.slow
