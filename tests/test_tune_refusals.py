@@ -230,6 +230,34 @@ def test_the_guided_space_takes_only_fields_the_baseline_lacks(
     assert not out.exists()
 
 
+def test_a_comparison_never_writes_over_a_folder_it_did_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    guided, space = _files(tmp_path, guided=True)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "table.md").write_text("my table\n")
+    args = ["tune", "--compare", str(guided), "--space", str(space), "--guided-space", str(space), "--trials", "1"]
+    _refused(capsys, main([*args, "--out", str(out)]), f"--out {out}: holds table.md but no study")
+    assert [p.name for p in out.iterdir()] == ["table.md"]
+
+
+def test_a_stopped_tune_names_the_same_command_not_train_resume() -> None:
+    from untrainable.cli import _continue_with, build_parser
+    from untrainable.trainer import TrainingInterrupted
+
+    argv = ["tune", "--config", "my config.toml", "--space", "s.toml", "--trials", "4", "--out", "runs/t"]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    stopped = TrainingInterrupted("stopped at step 7; checkpoint written to X; continue with --resume", signal.SIGTERM)
+    again = _continue_with(stopped, args)
+    assert str(again) == (
+        "stopped at step 7; checkpoint written to X; continue the study with the same command: "
+        "untrainable tune --config 'my config.toml' --space s.toml --trials 4 --out runs/t"
+    )
+    assert again.signum == signal.SIGTERM  # type: ignore[attr-defined]  # exit 143
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
