@@ -370,10 +370,14 @@ def _add_tune(sub: Any) -> None:
         default=1,
         help="trials run at once: local processes, or SLURM jobs with --executor slurm (default: 1)",
     )
-    p.add_argument("--storage", help="an RDB URL for the study (default: a journal file in the study folder)")
+    p.add_argument(
+        "--storage",
+        help="an RDB URL for the study, recorded in study.json (default: a journal file in the study folder)",
+    )
     p.add_argument(
         "--study-name",
-        help="the study's name in the storage (default: the folder's name; with --compare, NAME-alone and NAME-guided)",
+        help="the study's name in the storage (default: the one study.json records, so a copied folder continues its "
+        "own study, else the folder's name; with --compare, NAME-alone and NAME-guided)",
     )
     p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
     p.add_argument("--worker-index", type=int, help="with --worker: this worker's number (sampler seed)")
