@@ -102,9 +102,9 @@ def check_same_storage(study_file: Path, saved: dict[str, Any], storage_url: str
     if recorded != given:
         want = f"--storage {recorded}" if recorded else "no --storage (its journal file)"
         got = f"--storage {given}" if given else "no --storage"
+        where = recorded or "the folder's journal file"
         raise ConfigError(
-            f"{got}: {study_file} records a study in {recorded or 'the folder journal file'}; give {want}, "
-            "or another --out for a new study"
+            f"{got}: {study_file} records a study in {where}; give {want}, or another --out for a new study"
         )
 
 
