@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -164,10 +165,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from untrainable.experiment import format_table
     from untrainable.slurm import Detached, StudyFailed, format_failures
     from untrainable.space import load_space
+    from untrainable.tune_checks import check_tune_flags
 
+    check_tune_flags(args)
     if args.worker:
         study = Path(args.worker)
-        ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index)
+        ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index or 0)
         print(f"{ran} trial(s) run by this worker; the study in {study} is done")
         return 0
     cluster = _cluster_settings(args)
@@ -196,7 +199,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     ).validate()
     overrides = _overrides(args.set)
     space = load_space(args.space)
-    out = Path(args.out)
+    out = _out_folder(args.out) or Path(args.out)
     try:
         if not args.compare:
             config = load_config(args.config, overrides)
@@ -208,7 +211,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             guided = load_config(args.compare, overrides)
             base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
             experiment, folder, table = compare.compare(
-                guided, base, space, load_space(args.guided_space), settings, out, args.seeds, args.workers,
+                guided, base, space, load_space(args.guided_space), settings, out, args.seeds or 5, args.workers,
                 args.storage, args.study_name, cluster=cluster, detach=args.detach,
             )  # fmt: skip
     except Detached as detached:
@@ -218,6 +221,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"\n{format_failures(failed)}\n")
         print(f"untrainable tune: error: {failed}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        raise _continue_with(err, args) from None
     if not args.compare:
         n = summary["trials"]
         print(
@@ -233,6 +238,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
     )
     return 0
+
+
+def _continue_with(err: KeyboardInterrupt, args: argparse.Namespace) -> KeyboardInterrupt:
+    """A stopped tune's message: its trial checkpointed, and the same command (not `train --resume`) continues."""
+    stopped = KeyboardInterrupt(
+        f"{str(err).split('; continue with --resume')[0]}; continue the study with the same command: "
+        f"untrainable {shlex.join(getattr(args, 'argv', sys.argv[1:]))}"
+    )
+    stopped.signum = getattr(err, "signum", signal.SIGINT)  # type: ignore[attr-defined]  # the exit status
+    return stopped
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -360,7 +375,6 @@ def _add_tune(sub: Any) -> None:
     p.add_argument(
         "--seeds",
         type=int,
-        default=5,
         help="with --compare: seeds of the final runs, none of the tuning seeds (default: 5)",
     )
     p.add_argument(
@@ -377,13 +391,17 @@ def _add_tune(sub: Any) -> None:
         default=1,
         help="trials run at once: local processes, or SLURM jobs with --executor slurm (default: 1)",
     )
-    p.add_argument("--storage", help="an RDB URL for the study (default: a journal file in the study folder)")
+    p.add_argument(
+        "--storage",
+        help="an RDB URL for the study, recorded in study.json (default: a journal file in the study folder)",
+    )
     p.add_argument(
         "--study-name",
-        help="the study's name in the storage (default: the folder's name; with --compare, NAME-alone and NAME-guided)",
+        help="the study's name in the storage (default: the one study.json records, so a copied folder continues its "
+        "own study, else the folder's name; with --compare, NAME-alone and NAME-guided)",
     )
     p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
-    p.add_argument("--worker-index", type=int, default=0, help="with --worker: this worker's number (sampler seed)")
+    p.add_argument("--worker-index", type=int, help="with --worker: this worker's number (sampler seed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_tune)
@@ -512,12 +530,13 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
-    from untrainable.errors import CallableError
+    from untrainable.errors import CallableError, StudyError
     from untrainable.guidance import NonFiniteError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted before or after the subcommand
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.argv = [a for a in argv if a != "--debug"]  # as typed: a stopped command names itself to continue
     debug = debug or os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0")
     try:
         with contextlib.ExitStack() as stack:
@@ -541,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             frames = inner.__traceback__.tb_next if inner.__traceback__ is not None else None
             traceback.print_exception(type(inner), inner, frames, file=sys.stderr)
         return 2
-    except (ConfigError, CheckpointError, NonFiniteError, ValueError, TypeError, KeyError, OSError) as err:
+    except (ConfigError, CheckpointError, NonFiniteError, StudyError, ValueError, TypeError, KeyError, OSError) as err:
         if debug:
             raise
         if _is_main_process():

@@ -9,19 +9,23 @@ the studies' table with a verdict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig
 from untrainable.config_toml import to_toml
+from untrainable.errors import StudyError
 from untrainable.space import Space
 from untrainable.tune import (
     JOURNAL,
+    STUDY_FILE,
     Settings,
     counts,
     default_study_name,
@@ -35,6 +39,7 @@ from untrainable.tune import (
     work,
     write_json,
 )
+from untrainable.tune_checks import check_guided_space, check_out, check_storage, recorded_name
 
 if TYPE_CHECKING:
     from untrainable.cluster import SlurmSettings
@@ -52,6 +57,11 @@ def _worker_main(study_dir: str, storage_url: str | None, study_name: str, worke
         work(study_dir, storage_url, study_name, worker)
     except KeyboardInterrupt:
         sys.exit(143)
+    except Exception as err:  # its trial's line said what failed; the parent reports the worker in one line
+        if os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"[{study_name}] tune-worker-{worker}: error: {' '.join(str(err).split()) or type(err).__name__}")
+        sys.exit(1)
 
 
 def run_workers(
@@ -84,12 +94,15 @@ def run_workers(
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
-        raise KeyboardInterrupt(f"stopped by signal {signum}; every worker stops after a checkpoint")
+        stopped = KeyboardInterrupt(f"stopped by signal {signum}; every worker stopped after a checkpoint")
+        stopped.signum = signum  # type: ignore[attr-defined]  # the exit status: 128 + signum
+        raise stopped
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for proc in procs:
-            proc.start()
+        with _quiet_resource_tracker():
+            for proc in procs:
+                proc.start()
         while any(proc.is_alive() for proc in procs):
             for proc in procs:
                 proc.join(timeout=2.0 / workers)
@@ -102,12 +115,33 @@ def run_workers(
         bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failed = [proc.name for proc in procs if proc.exitcode != 0]
+    failed = [
+        f"{proc.name} was killed by signal {-proc.exitcode}"
+        if proc.exitcode is not None and proc.exitcode < 0
+        else f"{proc.name} failed (see its lines above)"
+        for proc in procs
+        if proc.exitcode != 0
+    ]
     if failed:
-        raise RuntimeError(
-            f"{', '.join(failed)} stopped with an error (see its lines above); run the same command again to continue "
-            "(its trial is retried from its checkpoints)"
-        )
+        raise StudyError(" and ".join(failed))
+
+
+@contextlib.contextmanager
+def _quiet_resource_tracker() -> Iterator[None]:
+    """Workers started here leave multiprocessing's resource tracker (started with the first) without its warning.
+
+    A worker killed with kill -9 leaves its semaphores to the tracker, which
+    frees them and warns in raw lines at exit; the worker is reported in one line instead.
+    """
+    warn = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warn, "ignore:resource_tracker:UserWarning"]))
+    try:
+        yield
+    finally:
+        if warn is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warn
 
 
 def _bar(total: int, name: str) -> Any:
@@ -145,8 +179,9 @@ def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
     folder = trial.user_attrs.get("folder", f"trial-{trial.number:04d}")
     per_seed = read_json(study_dir / "trials" / folder / "trial.json").get("per_seed", {})
     seed = settings.tune_seeds[0]
+    finished = counts(study)["complete"] + counts(study)["pruned"]
     comments = [
-        f"{arm}: the best of {settings.trials} trials of {study_dir} (trial {trial.number}, {folder}), tuned on validation.",
+        f"{arm}: the best of {finished} finished trials of {study_dir} (trial {trial.number}, {folder}), tuned on validation.",
         f"Objective: validation {spec['metric']} at the {'best validation' if settings.objective == 'best' else 'last'} "
         f"epoch, mean over seeds {', '.join(map(str, settings.tune_seeds))}: {trial.value:.4f} "
         f"(per seed: {', '.join(f'{s}: {v:.4f}' for s, v in per_seed.items())}).",
@@ -169,7 +204,10 @@ def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
             }
         )
     write_json(study_dir / "trials.json", rows)
-    figures = plot_study(study, study_dir, title=f"{arm}: validation {spec['metric']}")
+    with warnings.catch_warnings(record=True) as caught:  # Optuna's, multi-line: one line each in `notes`
+        warnings.simplefilter("always")
+        figures = plot_study(study, study_dir, title=f"{arm}: validation {spec['metric']}")
+    notes = list(dict.fromkeys(f"figures: {' '.join(str(w.message).split())}" for w in caught))
     n = counts(study)
     return {
         "arm": arm,
@@ -178,6 +216,7 @@ def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
         "best_value": trial.value,
         "best_params": trial.params,
         "figures": [str(p.name) for p in figures],
+        "notes": notes,
     }
 
 
@@ -200,7 +239,7 @@ def tune(
     submits them and raises Detached).
     """
     out = Path(out)
-    name = prepare(out, config, space, settings, study_name)["study_name"]
+    name = prepare(out, config, space, settings, study_name, storage_url)["study_name"]
     log(
         f"[{name}] tuning {config.name}: {settings.trials} trials over {', '.join(space.paths)}; objective validation "
         f"{metric_of(config)[0]} at the {settings.objective} epoch, mean over seeds "
@@ -226,8 +265,25 @@ def tune(
         finally:
             bar.close()
     else:
-        run_workers(out, storage_url, name, workers, log)
-    return finish_study(open_study(out, storage_url, name), out, arm or config.name)
+        try:
+            run_workers(out, storage_url, name, workers, log)
+        except StudyError as err:
+            n = counts(open_study(out, storage_url, name))
+            wrote = ""
+            if n["complete"]:
+                finish_study(open_study(out, storage_url, name), out, arm or config.name)
+                wrote = f"; best.toml and trials.json hold the {n['complete'] + n['pruned']} finished trials"
+            left = settings.trials - n["complete"] - n["pruned"]
+            more = (
+                f"{left} trial(s) still to run: run the same command again to continue"
+                if left > 0
+                else "the study is done"
+            )
+            raise StudyError(f"{out}: {err}{wrote}; {more}") from None
+    summary = finish_study(open_study(out, storage_url, name), out, arm or config.name)
+    for note in summary["notes"]:
+        log(f"[{name}] {note}")
+    return summary
 
 
 def unguided(config: RunConfig) -> RunConfig:
@@ -271,13 +327,17 @@ def compare(
         )
     if seeds < 1:
         raise ConfigError(f"--seeds: expected a number >= 1, got {seeds}")
+    check_out(out, (f"alone/{STUDY_FILE}", f"guided/{STUDY_FILE}"))
+    check_storage(storage_url)
+    check_guided_space(space, guided_space)
     full = space.with_extra(guided_space)
     space.check(base)  # every refusal before any trial runs
     full.check(guided)
     arms = {"alone": (base, space), "guided": (guided, full)}
-    name = study_name or default_study_name(out)
+    recorded = recorded_name(out / "alone" / STUDY_FILE)  # a copied comparison continues its own studies
+    name = study_name or (recorded.removesuffix("-alone") if recorded else default_study_name(out))
     for arm, (config, arm_space) in arms.items():
-        prepare(out / arm, config, arm_space, settings, f"{name}-{arm}")
+        prepare(out / arm, config, arm_space, settings, f"{name}-{arm}", storage_url)
     started = time.time()
     summaries = {}
     for arm, (config, arm_space) in arms.items():

@@ -136,11 +136,26 @@ class Space:
                 )
             for label, value in _probes(p):
                 try:
-                    self.apply(config, {**first, p.path: value})
+                    probe = self.apply(config, {**first, p.path: value})
+                    if ".args." in p.path:  # a dict field: its keys are checked by the builder's signature
+                        _check_builder_args(probe)
                 except ConfigError as err:
                     raise ConfigError(
                         f"{self.source}: {p.path}: {label} {value!r} is refused by the config ({err})"
                     ) from None
+
+
+def _check_builder_args(config: RunConfig) -> None:
+    """The args of the registered model, guides and data set checked against their builders (nothing is built)."""
+    from untrainable.build import check_args
+    from untrainable.data.registry import DATASETS
+    from untrainable.models.registry import MODELS
+
+    for where, spec in [("model", config.model), *((w, g.model) for w, g in config.guide_entries())]:
+        if spec.name in MODELS:  # an import path's code is imported when the trial builds it
+            check_args(where, MODELS.get(spec.name), spec.args)
+    if config.data.name in DATASETS:
+        check_args("data", DATASETS.get(config.data.name), config.data.args)
 
 
 def _probes(p: Param) -> list[tuple[str, Any]]:
@@ -232,6 +247,12 @@ def _param(path: str, spec: Any, source: str) -> Param:
         raise fail(f"step: expected a number > 0, got {step!r}")
     if log and step is not None:
         raise fail("give log or step, not both (Optuna draws a log-uniform range without steps)")
+    if step is not None and not _divides(step, low, high):
+        below = low + math.floor((high - low) / step) * step
+        raise fail(
+            f"step {step!r} does not divide the range {low!r}..{high!r}, which Optuna would narrow to "
+            f"{below:g}; make high {below:g} or {below + step:g}, or change the step"
+        )
     field_type = _strip_optional(hint)
     if field_type is int or (field_type is Any and all(isinstance(v, int) for v in (low, high, step or 1))):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high, step or 1)):
@@ -241,6 +262,13 @@ def _param(path: str, spec: Any, source: str) -> Param:
         return Param(path, "float", float(low), float(high), log, None if step is None else float(step))
     name = getattr(field_type, "__name__", str(field_type))
     raise fail(f"a range needs a number field, but this field holds {name}; give choices = [...] instead")
+
+
+def _divides(step: float, low: float, high: float) -> bool:
+    """Whether (high - low) is a whole number of steps, in decimal arithmetic as Optuna checks it."""
+    from decimal import Decimal
+
+    return (Decimal(str(high)) - Decimal(str(low))) % Decimal(str(step)) == 0
 
 
 def load_space(path: str | Path) -> Space:

@@ -40,6 +40,15 @@ from untrainable.config import ConfigError, RunConfig, from_dict
 from untrainable.data import DataSplits
 from untrainable.runs import fcntl
 from untrainable.space import Space, space_from_dict
+from untrainable.tune_checks import (
+    check_journal,
+    check_out,
+    check_same_storage,
+    check_spec,
+    check_storage,
+    recorded_name,
+    storage_label,
+)
 
 STUDY_FILE = "study.json"
 JOURNAL = "journal.log"
@@ -91,15 +100,27 @@ def trial_config(config: RunConfig, space: Space, values: dict[str, Any]) -> Run
 
 
 def prepare(
-    study_dir: Path, config: RunConfig, space: Space, settings: Settings, study_name: str | None = None
+    study_dir: Path,
+    config: RunConfig,
+    space: Space,
+    settings: Settings,
+    study_name: str | None = None,
+    storage_url: str | None = None,
 ) -> dict[str, Any]:
     """Write (or check) `study.json`: a study folder is continued only with the same config, space and settings.
 
-    The number of trials may grow (the study continues up to it). The study's
-    name in the storage is recorded (default: the folder's name), so a worker
-    given only the folder finds it.
+    The number of trials may grow (the study continues up to it), never
+    shrink. The study's name in the storage (default: the name the folder
+    records, else the folder's name, so a copied folder continues its own
+    study) and its storage are recorded, so a worker given only the folder
+    finds it, and a run with another storage is refused.
     """
+    path = Path(study_dir) / STUDY_FILE
+    check_out(study_dir, (STUDY_FILE,))
+    check_journal(Path(study_dir) / JOURNAL)
+    check_storage(storage_url)
     space.check(config)
+    study_name = study_name or recorded_name(path)
     metric, direction = metric_of(config)
     spec = {
         "config": config.to_dict(),
@@ -109,15 +130,26 @@ def prepare(
         "metric": metric,
         "direction": direction,
         "study_name": study_name or default_study_name(study_dir),
+        "storage": storage_label(storage_url),
     }
-    path = study_dir / STUDY_FILE
     if path.exists():
-        saved = read_json(path)
+        saved = check_spec(path, read_json(path))
+        check_same_storage(path, saved, storage_url)
+        if saved["settings"].get("trials", 0) > settings.trials:
+            raise ConfigError(
+                f"--trials {settings.trials}: {path} records a budget of {saved['settings']['trials']} trials; "
+                f"give --trials {saved['settings']['trials']} or more (a study's budget may grow, not shrink)"
+            )
         keep = {k: saved[k] for k in spec if k in saved and k not in ("settings", "space_source")}  # older: fewer keys
         mine = {k: json.loads(json.dumps(spec[k])) for k in keep}
         old = {k: v for k, v in (saved.get("settings") or {}).items() if k != "trials"}
         new = {k: v for k, v in json.loads(json.dumps(spec["settings"])).items() if k != "trials"}
         changed = [k for k in keep if keep[k] != mine[k]] + [f"settings.{k}" for k in new if old.get(k) != new[k]]
+        if changed == ["study_name"]:
+            raise ConfigError(
+                f"--study-name {spec['study_name']}: {path} records the study {saved['study_name']!r}; "
+                f"give --study-name {saved['study_name']} or leave it out, or another --out for a new study"
+            )
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study of another {' and '.join(changed)}; choose another --out, "
@@ -149,14 +181,19 @@ def read_study(study_dir: Path) -> tuple[RunConfig, Space, Settings, dict[str, A
     path = Path(study_dir) / STUDY_FILE
     if not path.exists():
         raise FileNotFoundError(f"{study_dir} holds no study ({STUDY_FILE} is missing); start it with untrainable tune")
-    spec = read_json(path)
-    settings = dict(spec["settings"], tune_seeds=tuple(spec["settings"]["tune_seeds"]))
-    return (
-        from_dict(RunConfig, spec["config"]),
-        space_from_dict(spec["space"], spec.get("space_source", str(path))),
-        Settings(**settings).validate(),
-        spec,
-    )
+    spec = check_spec(path, read_json(path))
+    try:
+        settings = dict(spec["settings"], tune_seeds=tuple(spec["settings"]["tune_seeds"]))
+        return (
+            from_dict(RunConfig, spec["config"]),
+            space_from_dict(spec["space"], spec.get("space_source", str(path))),
+            Settings(**settings).validate(),
+            spec,
+        )
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not a study file ({err}); restore it from a copy, or start the study again in another --out"
+        ) from None
 
 
 def open_study(study_dir: Path, storage_url: str | None, study_name: str, worker: int = 0) -> Any:
@@ -190,6 +227,7 @@ def _storage(study_dir: Path, storage_url: str | None) -> Any:
 
     if storage_url:
         return storage_url
+    check_journal(Path(study_dir) / JOURNAL)
     return JournalStorage(JournalFileBackend(str(Path(study_dir) / JOURNAL)))
 
 
@@ -305,6 +343,8 @@ def work(
     """
     study_dir = Path(study_dir)
     config, space, settings, spec = read_study(study_dir)
+    check_same_storage(study_dir / STUDY_FILE, spec, storage_url)
+    check_storage(storage_url)
     name = study_name or spec["study_name"]
     log = log or (lambda line: print(f"[{name}] {line}", flush=True))
     study = open_study(study_dir, storage_url, name, worker)
