@@ -14,6 +14,7 @@ import logging
 import re
 import struct
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
@@ -87,6 +88,15 @@ def mlflow_name(name: str) -> str:
     return _MLFLOW_NAME.sub("_", name)
 
 
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient of the store at `uri`, quiet (no INFO lines when a SQLite store is first made)."""
+    from mlflow import MlflowClient
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
 class MLflowLogger:
     """One MLflow run (created, or continued by `run_id`) in experiment `experiment` of the store at `uri`."""
 
@@ -99,11 +109,7 @@ class MLflowLogger:
         run_id: str | None = None,
         parent_run: str | None = None,
     ) -> None:
-        from mlflow import MlflowClient
-
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)  # no INFO lines on every store's first use
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         self.uri = uri
         found = self._existing(run_id)
         self.new = found is None
@@ -228,14 +234,17 @@ def wandb_history(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     from wandb.proto import wandb_internal_pb2
 
     for raw in _log_records(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
         try:
             record.ParseFromString(raw)
         except Exception:  # a torn record
             return
         if record.WhichOneof("record_type") == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            yield int(row.get("_step", record.history.step.num)), {k: v for k, v in row.items() if not k.startswith("_")}
+            yield (
+                int(row.get("_step", record.history.step.num)),
+                {k: v for k, v in row.items() if not k.startswith("_")},
+            )
 
 
 def _log_records(data: bytes, block: int = 32768, header: int = 7) -> Iterator[bytes]:
@@ -266,7 +275,7 @@ def open_trackers(config: RunConfig, folder: Path, resume_step: int | None, ids:
     project = spec.experiment or spec.group or config.name
     seed = config.train.seed
     run_name = f"{config.name}-seed{seed}" if spec.group else config.name
-    tags = {**spec.tags, **({"study": spec.group} if spec.group else {}), "arm": config.name, "seed": str(seed)}
+    tags = {**spec.tags, **({"study": spec.group, "arm": config.name} if spec.group else {}), "seed": str(seed)}
     opened: dict[str, Any] = {}
     for name in spec.trackers:
         try:
@@ -310,3 +319,109 @@ def run_params(config: RunConfig) -> dict[str, Any]:
         **study,
     }
 
+
+# ---------------------------------------------------------------- studies and tuning
+
+STUDY_FILE = "tracking.json"  # in a study folder: the MLflow parent run of its runs
+
+
+def study_logging(spec: LoggingSpec, root: Path, name: str) -> LoggingSpec:
+    """The logging of a study's runs: one store (`mlflow.db` in `root`), one experiment, one W&B group, one parent run.
+
+    The MLflow parent run is made once and kept in `root/tracking.json`, so a
+    study run again (or its other workers) puts its runs under the same one.
+    """
+    if not {"mlflow", "wandb"} & set(spec.trackers):
+        return spec
+    import dataclasses
+
+    uri = spec.mlflow_uri or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+    changes: dict[str, Any] = {"mlflow_uri": uri, "experiment": spec.experiment or name, "group": spec.group or name}
+    if "mlflow" in spec.trackers and spec.parent_run is None:
+        try:
+            changes["parent_run"] = _parent_run(Path(root), uri, changes["experiment"], name, spec.tags)
+        except Exception as err:  # noqa: BLE001  (the runs log without a parent; their own faults are reported)
+            reason = " ".join(str(err).split())[:200]
+            print(f"warning: no MLflow parent run for study {name} ({type(err).__name__}: {reason})", file=sys.stderr)
+    return dataclasses.replace(spec, **changes)
+
+
+def _parent_run(root: Path, uri: str, experiment: str, name: str, tags: Mapping[str, str]) -> str:
+    from untrainable.checkpoint import write_atomic
+    from untrainable.runs import fcntl
+
+    path = root / STUDY_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".tracking.lock", "a") as lock:  # the workers of a study make one parent run between them
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        client = mlflow_client(uri)
+        run_id = known.get("parent_run") if known.get("uri") == uri else None
+        if run_id is None or _missing(client, run_id):
+            tags = {**tags, "study": name}
+            run_id = client.create_run(experiment_id(client, experiment), run_name=name, tags=tags).info.run_id
+            client.set_terminated(run_id)  # it holds no metrics of its own: its children do
+            write_atomic(path, json.dumps({"uri": uri, "parent_run": run_id}, indent=2) + "\n")
+    return str(run_id)
+
+
+def _missing(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return True
+    return False
+
+
+def log_trial(study_dir: Path, spec: LoggingSpec, trial: Mapping[str, Any]) -> None:
+    """A finished tuning trial as a tracker run: its values as parameters, `objective` as a metric, its state a tag.
+
+    In MLflow, its seeds' runs become its children, so the trials sort by
+    `objective` in the UI and each opens onto its runs. Faults give one warning line.
+    """
+    folder = str(trial.get("folder") or f"trial-{int(trial['number']):04d}")
+    params = {str(k): v for k, v in (trial.get("params") or {}).items()}
+    value = trial.get("value")
+    tags = {**spec.tags, "study": spec.group or "", "trial": str(trial["number"]), "state": str(trial.get("state"))}
+    for name in spec.trackers:
+        try:
+            if name == "mlflow" and spec.mlflow_uri:
+                logger = MLflowLogger(spec.mlflow_uri, spec.experiment or folder, folder, tags, None, spec.parent_run)
+                logger.log_config(params)
+                if isinstance(value, (int, float)):
+                    logger.log("objective", value, 0)
+                for meta in sorted((study_dir / "trials" / folder).glob("seed*/meta.json")):
+                    child = (json.loads(meta.read_text()).get("trackers") or {}).get("mlflow") or {}
+                    if child.get("uri") == spec.mlflow_uri and child.get("run_id"):
+                        logger.client.set_tag(child["run_id"], "mlflow.parentRunId", logger.run_id)
+                logger.close()
+            elif name == "wandb":
+                import wandb
+
+                run = wandb.init(
+                    project=spec.experiment or folder,
+                    dir=str(study_dir / "trials" / folder),
+                    name=folder,
+                    group=spec.group,
+                    job_type="trial",
+                    tags=[f"{k}={v}" for k, v in tags.items()],
+                    config=params,
+                    mode=spec.wandb_mode,  # type: ignore[arg-type]
+                    reinit="create_new",
+                    settings=wandb.Settings(silent=True, console="off"),
+                )
+                if isinstance(value, (int, float)):
+                    run.summary["objective"] = value
+                run.finish()
+        except Exception as err:  # noqa: BLE001  (a tracker's fault never fails a trial)
+            reason = " ".join(str(err).split())[:200]
+            print(
+                f"warning: the {name} tracker could not log trial {folder} ({type(err).__name__}: {reason})",
+                file=sys.stderr,
+            )
