@@ -539,7 +539,7 @@ def load_config(
     try:
         return from_dict(RunConfig, data)
     except ConfigError as err:
-        field = str(err).split(":", 1)[0].split(" ", 1)[0]
+        field = str(err).split(":", 1)[0].split(" ", 1)[0].split("[", 1)[0]  # a list's item: the list's key
         for key, value in (overrides or {}).items():
             if field == key or field.startswith(key + ".") or key.startswith(field + "."):
                 raise ConfigError(f"{overrides_label} {key}={json.dumps(value)}: {err}") from None
