@@ -157,7 +157,9 @@ def test_a_run_killed_and_resumed_continues_its_tracker_runs_each_step_once(tmp_
     client, run = _mlflow_run(folder)
     assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
     _steps_once([m.step for m in client.get_metric_history(run.info.run_id, "task_loss")], steps)
-    _steps_once([m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")], [e["step"] for e in epochs])
+    _steps_once(
+        [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")], [e["step"] for e in epochs]
+    )
     rows = _wandb_rows(folder)
     _steps_once([step for step, row in rows if "task_loss" in row], steps)
     _steps_once([step for step, row in rows if "val_accuracy" in row], [e["step"] for e in epochs])
@@ -199,7 +201,9 @@ def test_a_requeued_run_continues_its_tracker_runs_each_step_once(tmp_path: Path
     client, run = _mlflow_run(folder)
     assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
     _steps_once([m.step for m in client.get_metric_history(run.info.run_id, "task_loss")], steps)
-    _steps_once([m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")], [e["step"] for e in epochs])
+    _steps_once(
+        [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")], [e["step"] for e in epochs]
+    )
     _steps_once([step for step, row in _wandb_rows(folder) if "task_loss" in row], steps)
 
 
@@ -243,3 +247,66 @@ def test_a_locked_mlflow_store_gives_one_warning_line_and_training_goes_on(
     assert "locked" in warnings[0]
     assert _jsonl(tmp_path / "run")[0] == list(range(1, result.final["steps"] + 1))
     assert "trackers" not in json.loads((tmp_path / "run" / "meta.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_study_is_one_mlflow_experiment_with_a_parent_run_and_one_wandb_group(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from untrainable.experiment import Arm, Experiment, run_study
+    from untrainable.trackers import _log_records, mlflow_client
+
+    config = tiny_config().replace(logging=LoggingSpec(loggers=["mlflow", "wandb"]))
+    arms = [Arm("a", config), Arm("b", config.with_section("optim", lr=3e-3))]
+    study = Experiment("step", "two arms", arms, seeds=(0,))
+    root = tmp_path / "study"
+    run_study(study, root, name="my-study", log=lambda line: None)
+    run_study(study, root, name="my-study", log=lambda line: None)  # run again: reused, nothing logged twice
+
+    client = mlflow_client(f"sqlite:///{(root / 'mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name("my-study")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["a-seed0", "b-seed0", "my-study"]
+    parent = json.loads((root / "tracking.json").read_text())["parent_run"]
+    assert runs["my-study"].info.run_id == parent
+    for arm in ("a", "b"):
+        tags = runs[f"{arm}-seed0"].data.tags
+        assert tags["mlflow.parentRunId"] == parent and tags["arm"] == arm and tags["study"] == "my-study"
+    from wandb.proto import wandb_internal_pb2
+
+    groups = set()
+    for path in root.glob("*/seed0/wandb/offline-run-*/run-*.wandb"):
+        for raw in _log_records(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "run":
+                groups.add((record.run.run_group, record.run.project))
+    assert groups == {("my-study", "my-study")}
+
+
+@pytest.mark.slow
+def test_each_tuning_trial_is_a_run_with_its_values_and_objective(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    from untrainable.compare import tune
+    from untrainable.space import load_space
+    from untrainable.trackers import mlflow_client
+    from untrainable.tune import Settings
+
+    space = tmp_path / "space.toml"
+    space.write_text('[space]\n"optim.lr" = { low = 1e-4, high = 1e-2, log = true }\n')
+    config = tiny_config().replace(logging=LoggingSpec(loggers=["mlflow"]))
+    study_dir = tmp_path / "study"
+    tune(config, load_space(space), Settings(trials=2, tune_seeds=(0,), pruner="none"), study_dir, log=lambda _: None)
+
+    client = mlflow_client(f"sqlite:///{study_dir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("study")
+    runs = client.search_runs([experiment.experiment_id], order_by=["metrics.objective DESC"])
+    trials = {r.info.run_name: r for r in runs if "trial" in r.data.tags}
+    assert sorted(trials) == ["trial-0000", "trial-0001"]
+    for name, run in trials.items():
+        saved = json.loads((study_dir / "trials" / name / "trial.json").read_text())
+        assert run.data.metrics["objective"] == pytest.approx(saved["value"])
+        assert float(run.data.params["optim.lr"]) == pytest.approx(saved["params"]["optim.lr"])
+        assert run.data.tags["state"] == "complete"
+        seed_run = json.loads((study_dir / "trials" / name / "seed0" / "meta.json").read_text())["trackers"]["mlflow"]
+        assert client.get_run(seed_run["run_id"]).data.tags["mlflow.parentRunId"] == run.info.run_id

@@ -36,14 +36,16 @@ class MetricsLog:
             return
         for leftover in temporary_files(self.path):  # of a rewrite killed before its rename
             leftover.unlink(missing_ok=True)
+        kept: list[tuple[str, dict[str, Any]]] = []
         if resume_step is not None and self.path.exists():
-            kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))  # a kill leaves the old log whole
+            kept = [(line, record) for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
+            write_atomic(self.path, "".join(line + "\n" for line, _ in kept))  # a kill leaves the old log whole
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # an empty log (a run with records is refused before this)
         self.file = open(self.path, "a")
         if config is not None:
             self._open_trackers(config, folder, resume_step)
+            self._catch_up([record for _, record in kept])
 
     def _open_trackers(self, config: RunConfig, folder: Path, resume_step: int | None) -> None:
         from untrainable.trackers import open_trackers, run_params, tracker_ids
@@ -62,6 +64,23 @@ class MetricsLog:
         if ids and isinstance(meta, dict):
             write_atomic(meta_path, json.dumps({**meta, "trackers": ids}, indent=2) + "\n")
         self._each("log_config", run_params(config))
+
+    def _catch_up(self, records: list[dict[str, Any]]) -> None:
+        """Send a resumed run's earlier records to the trackers that lack them (those that say which steps they hold).
+
+        A killed process may not have handed its last records to a tracker (W&B's
+        service writes its file behind the run); the tracker skips what it holds.
+        """
+        behind = {name: tracker for name, tracker in self.trackers.items() if hasattr(tracker, "done")}
+        for name, tracker in behind.items():
+            try:
+                for record in records:
+                    payload = tracker_payload(record, record.get("kind", "train"))
+                    if payload:
+                        tracker.log_dict(payload, int(record["step"]))
+            except Exception as err:  # noqa: BLE001
+                del self.trackers[name]
+                self._fault(name, err, "failed")
 
     def log(self, record: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
