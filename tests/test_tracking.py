@@ -310,3 +310,28 @@ def test_each_tuning_trial_is_a_run_with_its_values_and_objective(tmp_path: Path
         assert run.data.tags["state"] == "complete"
         seed_run = json.loads((study_dir / "trials" / name / "seed0" / "meta.json").read_text())["trackers"]["mlflow"]
         assert client.get_run(seed_run["run_id"]).data.tags["mlflow.parentRunId"] == run.info.run_id
+
+
+def test_only_rank_0_opens_trackers(tmp_path: Path) -> None:
+    """Every other process of a torchrun launch or a SLURM job of several tasks writes nothing, tracker or file."""
+    from untrainable.logs import MetricsLog
+
+    config = tiny_config().replace(logging=LoggingSpec(loggers=["mlflow", "wandb", "tensorboard"]))
+    log = MetricsLog(tmp_path, False, None, config)
+    log.log({"step": 1, "loss": 1.0})
+    log.close({"steps": 1})
+    assert log.trackers == {} and list(tmp_path.iterdir()) == []
+
+
+def test_run_sets_only_logging_keys_of_a_study(tmp_path: Path) -> None:
+    from untrainable.cli import _study_logging
+    from untrainable.experiment import Arm, Experiment
+
+    study = Experiment("s", "", [Arm("a", tiny_config())])
+    spec = _study_logging(study, {"logging.loggers": ["mlflow"], "logging.tags.lab": "x"})
+    assert spec.loggers == ["mlflow"] and spec.tags == {"lab": "x"}
+    assert _study_logging(study, {}) is None
+    with pytest.raises(ConfigError, match="--set train.epochs: run sets only logging"):
+        _study_logging(study, {"train.epochs": 2})
+    with pytest.raises(ConfigError, match=r"--set logging.loggers\[0\]: 'csv' is not one of"):
+        _study_logging(study, {"logging.loggers": ["csv"]})
