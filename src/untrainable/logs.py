@@ -115,6 +115,8 @@ class MetricsLog:
     @staticmethod
     def _fault(name: str, err: BaseException, what: str) -> None:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
+        if isinstance(err, ImportError):
+            reason += "; install it: pip install mlflow-skinny wandb"
         print(
             f"warning: the {name} tracker {what} ({type(err).__name__}: {reason}); "
             "it is left out of this run, training goes on and metrics.jsonl stays complete",
