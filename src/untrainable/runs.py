@@ -83,10 +83,10 @@ def write_run_files(
     """Create the run folder with `config.json` (resolved) and `meta.json` (seed, and a list of the run's starts).
 
     Each start (the first, then each resume or start again) records its command, folder,
-    time, package versions and platform; a resume keeps the ids of its tracker runs (`trackers`),
-    names its checkpoint
+    time, package versions and platform; a resume also names its checkpoint
     (`resumed_from`) and, when it was let through with a changed or unchecked
-    config (`--accept-config`), what `config_record` says of it.
+    config (`--accept-config`), what `config_record` says of it, and keeps the
+    ids of the run's tracker runs (`trackers`, which `logs.MetricsLog` writes).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

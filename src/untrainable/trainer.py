@@ -443,7 +443,7 @@ def train(
     """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
-    step), the trackers of `config.logging` (tensorboard/ events by default), checkpoints/ (atomic, the last
+    step), what `config.logging`'s trackers write (tensorboard/ by default), checkpoints/ (atomic, the last
     `train.keep_checkpoints`), history.json (per epoch), model.pt and
     model.safetensors (final weights, usable as a guide checkpoint) and result.json.
 
