@@ -84,6 +84,7 @@ def test_the_logging_section_takes_set_overrides_and_refuses_unknown_loggers(tmp
         load_config(path, {"logging.wandb_mode": "cloud"}, "--set")
 
 
+@pytest.mark.slow  # W&B runs its service as a subprocess
 def test_mlflow_and_wandb_hold_the_steps_of_metrics_jsonl_once_each(tmp_path: Path) -> None:
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
@@ -181,6 +182,7 @@ class _SignalsAfter:
         return self.dataset[i]
 
 
+@pytest.mark.slow  # W&B runs its service as a subprocess
 def test_a_requeued_run_continues_its_tracker_runs_each_step_once(tmp_path: Path) -> None:
     """SIGUSR2 stops the run after a checkpoint of its last step; the requeued job resumes the same tracker runs."""
     pytest.importorskip("mlflow")
