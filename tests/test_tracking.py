@@ -147,6 +147,9 @@ def test_a_run_killed_and_resumed_continues_its_tracker_runs_each_step_once(tmp_
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC.parent), os.environ.get("PYTHONPATH", "")])}
+    # Its own W&B service, as a job has: not this process's (which an earlier test may have started), which would
+    # outlive the kill and keep holding the run.
+    env.pop("WANDB_SERVICE", None)
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     _, run = _mlflow_run(folder)
