@@ -90,13 +90,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Quick runs get their own folder: finished runs in a folder are reused.
     root = _out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
     seeds = tuple(args.seeds) if args.seeds else None
+    tracking = _study_logging(built, _overrides(args.set))
     if cluster is None:
-        steps = run_study(built, root, seeds=seeds, jobs=args.jobs)
+        steps = run_study(built, root, seeds=seeds, jobs=args.jobs, logging=tracking, name=args.experiment)
     else:
         from untrainable.slurm import Detached, StudyFailed, format_failures
 
         try:
-            steps = run_study(built, root, seeds=seeds, cluster=cluster, detach=args.detach)
+            steps = run_study(
+                built, root, seeds=seeds, cluster=cluster, detach=args.detach, logging=tracking, name=args.experiment
+            )
         except Detached as detached:
             print(f"untrainable run: detached: {detached}")
             return 0
@@ -110,6 +113,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"- {note}")
         print(f"\n{len(table['seeds'])} seeds, {table['seconds']:.0f} s. Table, curves and runs in {out}/")
     return 0
+
+
+def _study_logging(built: Any, overrides: dict[str, Any]) -> Any:
+    """A study's `[logging]`: its first arm's, with `run --set logging.KEY=VALUE` over it (only logging keys)."""
+    import dataclasses
+
+    from untrainable.config import ConfigError, LoggingSpec, from_dict, set_dotted
+
+    other = [key for key in overrides if not key.startswith("logging.")]
+    if other:
+        raise ConfigError(f"--set {other[0]}: run sets only logging.* keys (the arms' configs are the experiment's)")
+    if not overrides:
+        return None
+    steps = built if isinstance(built, list) else [built]
+    first = next((step for step in steps if not callable(step) and step.arms), None)
+    base = dataclasses.asdict(first.arms[0].config.logging if first is not None else LoggingSpec())
+    for key, value in overrides.items():
+        set_dotted(base, key.split(".", 1)[1], value)
+    try:
+        spec = from_dict(LoggingSpec, base, "logging")
+        spec.validate("logging")
+    except ConfigError as err:
+        raise ConfigError(f"--set {err}") from None
+    return spec
 
 
 def _cluster_settings(args: argparse.Namespace) -> Any:
@@ -447,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
     p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="where the runs log, e.g. --set 'logging.loggers=[\"mlflow\"]' (logging.* keys only; repeatable)",
+    )
     add_cluster_flags(p)
     p.set_defaults(func=cmd_run)
 

@@ -449,7 +449,7 @@ def train(
     """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
-    step), tensorboard/ events, checkpoints/ (atomic, the last
+    step), what `config.logging`'s trackers write (tensorboard/ by default), checkpoints/ (atomic, the last
     `train.keep_checkpoints`), history.json (per epoch), model.pt and
     model.safetensors (final weights, usable as a guide checkpoint) and result.json.
 
@@ -496,7 +496,7 @@ def _train_locked(
     run, checked = _set_up(config, folder, resume, data, accept_config)
     if run.is_main:
         write_run_files(folder, config, run.resumed_from, record | checked)
-    logger = MetricsLog(folder, run.is_main, run.step if run.resumed_from else None)
+    logger = MetricsLog(folder, run.is_main, run.step if run.resumed_from else None, config)
     if run.resumed_from:
         logger.log({"kind": "resume", "step": run.step, "checkpoint": run.resumed_from}, prefix="resume")
     # Lines for a log file where no progress bar shows (tqdm draws on stderr only when it is a terminal).
@@ -593,7 +593,7 @@ def _finish(run: _Run, logger: MetricsLog, seconds: float) -> RunResult:
         final["best"] = _evaluate_best(run)
     if run.is_main:
         write_atomic(run.folder / "result.json", json.dumps(final, indent=2) + "\n")
-    logger.close()
+    logger.close(final)  # the trackers get result.json's numbers
     if parts.guidance is not None:
         parts.guidance.remove_hooks()
     distributed.barrier(parts.dist_info)

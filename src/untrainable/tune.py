@@ -40,6 +40,7 @@ from untrainable.config import ConfigError, RunConfig, from_dict
 from untrainable.data import DataSplits
 from untrainable.runs import fcntl
 from untrainable.space import Space, space_from_dict
+from untrainable.trackers import log_trial, study_logging
 from untrainable.tune_checks import (
     check_journal,
     check_out,
@@ -312,6 +313,10 @@ def _note(study_dir: Path, folder: str | None, changes: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = read_json(path) if path.exists() else {}
     write_json(path, {**data, **changes})
+    if changes.get("state") in ("complete", "pruned"):  # a finished trial: a tracker run of its own
+        config, _, _, spec = read_study(study_dir)
+        tracking = study_logging(config.logging, study_dir, spec["study_name"])
+        log_trial(study_dir, tracking, {**data, **changes, "folder": folder})
 
 
 def counts(study: Any) -> dict[str, int]:
@@ -348,6 +353,7 @@ def work(
     name = study_name or spec["study_name"]
     log = log or (lambda line: print(f"[{name}] {line}", flush=True))
     study = open_study(study_dir, storage_url, name, worker)
+    config = config.replace(logging=study_logging(config.logging, study_dir, name))  # trial runs: one study
     me = _job_prefix() + f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ran = 0
     with _file_lock(study_dir / "workers" / f"{me}.lock"):
