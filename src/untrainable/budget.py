@@ -203,13 +203,19 @@ def add_analysis(table: dict[str, Any], out: Path, repeat_dirs: list[Path]) -> N
         + ("—" if cost["guided_overhead"] is None else f"{100 * cost['guided_overhead']:+.0f}%")
         + " per epoch against the step alone (wall time, shared cores)."
     )
+    table["budget_verdict"] = write_curves(out, records, sampler, table["metric"], maximize)
+
+
+def write_curves(
+    out: Path, records: dict[str, list[list[dict[str, Any]]]], sampler: str, metric: str, maximize: bool
+) -> str:
+    """Write budget.json and budget.png for both arms' trial records (per repeat); return the budget sentence."""
     curves = {arm: arm_curve(reps, sampler, maximize) for arm, reps in records.items()}
     lead = leads(curves, maximize)
-    table["budget_verdict"] = budget_sentence(lead)
-    data = {"metric": f"validation {table['metric']}", "maximize": maximize, "sampler": sampler, "arms": curves,
-            "leads": lead}  # fmt: skip
+    data = {"metric": f"validation {metric}", "maximize": maximize, "sampler": sampler, "arms": curves, "leads": lead}
     (out / "budget.json").write_text(json.dumps(data, indent=2) + "\n")
     plot_budget(data, out / "budget.png")
+    return budget_sentence(lead)
 
 
 def plot_budget(data: dict[str, Any], path: Path) -> Path:

@@ -160,7 +160,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
     from untrainable import compare, tune
     from untrainable.config import ConfigError, load_config
-    from untrainable.experiment import format_table
     from untrainable.slurm import Detached, StudyFailed, format_failures
     from untrainable.space import load_points, load_space
 
@@ -226,8 +225,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
             f"{summary['best_trial']}: validation {summary['best_value']:.4f}. Best config: {out / 'best.toml'}"
         )
+        print(compare.enqueued_note(summary["arm"], summary))
         return 0
-    print(f"\n## {experiment.name}\n\n{format_table(table)}")
+    _print_comparison(experiment.name, table, folder)
+    return 0
+
+
+def _print_comparison(name: str, table: dict[str, Any], folder: Path) -> None:
+    """The comparison's table, its notes (enqueued trials, paired seeds, cost, verdict) and where it all is."""
+    from untrainable.experiment import format_table
+
+    print(f"\n## {name}\n\n{format_table(table)}")
     for note in table.get("notes", []):
         print(f"- {note}")
     cost = table["cost"]
@@ -237,7 +245,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"Budget curves in {folder}/budget.json and budget.png. "
         f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
     )
-    return 0
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
