@@ -393,7 +393,7 @@ def load_points(path: str | Path) -> tuple[tuple[str, dict[str, Any]], ...]:
 
     A point's optional `arm = "alone"` (or "guided") keeps it to that arm; without it, it goes to every
     arm whose space holds its fields. Each is checked against an arm's space when its study is prepared
-    (`tune.enqueued_points`).
+    (`enqueued_points`).
     """
     path = Path(path)
     if not path.is_file():
@@ -420,3 +420,41 @@ def load_points(path: str | Path) -> tuple[tuple[str, dict[str, Any]], ...]:
                 raise ConfigError(f"--enqueue: {path}: point {k}: {key}: not a config field: {err}") from None
         out.append((f"{path} point {k}", dict(point)))
     return tuple(out)
+
+
+def config_values(config: RunConfig, paths: list[str]) -> dict[str, Any]:
+    """{dotted path: the config's value} (None where the config leaves a field unset)."""
+    values = {}
+    for path in paths:
+        node: Any = config.to_dict()
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[path] = node
+    return values
+
+
+def enqueued_points(
+    config: RunConfig, space: Space, points: tuple[tuple[str, dict[str, Any]], ...], arm: str
+) -> list[dict[str, Any]]:
+    """The trials a study runs first: the config's own values (when the space holds them), then each point.
+
+    A point gives some fields; the others keep the config's values. A point
+    naming a field this space lacks, or another `arm`, belongs to another arm and is left out; a
+    value outside the space is a ConfigError naming its source. Repeats are dropped.
+    """
+    own = config_values(config, space.paths)
+    out: list[dict[str, Any]] = []
+    mine = [(source, {k: v for k, v in p.items() if k != "arm"}) for source, p in points if p.get("arm", arm) == arm]
+    candidates: list[tuple[str, dict[str, Any]]] = [("the config", {})]
+    candidates += [(source, p) for source, p in mine if set(p) <= set(space.paths)]
+    for source, point in candidates:
+        values = own | point
+        try:
+            params = space.to_params(values, source)
+        except ConfigError:
+            if source == "the config":
+                continue  # its values lie outside the space: nothing to enqueue
+            raise
+        if all(e["params"] != params for e in out):
+            out.append({"source": source, "params": params})
+    return out

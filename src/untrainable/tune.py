@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 from untrainable.config import ConfigError, RunConfig, from_dict
 from untrainable.data import DataSplits
 from untrainable.runs import fcntl
-from untrainable.space import Space, space_from_dict
+from untrainable.space import Space, enqueued_points, space_from_dict
 
 STUDY_FILE = "study.json"
 JOURNAL = "journal.log"
@@ -147,43 +147,6 @@ def prepare(
     study_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, spec)
     return spec
-
-
-def config_values(config: RunConfig, paths: list[str]) -> dict[str, Any]:
-    """{dotted path: the config's value} (None where the config leaves a field unset)."""
-    values = {}
-    for path in paths:
-        node: Any = config.to_dict()
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        values[path] = node
-    return values
-
-
-def enqueued_points(
-    config: RunConfig, space: Space, points: tuple[tuple[str, dict[str, Any]], ...], arm: str
-) -> list[dict[str, Any]]:
-    """The trials a study runs first: the config's own values (when the space holds them), then each point.
-
-    A point gives some fields; the others keep the config's values. A point
-    naming a field this space lacks, or another `arm`, belongs to another arm and is left out; a
-    value outside the space is a ConfigError naming its source. Repeats are dropped.
-    """
-    own = config_values(config, space.paths)
-    out: list[dict[str, Any]] = []
-    mine = [(source, {k: v for k, v in p.items() if k != "arm"}) for source, p in points if p.get("arm", arm) == arm]
-    candidates: list[tuple[str, dict[str, Any]]] = [("the config", {})] + [(source, p) for source, p in mine if set(p) <= set(space.paths)]
-    for source, point in candidates:
-        values = own | point
-        try:
-            params = space.to_params(values, source)
-        except ConfigError:
-            if source == "the config":
-                continue  # its values lie outside the space: nothing to enqueue
-            raise
-        if all(e["params"] != params for e in out):
-            out.append({"source": source, "params": params})
-    return out
 
 
 def read_json(path: Path) -> Any:
