@@ -64,7 +64,9 @@ def _fake_trials(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     def run_trial(study: Any, trial: Any, study_dir: Path, config: Any, space: Any, *args: Any) -> None:
         values = space.suggest(trial)
         drawn.append(values | {"enqueued": trial.user_attrs.get("enqueued")})
-        study.tell(trial, float(values["optim.warmup_steps"]) + 0.5 * (values["optim.name"] == "adam"))
+        value = float(values["optim.warmup_steps"]) + 0.5 * (values["optim.name"] == "adam")
+        study.tell(trial, value)
+        tune._note(study_dir, trial.user_attrs["folder"], {"state": "complete", "value": value, "seconds": 1.0})
 
     monkeypatch.setattr(tune, "run_trial", run_trial)
     return drawn
@@ -267,3 +269,28 @@ def test_budget_json_and_png_for_both_arms(tmp_path: Path) -> None:
     assert (tmp_path / "budget.png").stat().st_size > 1000
     assert "the guided arm leads by more than the band at 1-11 trial(s)" in table["budget_verdict"]
     assert table["paired"]["last"]["wins"] == 2
+
+
+@pytest.mark.slow
+def test_repeats_tune_both_arms_again_under_other_seeds_and_the_table_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from untrainable.compare import compare
+
+    _fake_trials(monkeypatch)
+    guided = _config(tmp_path).with_section("train", epochs=1)
+    space = load_space(_write(tmp_path, "space.toml", CONDITIONAL))
+    twin = load_space(_write(tmp_path, "twin.toml", '[space]\n"guidance.alpha" = { low = 0.1, high = 10.0, log = true }\n'))
+    settings = Settings(trials=6, tune_seeds=(0,), sampler="random")
+    out = tmp_path / "cmp"
+    _, _, table = compare(guided, unguided(guided), space, twin, settings, out, seeds=2, repeats=2, log=lambda _: None)
+    for arm in ("alone", "guided"):
+        first = json.loads((out / arm / "study.json").read_text())["settings"]["sampler_seed"]
+        again = json.loads((out / "repeat-1" / arm / "study.json").read_text())["settings"]["sampler_seed"]
+        assert (first, again) == (0, 1)
+        assert len(table["tuning"][arm]["repeats"]) == 2
+    data = json.loads((out / "budget.json").read_text())
+    assert len(data["arms"]["alone"]["values"]) == 10  # 5 random draws per repeat, the enqueued config left out
+    assert any("over 2 repeats" in note for note in table["notes"])
+    assert table["paired"]["last"]["n"] == 2 and "cost" in table
+    assert table["notes"][-1].startswith("Verdict: ") and "Budget curves" in table["notes"][-1]
