@@ -398,7 +398,9 @@ def _add_tune(sub: Any) -> None:
         help="the study's name in the storage (default: the folder's name; with --compare, NAME-alone and NAME-guided)",
     )
     p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
-    p.add_argument("--worker-index", type=int, default=0, help="with --worker: this worker's number (sampler seed)")
+    p.add_argument(
+        "--worker-index", type=int, default=0, help="with --worker: this worker's number, recorded beside its seed"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_tune)
