@@ -189,9 +189,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
     from untrainable import compare, tune
     from untrainable.config import ConfigError, load_config
-    from untrainable.experiment import format_table
     from untrainable.slurm import Detached, StudyFailed, format_failures
-    from untrainable.space import load_space
+    from untrainable.space import load_points, load_space
     from untrainable.tune_checks import check_tune_flags
 
     check_tune_flags(args)
@@ -223,23 +222,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
         pruner=args.pruner,
         sampler_seed=args.sampler_seed,
         prune_after=args.prune_after,
+        sampler=args.sampler,
     ).validate()
     overrides = _overrides(args.set)
     space = load_space(args.space)
+    points = load_points(args.enqueue) if args.enqueue else ()
     out = _out_folder(args.out) or Path(args.out)
     try:
         if not args.compare:
             config = load_config(args.config, overrides)
             summary = compare.tune(
                 config, space, settings, out, args.workers, args.storage, args.study_name,
-                cluster=cluster, detach=args.detach,
+                cluster=cluster, detach=args.detach, points=points,
             )  # fmt: skip
         else:
             guided = load_config(args.compare, overrides)
             base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
             experiment, folder, table = compare.compare(
                 guided, base, space, load_space(args.guided_space), settings, out, args.seeds or 5, args.workers,
-                args.storage, args.study_name, cluster=cluster, detach=args.detach,
+                args.storage, args.study_name, cluster=cluster, detach=args.detach, points=points,
+                repeats=args.repeats,
             )  # fmt: skip
     except Detached as detached:
         print(f"untrainable tune: detached: {detached}")
@@ -256,15 +258,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
             f"{summary['best_trial']}: validation {summary['best_value']:.4f}. Best config: {out / 'best.toml'}"
         )
+        print(compare.enqueued_note(summary["arm"], summary))
         return 0
-    print(f"\n## {experiment.name}\n\n{format_table(table)}")
+    _print_comparison(experiment.name, table, folder)
+    return 0
+
+
+def _print_comparison(name: str, table: dict[str, Any], folder: Path) -> None:
+    """The comparison's table, its notes (enqueued trials, paired seeds, cost, verdict) and where it all is."""
+    from untrainable.experiment import format_table
+
+    print(f"\n## {name}\n\n{format_table(table)}")
     for note in table.get("notes", []):
         print(f"- {note}")
+    cost = table["cost"]
     print(
-        f"\nTuning {table['tuning_seconds']:.0f} s, {len(table['seeds'])} seeds {table['seconds']:.0f} s. "
+        f"\nTuning {table['tuning_seconds']:.0f} s (trial seconds: alone {cost['alone']['trial_seconds']:.0f}, guided "
+        f"{cost['guided']['trial_seconds']:.0f}), {len(table['seeds'])} seeds {table['seconds']:.0f} s. "
+        f"Budget curves in {folder}/budget.json and budget.png. "
         f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
     )
-    return 0
 
 
 def _continue_with(err: KeyboardInterrupt, args: argparse.Namespace) -> KeyboardInterrupt:
@@ -411,7 +424,30 @@ def _add_tune(sub: Any) -> None:
         help="stops hopeless trials on the validation curve (default: median)",
     )
     p.add_argument("--prune-after", type=int, help="epochs of each seed never pruned (default: a quarter)")
-    p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (worker k uses seed + k)")
+    p.add_argument(
+        "--sampler",
+        default="tpe",
+        choices=("tpe", "random", "qmc", "gp"),
+        help="Optuna's sampler: TPE (a third of the budget, at least 5, at random first), random, "
+        "quasi-random (Sobol) or Gaussian process (default: tpe)",
+    )
+    p.add_argument(
+        "--sampler-seed",
+        type=int,
+        default=0,
+        help="sampler seed: each arm and each process draws from its own stream derived from it (default: 0)",
+    )
+    p.add_argument(
+        "--enqueue",
+        metavar="FILE",
+        help="points to try first (after the config's own values): [[enqueue]] tables of dotted paths and values",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --compare: tune both arms this many times under sampler seeds seed, seed + 1, ... (default: 1)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -428,7 +464,7 @@ def _add_tune(sub: Any) -> None:
         "own study, else the folder's name; with --compare, NAME-alone and NAME-guided)",
     )
     p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
-    p.add_argument("--worker-index", type=int, help="with --worker: this worker's number (sampler seed)")
+    p.add_argument("--worker-index", type=int, help="with --worker: this worker's number, recorded beside its seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_tune)

@@ -28,7 +28,7 @@ def check_tune_flags(args: Any) -> None:
             for flag, value in (
                 ("--config", args.config), ("--compare", args.compare), ("--space", args.space),
                 ("--guided-space", args.guided_space), ("--trials", args.trials), ("--out", args.out),
-                ("--seeds", args.seeds), ("--set", args.set),
+                ("--seeds", args.seeds), ("--set", args.set), ("--enqueue", getattr(args, "enqueue", None)),
             )
             if value is not None
         ]  # fmt: skip
@@ -38,7 +38,7 @@ def check_tune_flags(args: Any) -> None:
                 f"from {Path(args.worker) / 'study.json'}); leave {'them' if len(given) > 1 else 'it'} out"
             )
     elif args.worker_index is not None:
-        raise ConfigError("--worker-index: only with --worker STUDY_DIR (it numbers that worker's sampler seed)")
+        raise ConfigError("--worker-index: only with --worker STUDY_DIR (it numbers that worker, recorded beside its seed)")
     if args.seeds is not None and not args.compare:
         raise ConfigError("--seeds: only with --compare GUIDED.toml (the final seeds of the comparison)")
     if args.seeds is not None and args.seeds < 1:
