@@ -385,10 +385,13 @@ def log_trial(study_dir: Path, spec: LoggingSpec, trial: Mapping[str, Any]) -> N
     In MLflow, its seeds' runs become its children, so the trials sort by
     `objective` in the UI and each opens onto its runs. Faults give one warning line.
     """
-    folder = str(trial.get("folder") or f"trial-{int(trial['number']):04d}")
+    if not {"mlflow", "wandb"} & set(spec.trackers):
+        return
+    number = trial.get("number", str(trial.get("folder", "")).removeprefix("trial-").lstrip("0") or "0")
+    folder = str(trial.get("folder") or f"trial-{int(number):04d}")
     params = {str(k): v for k, v in (trial.get("params") or {}).items()}
     value = trial.get("value")
-    tags = {**spec.tags, "study": spec.group or "", "trial": str(trial["number"]), "state": str(trial.get("state"))}
+    tags = {**spec.tags, "study": spec.group or "", "trial": str(number), "state": str(trial.get("state"))}
     for name in spec.trackers:
         try:
             if name == "mlflow" and spec.mlflow_uri:
