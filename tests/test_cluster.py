@@ -12,7 +12,11 @@ from untrainable.distributed import export_slurm_env, first_node
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "cluster_example.toml"
 
 
-def test_the_shipped_example_loads_into_submitit_parameters():
+def test_the_shipped_example_loads_into_submitit_parameters(tmp_path, monkeypatch):
+    srun = tmp_path / "srun"  # submitit's executor looks for srun: a stand-in, where SLURM is not installed
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
     settings = load_cluster(EXAMPLE)
     assert settings.time == 24 * 60 and settings.gpus_per_run == 4
     params = settings.executor_parameters()
