@@ -309,7 +309,7 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
         ("cpus_per_run", int, "CPUs per task"),
         ("array_parallelism", int, "array tasks running at once"),
         ("max_requeues", int, "requeues after a time limit"),
-        ("stuck_after_s", int, "seconds a job may pend for a reason that will not pass (PartitionConfig, ...); 0: wait"),
+        ("stuck_after_s", int, "seconds a job may pend for a reason that cannot pass (PartitionConfig); 0: wait"),
     ):
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
 
