@@ -209,6 +209,28 @@ def test_the_pickles_of_an_ended_job_are_removed_from_the_study_folder(fake, tmp
     drop_pickles(logs, "12")  # nothing left: no error
 
 
+def test_a_done_runs_job_still_ending_is_waited_for_and_its_pickles_removed(fake, tmp_path):
+    # The run wrote result.json; its job (and submitit's result pickle) ends a moment later.
+    out = tmp_path / "out"
+    run_experiment(study(), out, log=lambda line: None)
+    logs = out / "slurm" / "logs"
+    logs.mkdir(parents=True)
+    for name in ("12_submitted.pkl", "12_0_result.pkl"):
+        (logs / name).write_bytes(b"pickle")
+    (out / "slurm" / "jobs.json").write_text('{"fcn/seed0": {"job_id": "12", "log": "-", "submitted": 0}}')
+    (fake.bin / "squeue").write_text(
+        f"""#!/bin/sh
+echo x >> {fake.state}/squeue_calls
+n=0; while read line; do n=$((n+1)); done < {fake.state}/squeue_calls
+if [ $n -lt 3 ]; then echo "12|COMPLETING|None"; fi
+"""
+    )
+    lines: list[str] = []
+    table = run_experiment(study(), out, cluster=SlurmSettings(poll_s=0.05), log=lines.append)
+    assert "slurm: re-attached to 1 job(s): 12" in lines and fake.count("submitted") == 0, lines
+    assert table["rows"][0]["seeds"] == 1 and not list(logs.glob("*.pkl"))
+
+
 def test_an_import_error_in_a_model_module_gives_the_debug_hint_once(tmp_path, capsys):
     module = tmp_path / "broken_models.py"
     module.write_text("raise RuntimeError('boom at import')\n")

@@ -391,10 +391,10 @@ class _Runner:
                 drop_pickles(out / "slurm" / "logs", job)
         for arm, seed in tasks:
             task = (arm.name, seed)
-            if (self.folder[task] / "result.json").exists():
-                self.done[task] = _result(self.folder[task])
-            elif task in recorded and known.get(recorded[task], ("",))[0] in ACTIVE:
+            if task in recorded and known.get(recorded[task], ("",))[0] in ACTIVE:  # ending: its pickles go after
                 self.attached[task] = recorded[task]
+            elif (self.folder[task] / "result.json").exists():
+                self.done[task] = _result(self.folder[task])
             else:
                 self.waiting.append((arm, seed))
         if self.attached:
