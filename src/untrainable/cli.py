@@ -385,6 +385,7 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
         ("cpus_per_run", int, "CPUs per task"),
         ("array_parallelism", int, "array tasks running at once"),
         ("max_requeues", int, "requeues after a time limit"),
+        ("stuck_after_s", int, "seconds a job may pend for a reason that cannot pass (PartitionConfig); 0: wait"),
     ):
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
 
@@ -596,6 +597,11 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(message).split()) or type(err).__name__
 
 
+def _debug_hint(line: str) -> str:
+    """The line with the hint that --debug shows the traceback, unless it gives one already."""
+    return line if "--debug" in line else f"{line} (--debug shows the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
@@ -633,13 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         if _is_main_process():
-            print(f"untrainable {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+            print(f"untrainable {args.command}: error: {_debug_hint(_one_line(err))}", file=sys.stderr)
         elif _may_be_this_ranks_own(err):
             rank = os.environ.get("RANK")
-            print(
-                f"untrainable {args.command} (rank {rank}): error: {_one_line(err)} (--debug shows the traceback)",
-                file=sys.stderr,
-            )
+            print(f"untrainable {args.command} (rank {rank}): error: {_debug_hint(_one_line(err))}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         from untrainable.distributed import is_timeout

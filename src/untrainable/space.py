@@ -395,7 +395,7 @@ def load_space(path: str | Path) -> Space:
     """Read a space file; a bad entry is one ConfigError naming the file and the path."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"space file {path} does not exist")
+        raise ConfigError(f"space file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
