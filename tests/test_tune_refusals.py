@@ -243,14 +243,15 @@ def test_a_comparison_never_writes_over_a_folder_it_did_not_make(
 
 
 def test_a_stopped_tune_names_the_same_command_not_train_resume() -> None:
-    from untrainable.cli import _continue_with, build_parser
+    from untrainable.cli import build_parser
+    from untrainable.cli_tune import continue_with
     from untrainable.trainer import TrainingInterrupted
 
     argv = ["tune", "--config", "my config.toml", "--space", "s.toml", "--trials", "4", "--out", "runs/t"]
     args = build_parser().parse_args(argv)
     args.argv = argv
     stopped = TrainingInterrupted("stopped at step 7; checkpoint written to X; continue with --resume", signal.SIGTERM)
-    again = _continue_with(stopped, args)
+    again = continue_with(stopped, args)
     assert str(again) == (
         "stopped at step 7; checkpoint written to X; continue the study with the same command: "
         "untrainable tune --config 'my config.toml' --space s.toml --trials 4 --out runs/t"

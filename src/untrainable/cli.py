@@ -6,13 +6,15 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import signal
 import sys
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
+from untrainable import cli_tune
+from untrainable.cli_args import add_cluster_flags, cluster_settings, json_args, out_folder, set_overrides
 
 EPILOG = (
     "Examples:\n"
@@ -23,45 +25,6 @@ EPILOG = (
     "  untrainable pack /path/to/imagenet --out /data/imagenet-256 --size 256\n"
     "  untrainable tune --compare GUIDED.toml --space SPACE.toml --guided-space GSPACE.toml --trials 16 --out runs/tune"
 )
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value as JSON when it parses (numbers, booleans, lists), else a string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _json_args(text: str, flag: str) -> dict[str, Any]:
-    """The keyword arguments given to `flag` as a JSON object, refused with a ConfigError naming the flag."""
-    from untrainable.config import ConfigError
-
-    example = f"""e.g. {flag} '{{"depth": 2, "width": 64}}'"""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{flag}: not valid JSON ({err.msg} at column {err.colno}); give a JSON object, {example}"
-        ) from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{flag}: expected a JSON object of keyword arguments, got {text!r}; {example}")
-    return value
-
-
-def _out_folder(text: str | None, default: Path | None = None, flag: str = "--out") -> Path | None:
-    """The folder `flag` names, refused in one line when empty or an existing file; `default` when not given."""
-    from untrainable.config import ConfigError
-
-    if text is None:
-        return default
-    if not text.strip():
-        raise ConfigError(f"{flag} is empty; give a folder, e.g. {flag} runs/one (or drop {flag} for the default)")
-    path = Path(text).expanduser()
-    file = next((p for p in (path, *path.parents) if p.exists()), None)
-    if file is not None and not file.is_dir():
-        raise ConfigError(f"{flag} {text}: {file} is a file, not a folder; give {flag} a folder")
-    return path
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -85,12 +48,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     import untrainable.recipes  # noqa: F401
     from untrainable.experiment import EXPERIMENTS, format_table, run_study
 
-    cluster = _cluster_settings(args)
+    cluster = cluster_settings(args)
     built = EXPERIMENTS.create(args.experiment, quick=args.quick)
     # Quick runs get their own folder: finished runs in a folder are reused.
-    root = _out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
+    root = out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
     seeds = tuple(args.seeds) if args.seeds else None
-    tracking = _study_logging(built, _overrides(args.set))
+    tracking = _study_logging(built, set_overrides(args.set))
     if cluster is None:
         steps = run_study(built, root, seeds=seeds, jobs=args.jobs, logging=tracking, name=args.experiment)
     else:
@@ -139,38 +102,6 @@ def _study_logging(built: Any, overrides: dict[str, Any]) -> Any:
     return spec
 
 
-def _cluster_settings(args: argparse.Namespace) -> Any:
-    """The SLURM settings of `run` or `tune` `--executor slurm` (file, then flags over it), None for local runs."""
-    from untrainable.cluster import FLAGS, load_cluster, require_slurm
-    from untrainable.config import ConfigError
-
-    flags = {name: getattr(args, name) for name in FLAGS}
-    if args.executor == "local":
-        given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
-        given += ["--cluster"] * (args.cluster is not None) + ["--detach"] * args.detach
-        if given:
-            raise ConfigError(f"{', '.join(given)}: only with --executor slurm (the local executor runs here)")
-        return None
-    if getattr(args, "jobs", 1) != 1:
-        raise ConfigError("--jobs: only with --executor local; on SLURM, slurm.array_parallelism limits runs at once")
-    settings = load_cluster(args.cluster, flags)
-    require_slurm()
-    return settings
-
-
-def _overrides(items: list[str] | None) -> dict[str, Any]:
-    """The `--set KEY=VALUE` overrides as {dotted key: value}."""
-    from untrainable.config import ConfigError
-
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.epochs=5; got {item!r}")
-        overrides[key] = _parse_value(value)
-    return overrides
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run from a config file."""
     from untrainable.config import ConfigError, load_config
@@ -178,116 +109,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.accept_config and not args.resume:
         raise ConfigError("--accept-config lets a resumed run change its config: it needs --resume")
-    out = _out_folder(args.out)
-    config = load_config(args.config, _overrides(args.set), overrides_label="--set")
+    out = out_folder(args.out)
+    config = load_config(args.config, set_overrides(args.set), overrides_label="--set")
     result = train(config, out or Path("runs") / config.name, resume=args.resume, accept_config=args.accept_config)
     print(json.dumps(result.final, indent=2))
     return 0
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
-    from untrainable import compare, tune
-    from untrainable.config import ConfigError, load_config
-    from untrainable.slurm import Detached, StudyFailed, format_failures
-    from untrainable.space import load_points, load_space
-    from untrainable.tune_checks import check_tune_flags
-
-    check_tune_flags(args)
-    if args.worker:
-        study = Path(args.worker)
-        ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index or 0)
-        print(f"{ran} trial(s) run by this worker; the study in {study} is done")
-        return 0
-    cluster = _cluster_settings(args)
-    missing = [
-        flag
-        for flag, value in (("--space", args.space), ("--trials", args.trials), ("--out", args.out))
-        if value is None
-    ]
-    if not (args.config or args.compare):
-        missing.insert(0, "--config (or --compare)")
-    if args.compare and not args.guided_space:
-        missing.append("--guided-space")
-    if missing:
-        raise ConfigError(f"untrainable tune needs {', '.join(missing)}; see untrainable tune --help")
-    if args.guided_space and not args.compare:
-        raise ConfigError("--guided-space: only with --compare GUIDED.toml")
-    if args.workers < 1:
-        raise ConfigError(f"--workers: expected a number >= 1, got {args.workers}")
-    settings = tune.Settings(
-        trials=args.trials,
-        objective=args.objective,
-        tune_seeds=tuple(args.tune_seeds),
-        pruner=args.pruner,
-        sampler_seed=args.sampler_seed,
-        prune_after=args.prune_after,
-        sampler=args.sampler,
-    ).validate()
-    overrides = _overrides(args.set)
-    space = load_space(args.space)
-    points = load_points(args.enqueue) if args.enqueue else ()
-    out = _out_folder(args.out) or Path(args.out)
-    try:
-        if not args.compare:
-            config = load_config(args.config, overrides)
-            summary = compare.tune(
-                config, space, settings, out, args.workers, args.storage, args.study_name,
-                cluster=cluster, detach=args.detach, points=points,
-            )  # fmt: skip
-        else:
-            guided = load_config(args.compare, overrides)
-            base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
-            experiment, folder, table = compare.compare(
-                guided, base, space, load_space(args.guided_space), settings, out, args.seeds or 5, args.workers,
-                args.storage, args.study_name, cluster=cluster, detach=args.detach, points=points,
-                repeats=args.repeats,
-            )  # fmt: skip
-    except Detached as detached:
-        print(f"untrainable tune: detached: {detached}")
-        return 0
-    except StudyFailed as failed:
-        print(f"\n{format_failures(failed)}\n")
-        print(f"untrainable tune: error: {failed}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        raise _continue_with(err, args) from None
-    if not args.compare:
-        n = summary["trials"]
-        print(
-            f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
-            f"{summary['best_trial']}: validation {summary['best_value']:.4f}. Best config: {out / 'best.toml'}"
-        )
-        print(compare.enqueued_note(summary["arm"], summary))
-        return 0
-    _print_comparison(experiment.name, table, folder)
-    return 0
-
-
-def _print_comparison(name: str, table: dict[str, Any], folder: Path) -> None:
-    """The comparison's table, its notes (enqueued trials, paired seeds, cost, verdict) and where it all is."""
-    from untrainable.experiment import format_table
-
-    print(f"\n## {name}\n\n{format_table(table)}")
-    for note in table.get("notes", []):
-        print(f"- {note}")
-    cost = table["cost"]
-    print(
-        f"\nTuning {table['tuning_seconds']:.0f} s (trial seconds: alone {cost['alone']['trial_seconds']:.0f}, guided "
-        f"{cost['guided']['trial_seconds']:.0f}), {len(table['seeds'])} seeds {table['seconds']:.0f} s. "
-        f"Budget curves in {folder}/budget.json and budget.png. "
-        f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
-    )
-
-
-def _continue_with(err: KeyboardInterrupt, args: argparse.Namespace) -> KeyboardInterrupt:
-    """A stopped tune's message: its trial checkpointed, and the same command (not `train --resume`) continues."""
-    stopped = KeyboardInterrupt(
-        f"{str(err).split('; continue with --resume')[0]}; continue the study with the same command: "
-        f"untrainable {shlex.join(getattr(args, 'argv', sys.argv[1:]))}"
-    )
-    stopped.signum = getattr(err, "signum", signal.SIGINT)  # type: ignore[attr-defined]  # the exit status
-    return stopped
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -305,7 +131,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         )
 
     data_args, target_args, guide_args = (
-        _json_args(text, flag)
+        json_args(text, flag)
         for text, flag in (
             (args.data_args, "--data-args"),
             (args.target_args, "--target-args"),
@@ -335,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time and measure the memory of unguided, guided, cached and the authors' guided steps."""
     from untrainable.bench import format_results, run_bench, write_results
 
-    out = _out_folder(args.out)  # refused before the benchmark runs, not after
+    out = out_folder(args.out)  # refused before the benchmark runs, not after
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +180,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     """Pack an image folder into an image store (`[data] name = "image_store"`)."""
     from untrainable.data.pack import pack
 
-    out = _out_folder(args.out)
+    out = out_folder(args.out)
     assert out is not None  # --out is required
     manifest = pack(args.image_folder, out, args.size, args.shard_size, args.processes, args.skip_bad, not args.quiet)
     parts = manifest["parts"]
@@ -367,108 +193,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
         + (f"; {skipped} unreadable image(s) skipped (listed in store.json)" if skipped else "")
     )
     return 0
-
-
-def add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that send a study's runs (`run`) or tuning workers (`tune`) to SLURM, each over the --cluster file."""
-    p.add_argument(
-        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or as SLURM jobs"
-    )
-    p.add_argument("--cluster", metavar="FILE", help="SLURM settings: a TOML file with a [slurm] table")
-    p.add_argument("--detach", action="store_true", help="SLURM: submit and return; the same command later collects")
-    for name, kind, text in (
-        ("partition", str, "SLURM partition"),
-        ("account", str, "SLURM account"),
-        ("qos", str, "SLURM quality of service"),
-        ("time", str, "time limit per job, minutes or HH:MM:SS"),
-        ("gpus_per_run", int, "GPUs per run (one task each)"),
-        ("cpus_per_run", int, "CPUs per task"),
-        ("array_parallelism", int, "array tasks running at once"),
-        ("max_requeues", int, "requeues after a time limit"),
-        ("stuck_after_s", int, "seconds a job may pend for a reason that cannot pass (PartitionConfig); 0: wait"),
-    ):
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
-
-
-def _add_tune(sub: Any) -> None:
-    """The `tune` subcommand's arguments."""
-    p = sub.add_parser(
-        "tune",
-        help="tune a config with Optuna on validation; --compare: a baseline and its guided twin, the same budget",
-        description="Tune the config fields named in a space file (dotted --set paths) with Optuna, on the validation "
-        "split. With --compare GUIDED.toml, tune the baseline (--config, default: GUIDED without its guide) over "
-        "--space and the guided config over --space plus --guided-space, the same budget each, then train each "
-        "best config on seeds the tuning did not use and print the table with a verdict.",
-    )
-    p.add_argument("--config", help="the config to tune (with --compare: the baseline; default GUIDED without guide)")
-    p.add_argument("--compare", metavar="GUIDED", help="the guided config: compare it with its baseline, tuned alike")
-    p.add_argument("--space", help='space file: the fields tuned, as [space] "optim.lr" = { low, high, log } ...')
-    p.add_argument("--guided-space", help="with --compare: the guided arm's extra fields (guidance.alpha, ...)")
-    p.add_argument("--trials", type=int, help="finished trials per study (complete or pruned)")
-    p.add_argument("--out", help="study folder; the same command continues the study in it")
-    p.add_argument(
-        "--objective",
-        default="best",
-        choices=("best", "last"),
-        help="validation metric at the best validation epoch (early stopping) or at the last epoch (default: best)",
-    )
-    p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="seeds each trial trains (default: 0 1)")
-    p.add_argument(
-        "--seeds",
-        type=int,
-        help="with --compare: seeds of the final runs, none of the tuning seeds (default: 5)",
-    )
-    p.add_argument(
-        "--pruner",
-        default="median",
-        choices=("median", "halving", "none"),
-        help="stops hopeless trials on the validation curve (default: median)",
-    )
-    p.add_argument("--prune-after", type=int, help="epochs of each seed never pruned (default: a quarter)")
-    p.add_argument(
-        "--sampler",
-        default="tpe",
-        choices=("tpe", "random", "qmc", "gp"),
-        help="Optuna's sampler: TPE (a third of the budget, at least 5, at random first), random, "
-        "quasi-random (Sobol) or Gaussian process (default: tpe)",
-    )
-    p.add_argument(
-        "--sampler-seed",
-        type=int,
-        default=0,
-        help="sampler seed: each arm and each process draws from its own stream derived from it (default: 0)",
-    )
-    p.add_argument(
-        "--enqueue",
-        metavar="FILE",
-        help="points to try first (after the config's own values): [[enqueue]] tables of dotted paths and values",
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="with --compare: tune both arms this many times under sampler seeds seed, seed + 1, ... (default: 1)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="trials run at once: local processes, or SLURM jobs with --executor slurm (default: 1)",
-    )
-    p.add_argument(
-        "--storage",
-        help="an RDB URL for the study, recorded in study.json (default: a journal file in the study folder)",
-    )
-    p.add_argument(
-        "--study-name",
-        help="the study's name in the storage (default: the one study.json records, so a copied folder continues its "
-        "own study, else the folder's name; with --compare, NAME-alone and NAME-guided)",
-    )
-    p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
-    p.add_argument("--worker-index", type=int, help="with --worker: this worker's number, recorded beside its seed")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
-    add_cluster_flags(p)
-    p.set_defaults(func=cmd_tune)
 
 
 def _add_pack(sub: Any) -> None:
@@ -488,6 +212,33 @@ def _add_pack(sub: Any) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in store.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
+    p.add_argument(
+        "--config",
+        required=True,
+        help=(
+            "config file (.toml or .json, such as a run folder's config.json); "
+            "a model named by import path (package.module:callable) runs that code: read a config you did not write"
+        ),
+    )
+    p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    p.add_argument(
+        "--accept-config",
+        action="store_true",
+        help="with --resume: continue with a config other than the run's, or one that cannot be checked "
+        "(the changes are recorded in meta.json)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+    p.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,32 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
-    p.add_argument(
-        "--config",
-        required=True,
-        help=(
-            "config file (.toml or .json, such as a run folder's config.json); "
-            "a model named by import path (package.module:callable) runs that code: read a config you did not write"
-        ),
-    )
-    p.add_argument("--out", help="run folder (default: runs/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
-    p.add_argument(
-        "--accept-config",
-        action="store_true",
-        help="with --resume: continue with a config other than the run's, or one that cannot be checked "
-        "(the changes are recorded in meta.json)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
-    )
-    p.set_defaults(func=cmd_train)
+    _add_train(sub)
 
-    _add_tune(sub)
+    cli_tune.add_parser(sub)
 
     p = sub.add_parser("layers", help="show guide/target layer pairs, shapes and similarity at initialisation")
     p.add_argument("target", help="target model name")
