@@ -17,8 +17,9 @@ CONFIG_DIR = Path(str(resources.files("untrainable") / "configs"))
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
 # The paper-scale configs name the user's data and guide weights and build models of up to 1.3 billion
 # parameters: tests/test_paper_configs.py loads, builds and runs them with those supplied and sizes shrunk.
-# Search spaces for `untrainable tune` (space_*.toml) are no run configs: tests/test_tune.py checks them.
-RUNNABLE = [path for path in CONFIGS if not path.name.startswith(("paper_", "space_"))]
+# Search spaces and enqueued points for `untrainable tune` (space_*.toml, enqueue_*.toml) are no run configs:
+# tests/test_tune.py and tests/test_tune_search.py check them.
+RUNNABLE = [path for path in CONFIGS if not path.name.startswith(("paper_", "space_", "enqueue_"))]
 
 
 def test_configs_are_shipped():
