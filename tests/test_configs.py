@@ -113,3 +113,18 @@ def test_a_field_missing_from_an_older_config_json_is_its_default():
     del saved["guidance"]["gram_dtype"]  # written before the field existed
     assert config_differences(saved, _guided()) == []
     assert config_differences(saved, _guided(gram_dtype="bfloat16")) == ["guidance.gram_dtype"]
+
+
+def test_the_shipped_hand_grid_lies_in_the_shipped_rescue_spaces():
+    """Every point of enqueue_rescue_grid.toml is a trial of its arm's space (none dropped, none refused)."""
+    from untrainable.compare import unguided
+    from untrainable.space import enqueued_points, load_points, load_space
+
+    guided = load_config(CONFIG_DIR / "rescue_deep_fcn.toml", {"optim.fused": False})
+    space = load_space(CONFIG_DIR / "space_rescue.toml")
+    full = space.with_extra(load_space(CONFIG_DIR / "space_rescue_guided.toml"))
+    points = load_points(CONFIG_DIR / "enqueue_rescue_grid.toml")
+    for arm, config, arm_space in (("alone", unguided(guided), space), ("guided", guided, full)):
+        mine = [p for _, p in points if p.get("arm", arm) == arm]
+        trials = enqueued_points(config, arm_space, points, arm)
+        assert len(trials) >= len(mine) >= 1, arm  # the config's own values first, then every point of the arm
