@@ -368,7 +368,7 @@ def _register_all() -> None:
                 _ORTHO,
                 3,
                 "",
-                "no (1 - s is not a metric)",
+                "no",
                 "Kornblith et al. 2019, eq. (1) with the biased HSIC",
             ),
             linear_cka,
