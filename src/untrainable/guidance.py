@@ -224,8 +224,8 @@ class Guidance(nn.Module):
         guide_layers: one guide's layers, as `Guide.guide_layers`.
         schedule: one guide's schedule, as `Guide.schedule`.
         guide_input: one guide's input, as `Guide.guide_input`.
-        similarity: `cka` (biased linear CKA, the paper's), `cka_unbiased`,
-            `rsa`, or any callable (n, d1), (n, d2) -> scalar; for every guide.
+        similarity: `cka` (biased linear CKA, the paper's), any other name of
+            `untrainable list`, or a callable (n, d1), (n, d2) -> scalar; for every guide.
         sequence_mode: how (batch, time, features) activations are compared
             (`flatten`, `tokenwise`, `tokens`); see `sequence.sequence_similarity`.
         gather: applied to every activation (and mask) before the similarity;

@@ -65,7 +65,11 @@ def measure_steps(case: Case, device: torch.device, names: list[str]) -> dict[st
             precision="fp32",
             **terms,
         )
-        return lambda: train_step(parts, batch, next(numbers))
+
+        def run() -> None:
+            train_step(parts, batch, next(numbers))
+
+        return run
 
     steps = {UNGUIDED: step()}
     for name in names:
