@@ -4,6 +4,11 @@ Every measure takes `x` of shape (n, d1) and `y` of shape (n, d2), the same n
 examples seen by two networks, and returns a scalar similarity (1 = same
 representation up to the measure's invariances). Guidance minimises
 `1 - similarity`.
+
+This module holds linear CKA (biased and unbiased) and RSA, and the registry
+of every measure by name with its metadata (`SIMILARITY_INFO`,
+`similarity_table`); Procrustes, ridge CCA and SVCCA live in
+`shape_metrics.py`, RBF kernel CKA in `kernel_cka.py`.
 """
 
 from __future__ import annotations
