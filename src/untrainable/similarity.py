@@ -362,111 +362,109 @@ def register_similarity(info: MeasureInfo, measure: Similarity) -> None:
     SIMILARITY_INFO[info.name] = info
 
 
-def _register_all() -> None:
-    for info, measure in (
-        (
-            MeasureInfo(
-                "cka",
-                "biased linear CKA (the paper's)",
-                0,
-                1,
-                _ORTHO,
-                3,
-                "",
-                "no",
-                "Kornblith et al. 2019, eq. (1) with the biased HSIC",
-            ),
-            linear_cka,
+# Every registered measure with its metadata (`untrainable list` prints them sorted by name).
+_MEASURES: tuple[tuple[MeasureInfo, Similarity], ...] = (
+    (
+        MeasureInfo(
+            "cka",
+            "biased linear CKA (the paper's)",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "",
+            "no",
+            "Kornblith et al. 2019, eq. (1) with the biased HSIC",
         ),
-        (
-            MeasureInfo(
-                "cka_unbiased",
-                "linear CKA, unbiased HSIC",
-                -1,
-                1,
-                _ORTHO,
-                4,
-                "",
-                "no",
-                "Song et al. 2012 (unbiased HSIC); Nguyen et al. 2021",
-            ),
-            linear_cka_unbiased,
+        linear_cka,
+    ),
+    (
+        MeasureInfo(
+            "cka_unbiased",
+            "linear CKA, unbiased HSIC",
+            -1,
+            1,
+            _ORTHO,
+            4,
+            "",
+            "no",
+            "Song et al. 2012 (unbiased HSIC); Nguyen et al. 2021",
         ),
-        (
-            MeasureInfo(
-                "rsa",
-                "Pearson correlation of cosine-similarity matrices",
-                -1,
-                1,
-                ("rotation", "isotropic scale"),
-                3,
-                "",
-                "no",
-                "Kriegeskorte et al. 2008; the authors' code",
-            ),
-            rsa,
+        linear_cka_unbiased,
+    ),
+    (
+        MeasureInfo(
+            "rsa",
+            "Pearson correlation of cosine-similarity matrices",
+            -1,
+            1,
+            ("rotation", "isotropic scale"),
+            3,
+            "",
+            "no",
+            "Kriegeskorte et al. 2008; the authors' code",
         ),
-        (
-            MeasureInfo(
-                "procrustes",
-                "cosine of the angular Procrustes shape metric",
-                0,
-                1,
-                _ORTHO,
-                3,
-                "",
-                "yes: arccos(s) is a metric",
-                "Williams et al. 2021; netrep LinearMetric(alpha=1)",
-            ),
-            procrustes,
+        rsa,
+    ),
+    (
+        MeasureInfo(
+            "procrustes",
+            "cosine of the angular Procrustes shape metric",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "",
+            "yes: arccos(s) is a metric",
+            "Williams et al. 2021; netrep LinearMetric(alpha=1)",
         ),
-        (
-            MeasureInfo(
-                "cca",
-                f"ridge CCA (ridge {RIDGE:g} x the mean eigenvalue); the mean canonical correlation at ridge 0",
-                0,
-                1,
-                _ORTHO + (("invertible linear (ridge 0 only)",)),
-                3,
-                "ridge 0 needs n > d; near 1 for unrelated layers when n <= d",
-                "yes: arccos(s) is a metric",
-                "Hotelling 1936; Williams et al. 2021 (partial whitening)",
-            ),
-            cca,
+        procrustes,
+    ),
+    (
+        MeasureInfo(
+            "cca",
+            f"ridge CCA (ridge {RIDGE:g} x the mean eigenvalue); the mean canonical correlation at ridge 0",
+            0,
+            1,
+            _ORTHO + (("invertible linear (ridge 0 only)",)),
+            3,
+            "ridge 0 needs n > d; near 1 for unrelated layers when n <= d",
+            "yes: arccos(s) is a metric",
+            "Hotelling 1936; Williams et al. 2021 (partial whitening)",
         ),
-        (
-            MeasureInfo(
-                "svcca",
-                f"SVCCA, {KEEP:.0%} of the variance kept on each side",
-                0,
-                1,
-                _ORTHO,
-                3,
-                "n well above d: near 1 for unrelated layers when n <= d",
-                "no",
-                "Raghu et al. 2017",
-            ),
-            svcca,
+        cca,
+    ),
+    (
+        MeasureInfo(
+            "svcca",
+            f"SVCCA, {KEEP:.0%} of the variance kept on each side",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "n well above d: near 1 for unrelated layers when n <= d",
+            "no",
+            "Raghu et al. 2017",
         ),
-        (
-            MeasureInfo(
-                "cka_rbf",
-                f"kernel CKA, RBF with sigma = {BANDWIDTH:g} x the median distance",
-                0,
-                1,
-                _ORTHO,
-                3,
-                "",
-                "no",
-                "Kornblith et al. 2019, RBF kernel",
-            ),
-            cka_rbf,
+        svcca,
+    ),
+    (
+        MeasureInfo(
+            "cka_rbf",
+            f"kernel CKA, RBF with sigma = {BANDWIDTH:g} x the median distance",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "",
+            "no",
+            "Kornblith et al. 2019, RBF kernel",
         ),
-    ):
-        register_similarity(info, measure)
-
-
-_register_all()
+        cka_rbf,
+    ),
+)
+for _info, _measure in _MEASURES:
+    register_similarity(_info, _measure)
 
 
 def get_similarity(similarity: str | Similarity) -> Similarity:
