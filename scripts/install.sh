@@ -16,6 +16,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
-# The torch pin first: a looser requirement would pull the CUDA build.
+# The torch pin first, from the index pip is set up with (PyPI on Linux: the CUDA build; a CPU index such as
+# https://download.pytorch.org/whl/cpu: the CPU build); a torch already installed is kept (docs/install.md).
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"

@@ -3,6 +3,7 @@
 #
 #   bash scripts/slurm_local.sh start   # install slurm-wlm and munge (apt, once), configure, start, wait until idle
 #   bash scripts/slurm_local.sh stop    # stop the daemons this script started
+#   bash scripts/slurm_local.sh cpus    # the CPUs the node is declared with
 #
 # Runs as root on Debian. No accounting database (sacct is unavailable), no cgroups:
 # ProctrackType=proctrack/linuxproc and TaskPlugin=task/none work inside containers.
@@ -19,10 +20,16 @@ install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
 }
 
+cpus() {
+    # Every core of the machine, as slurmd counts them: plain nproc honours OMP_NUM_THREADS and OMP_THREAD_LIMIT,
+    # common in cluster environments, and a node declared with one CPU never starts a two-task job (PartitionConfig).
+    nproc --all
+}
+
 configure() {
     local host cpus memory
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(cpus)
     memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" /var/log/slurm /run/munge /var/lib/munge /var/log/munge
     cat >"$CONF" <<EOF
@@ -78,7 +85,7 @@ start() {
     alive "$STATE/slurmd.pid" || slurmd
     for _ in $(seq 1 60); do
         if timeout 5 sinfo -h -o '%T' 2>/dev/null | grep -qx idle; then
-            echo "slurm_local: node $(hostname -s) idle ($(nproc) CPUs)"
+            echo "slurm_local: node $(hostname -s) idle ($(cpus) CPUs)"
             return
         fi
         sleep 0.5
@@ -102,8 +109,9 @@ stop() {
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
+    cpus) cpus ;;
     *)
-        echo "usage: $0 start|stop" >&2
+        echo "usage: $0 start|stop|cpus" >&2
         exit 2
         ;;
 esac

@@ -2,16 +2,13 @@
 
 import copy
 import json
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from crashing import DiesAfter, Killed
+from ranks import run_ranks
 from untrainable import AdaptiveAlpha, Guidance, Guide, distributed
 from untrainable.config import (
     ConfigError,
@@ -334,20 +331,9 @@ def _ddp_steps(rank: int, world: int, steps: int) -> dict:
     return {"alphas": alphas, "weights": {k: v.clone() for k, v in target.state_dict().items()}}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(_ddp_steps(rank, world, 3), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_every_rank_gets_the_alpha_of_one_process_on_the_whole_batch():
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(2, os.path.join(folder, "store"), folder), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+    ranks = run_ranks(_ddp_steps, 2, 3)
     one = _ddp_steps(0, 1, 3)
     assert ranks[0]["alphas"] == ranks[1]["alphas"]  # the same number on every rank, not merely close
     assert ranks[0]["alphas"] == pytest.approx(one["alphas"], rel=1e-5)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -270,7 +271,26 @@ def test_nav_lists_every_page():
     nav = set(re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M))
     pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if "hooks" not in p.parts}
     assert pages <= nav, f"pages missing from mkdocs.yml's nav: {sorted(pages - nav)}"
-    assert nav <= pages, f"mkdocs.yml's nav names missing pages: {sorted(nav - pages)}"
+    # Beside docs/, the nav may name the repository's own files that the hook adds to the site.
+    added = {p.relative_to(ROOT).as_posix() for p in [*(ROOT / "results").rglob("*.md"), ROOT / "CHANGELOG.md"]}
+    assert nav <= pages | added, f"mkdocs.yml's nav names missing pages: {sorted(nav - pages - added)}"
+    studies = {p.relative_to(ROOT).as_posix() for p in (ROOT / "results").glob("*/README.md")}
+    assert studies <= nav, f"study READMEs missing from mkdocs.yml's nav: {sorted(studies - nav)}"
+
+
+def test_the_site_fetches_nothing_from_elsewhere():
+    """Formulas, styles and scripts are files the site ships (KaTeX under docs/assets/), never a CDN's."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assets = [*config.get("extra_javascript", []), *config.get("extra_css", [])]
+    assert any("katex" in asset for asset in assets)
+    for asset in assets:
+        assert "//" not in asset and (DOCS / asset).is_file(), f"{asset}: not a file under docs/"
+    assert config["theme"].get("font") is False, "theme.font fetches Google Fonts: set it to false"
+    extensions = [next(iter(e)) if isinstance(e, dict) else e for e in config["markdown_extensions"]]
+    assert "pymdownx.arithmatex" in extensions
+    assert config["site_url"].startswith("https://") and config["repo_url"].startswith("https://")
 
 
 def test_layout_names_every_module():
@@ -308,6 +328,14 @@ def test_site_builds_strict(tmp_path):
     assert "--guide-checkpoint" in cli and "cli-reference" not in cli
     assert "guide_input" in (site / "api" / "guidance" / "index.html").read_text()  # mkdocstrings wrote the API
     assert (site / "results" / "rescue" / "rescue-long" / "rescue_curves.png").exists()
+    assert (site / "assets" / "katex" / "katex.min.js").is_file()  # the formulas' renderer, shipped
+    assert 'class="arithmatex"' in (site / "concepts" / "index.html").read_text()
+    assert "<loc>https://" in (site / "sitemap.xml").read_text()  # site_url set: the sitemap lists the pages
+    index = json.loads((site / "search" / "search_index.json").read_text())["docs"]
+    # Pages under the repository's results/ (docs/results.md, the Results page, is at results/ itself).
+    pages = [(doc["location"].split("#")[0], doc) for doc in index]
+    results = [doc for page, doc in pages if page.startswith("results/") and page != "results/"]
+    assert results and all(doc.get("boost", 1) < 1 for doc in results), "results pages must rank below the guides"
 
 
 def test_lists_start_after_a_blank_line():

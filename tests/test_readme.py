@@ -1,8 +1,12 @@
 """The README's commands and library example are the ones that work."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +21,8 @@ def test_ci_runs_the_readme_test_command():
         "bash scripts/install.sh && python -m pytest -q",
     ]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert commands[1] in ci.splitlines()
+    # exactly that command, with SLURM's commands hidden as on a fresh machine
+    assert f"bash scripts/without_slurm.sh bash -c '{commands[1]}'" in ci.splitlines()
 
 
 def test_library_example_runs():
@@ -51,3 +56,26 @@ def test_readme_links_resolve():
     assert any(link.startswith("docs/") for link in local)
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare -m needs root")
+def test_the_ci_wrapper_hides_slurm_commands_that_are_installed(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun", "slurmd"):
+        (bin_dir / name).write_text("#!/bin/sh\necho installed\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    probe = "import shutil; print([shutil.which(n) for n in ('sbatch', 'srun', 'slurmd')])"
+    outside = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert str(bin_dir / "srun") in outside.stdout  # installed, and found without the wrapper
+    inside = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "without_slurm.sh"), sys.executable, "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() == "[None, None, None]"
+    assert (bin_dir / "srun").read_text().startswith("#!/bin/sh")  # the files themselves are untouched

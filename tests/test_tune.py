@@ -179,6 +179,7 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tmp_path: Path) -> No
     import optuna
 
     config, _, space_file = _alone(tmp_path, epochs=4)
+    config = config.with_section("optim", lr=0.5)  # outside the space: not enqueued (an enqueued trial is never pruned)
     study_dir = tmp_path / "study"
     settings = Settings(trials=5, tune_seeds=(0,), prune_after=1)
     space = load_space(space_file)

@@ -6,7 +6,9 @@ by `untrainable.config_fields`; `<!-- cli-reference -->` becomes every verb of
 `untrainable` with its usage and arguments, walked from `cli.build_parser()`.
 Both modules are loaded by path, so the build imports no torch. The committed
 results (figures, tables, their READMEs) are added to the site under
-`results/`, so the pages can show and link them where they lie in the repository.
+`results/`, so the pages can show and link them where they lie in the repository;
+the study READMEs are in the navigation, and every page under `results/` is
+ranked below the guides in search. CHANGELOG.md joins the site as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "untrainable"
 CONFIG_MARKER = "<!-- config-reference -->"
 CLI_MARKER = "<!-- cli-reference -->"
+# Search ranks a page's sections by match, times this: the results' tables and READMEs repeat the
+# words of the guides ("alpha schedule") in every row, and must not come before the pages that explain them.
+RESULTS_SEARCH_BOOST = 0.1
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -126,9 +131,13 @@ def _repository_links(markdown: str, depth: int) -> str:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if page.file.src_uri.startswith("results/"):
+        page.meta.setdefault("search", {}).setdefault("boost", RESULTS_SEARCH_BOOST)
     markdown = _repository_links(markdown, page.file.src_uri.count("/"))
     if CONFIG_MARKER in markdown:
-        markdown = markdown.replace(CONFIG_MARKER, config_reference())
+        # In a block of its own, so the stylesheet can lay its tables out as cards on a phone.
+        table = config_reference()
+        markdown = markdown.replace(CONFIG_MARKER, f'<div class="config-fields" markdown>\n\n{table}\n\n</div>')
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_reference())
     return markdown
@@ -139,6 +148,7 @@ def on_files(files, config):
     from mkdocs.structure.files import File
 
     shown = [*(ROOT / "results").rglob("*"), *(ROOT / "examples").glob("*.py"), *(ROOT / "configs").glob("*.toml")]
+    shown.append(ROOT / "CHANGELOG.md")
     for path in sorted(shown):
         if path.is_file() and path.suffix in (".md", ".png", ".json", ".py", ".toml"):
             uri = path.relative_to(ROOT).as_posix()

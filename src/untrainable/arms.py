@@ -79,7 +79,7 @@ def check_arm_folder(folder: Path, config: RunConfig, guide_from: str | None = N
         raise ValueError(
             f"{path} holds a JSON {type(saved).__name__}, not a run's config; restore it or remove {folder}"
         )
-    changed = config_differences(saved, config, ignore=("train.progress",))
+    changed = config_differences(saved, config, ignore=("train.progress", "logging"))
     if changed == ["guide.checkpoint"] and guide_from is not None and config.guide is not None:
         recorded = Path((saved.get("guide") or {}).get("checkpoint") or "")
         if recorded.parts[-3:] == Path(config.guide.checkpoint or "").parts[-3:]:

@@ -179,6 +179,7 @@ def check_runs_on(
     model.eval()  # no BatchNorm statistics or dropout touched, no gradients
     with torch.random.fork_rng(devices=[]):  # nor the random numbers the run will draw
         x = torch.stack([torch.as_tensor(data.train[i][0]) for i in range(n)])
+        x = data.prepare(x) if data.prepare is not None else x
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(x)

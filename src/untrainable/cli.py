@@ -1,4 +1,4 @@
-"""The `untrainable` command line: list, run, train, layers, bench."""
+"""The `untrainable` command line: list, run, train, tune, layers, bench, pack."""
 
 from __future__ import annotations
 
@@ -13,53 +13,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from untrainable import cli_tune
+from untrainable.cli_args import add_cluster_flags, cluster_settings, json_args, out_folder, set_overrides
+
 EPILOG = (
     "Examples:\n"
     "  untrainable list\n"
     "  untrainable run mnist1d --quick\n"
     "  untrainable train --config src/untrainable/configs/mnist1d.toml --out runs/one\n"
     "  untrainable layers fcn cnn1d --data mnist1d\n"
+    "  untrainable pack /path/to/imagenet --out /data/imagenet-256 --size 256\n"
     "  untrainable tune --compare GUIDED.toml --space SPACE.toml --guided-space GSPACE.toml --trials 16 --out runs/tune"
 )
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value as JSON when it parses (numbers, booleans, lists), else a string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _json_args(text: str, flag: str) -> dict[str, Any]:
-    """The keyword arguments given to `flag` as a JSON object, refused with a ConfigError naming the flag."""
-    from untrainable.config import ConfigError
-
-    example = f"""e.g. {flag} '{{"depth": 2, "width": 64}}'"""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{flag}: not valid JSON ({err.msg} at column {err.colno}); give a JSON object, {example}"
-        ) from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{flag}: expected a JSON object of keyword arguments, got {text!r}; {example}")
-    return value
-
-
-def _out_folder(text: str | None, default: Path | None = None, flag: str = "--out") -> Path | None:
-    """The folder `flag` names, refused in one line when empty or an existing file; `default` when not given."""
-    from untrainable.config import ConfigError
-
-    if text is None:
-        return default
-    if not text.strip():
-        raise ConfigError(f"{flag} is empty; give a folder, e.g. {flag} runs/one (or drop {flag} for the default)")
-    path = Path(text).expanduser()
-    file = next((p for p in (path, *path.parents) if p.exists()), None)
-    if file is not None and not file.is_dir():
-        raise ConfigError(f"{flag} {text}: {file} is a file, not a folder; give {flag} a folder")
-    return path
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -91,18 +56,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     import untrainable.recipes  # noqa: F401
     from untrainable.experiment import EXPERIMENTS, format_table, run_study
 
-    cluster = _cluster_settings(args)
+    cluster = cluster_settings(args)
     built = EXPERIMENTS.create(args.experiment, quick=args.quick)
     # Quick runs get their own folder: finished runs in a folder are reused.
-    root = _out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
+    root = out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
     seeds = tuple(args.seeds) if args.seeds else None
+    tracking = _study_logging(built, set_overrides(args.set))
     if cluster is None:
-        steps = run_study(built, root, seeds=seeds, jobs=args.jobs)
+        steps = run_study(built, root, seeds=seeds, jobs=args.jobs, logging=tracking, name=args.experiment)
     else:
         from untrainable.slurm import Detached, StudyFailed, format_failures
 
         try:
-            steps = run_study(built, root, seeds=seeds, cluster=cluster, detach=args.detach)
+            steps = run_study(
+                built, root, seeds=seeds, cluster=cluster, detach=args.detach, logging=tracking, name=args.experiment
+            )
         except Detached as detached:
             print(f"untrainable run: detached: {detached}")
             return 0
@@ -118,36 +86,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_settings(args: argparse.Namespace) -> Any:
-    """The SLURM settings of `run` or `tune` `--executor slurm` (file, then flags over it), None for local runs."""
-    from untrainable.cluster import FLAGS, load_cluster, require_slurm
-    from untrainable.config import ConfigError
+def _study_logging(built: Any, overrides: dict[str, Any]) -> Any:
+    """A study's `[logging]`: its first arm's, with `run --set logging.KEY=VALUE` over it (only logging keys)."""
+    import dataclasses
 
-    flags = {name: getattr(args, name) for name in FLAGS}
-    if args.executor == "local":
-        given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
-        given += ["--cluster"] * (args.cluster is not None) + ["--detach"] * args.detach
-        if given:
-            raise ConfigError(f"{', '.join(given)}: only with --executor slurm (the local executor runs here)")
+    from untrainable.config import ConfigError, LoggingSpec, from_dict, set_dotted
+
+    other = [key for key in overrides if not key.startswith("logging.")]
+    if other:
+        raise ConfigError(f"--set {other[0]}: run sets only logging.* keys (the arms' configs are the experiment's)")
+    if not overrides:
         return None
-    if getattr(args, "jobs", 1) != 1:
-        raise ConfigError("--jobs: only with --executor local; on SLURM, slurm.array_parallelism limits runs at once")
-    settings = load_cluster(args.cluster, flags)
-    require_slurm()
-    return settings
-
-
-def _overrides(items: list[str] | None) -> dict[str, Any]:
-    """The `--set KEY=VALUE` overrides as {dotted key: value}."""
-    from untrainable.config import ConfigError
-
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.epochs=5; got {item!r}")
-        overrides[key] = _parse_value(value)
-    return overrides
+    steps = built if isinstance(built, list) else [built]
+    first = next((step for step in steps if not callable(step) and step.arms), None)
+    base = dataclasses.asdict(first.arms[0].config.logging if first is not None else LoggingSpec())
+    for key, value in overrides.items():
+        set_dotted(base, key.split(".", 1)[1], value)
+    try:
+        spec = from_dict(LoggingSpec, base, "logging")
+        spec.validate("logging")
+    except ConfigError as err:
+        raise ConfigError(f"--set {err}") from None
+    return spec
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -157,88 +117,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.accept_config and not args.resume:
         raise ConfigError("--accept-config lets a resumed run change its config: it needs --resume")
-    out = _out_folder(args.out)
-    config = load_config(args.config, _overrides(args.set), overrides_label="--set")
+    out = out_folder(args.out)
+    config = load_config(args.config, set_overrides(args.set), overrides_label="--set")
     result = train(config, out or Path("runs") / config.name, resume=args.resume, accept_config=args.accept_config)
     print(json.dumps(result.final, indent=2))
-    return 0
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
-    from untrainable import compare, tune
-    from untrainable.config import ConfigError, load_config
-    from untrainable.experiment import format_table
-    from untrainable.slurm import Detached, StudyFailed, format_failures
-    from untrainable.space import load_space
-
-    if args.worker:
-        study = Path(args.worker)
-        ran = tune.work(study, args.storage, args.study_name, worker=args.worker_index)
-        print(f"{ran} trial(s) run by this worker; the study in {study} is done")
-        return 0
-    cluster = _cluster_settings(args)
-    missing = [
-        flag
-        for flag, value in (("--space", args.space), ("--trials", args.trials), ("--out", args.out))
-        if value is None
-    ]
-    if not (args.config or args.compare):
-        missing.insert(0, "--config (or --compare)")
-    if args.compare and not args.guided_space:
-        missing.append("--guided-space")
-    if missing:
-        raise ConfigError(f"untrainable tune needs {', '.join(missing)}; see untrainable tune --help")
-    if args.guided_space and not args.compare:
-        raise ConfigError("--guided-space: only with --compare GUIDED.toml")
-    if args.workers < 1:
-        raise ConfigError(f"--workers: expected a number >= 1, got {args.workers}")
-    settings = tune.Settings(
-        trials=args.trials,
-        objective=args.objective,
-        tune_seeds=tuple(args.tune_seeds),
-        pruner=args.pruner,
-        sampler_seed=args.sampler_seed,
-        prune_after=args.prune_after,
-    ).validate()
-    overrides = _overrides(args.set)
-    space = load_space(args.space)
-    out = Path(args.out)
-    try:
-        if not args.compare:
-            config = load_config(args.config, overrides)
-            summary = compare.tune(
-                config, space, settings, out, args.workers, args.storage, args.study_name,
-                cluster=cluster, detach=args.detach,
-            )  # fmt: skip
-        else:
-            guided = load_config(args.compare, overrides)
-            base = load_config(args.config, overrides) if args.config else compare.unguided(guided)
-            experiment, folder, table = compare.compare(
-                guided, base, space, load_space(args.guided_space), settings, out, args.seeds, args.workers,
-                args.storage, args.study_name, cluster=cluster, detach=args.detach,
-            )  # fmt: skip
-    except Detached as detached:
-        print(f"untrainable tune: detached: {detached}")
-        return 0
-    except StudyFailed as failed:
-        print(f"\n{format_failures(failed)}\n")
-        print(f"untrainable tune: error: {failed}", file=sys.stderr)
-        return 2
-    if not args.compare:
-        n = summary["trials"]
-        print(
-            f"\n{n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials; best trial "
-            f"{summary['best_trial']}: validation {summary['best_value']:.4f}. Best config: {out / 'best.toml'}"
-        )
-        return 0
-    print(f"\n## {experiment.name}\n\n{format_table(table)}")
-    for note in table.get("notes", []):
-        print(f"- {note}")
-    print(
-        f"\nTuning {table['tuning_seconds']:.0f} s, {len(table['seeds'])} seeds {table['seconds']:.0f} s. "
-        f"Table in {folder}/table.md; studies, best.toml and figures in {folder}/alone and {folder}/guided"
-    )
     return 0
 
 
@@ -246,6 +128,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """Print the guide-target pairs with their shapes and similarity at initialisation."""
     from untrainable.build import build_data, build_model
     from untrainable.config import ConfigError, DataSpec, ModelSpec
+    from untrainable.data.registry import Prepared
     from untrainable.guidance import MIN_EXAMPLES, describe_pairs
     from untrainable.similarity import SIMILARITY_INFO, list_similarities, similarity_table
 
@@ -262,7 +145,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         )
 
     data_args, target_args, guide_args = (
-        _json_args(text, flag)
+        json_args(text, flag)
         for text, flag in (
             (args.data_args, "--data-args"),
             (args.target_args, "--target-args"),
@@ -276,7 +159,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     rows = describe_pairs(
         target,
         guide,
-        data.train,
+        Prepared(data.train, data.prepare),
         batch_size=args.batch,
         target_layers=args.target_layers,
         guide_layers=args.guide_layers,
@@ -295,7 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time and measure the memory of unguided, guided, cached and the authors' guided steps."""
     from untrainable.bench import format_results, run_bench, write_results
 
-    out = _out_folder(args.out)  # refused before the benchmark runs, not after
+    out = out_folder(args.out)  # refused before the benchmark runs, not after
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -335,105 +218,45 @@ def _bench_measures(args: argparse.Namespace, out: Path | None) -> int:
     return 0
 
 
-def add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that send a study's runs (`run`) or tuning workers (`tune`) to SLURM, each over the --cluster file."""
-    p.add_argument(
-        "--executor", choices=("local", "slurm"), default="local", help="where runs train: here, or as SLURM jobs"
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Pack an image folder into an image store (`[data] name = "image_store"`)."""
+    from untrainable.data.pack import pack
+
+    out = out_folder(args.out)
+    assert out is not None  # --out is required
+    manifest = pack(args.image_folder, out, args.size, args.shard_size, args.processes, args.skip_bad, not args.quiet)
+    parts = manifest["parts"]
+    counts = ", ".join(f"{name} {part['count']}" for name, part in parts.items())
+    skipped = sum(len(part["skipped"]) for part in parts.values())
+    shards = [shard for part in parts.values() for shard in part["shards"]]
+    print(
+        f"image store {out}: {counts} images of {len(manifest['classes'])} classes at {manifest['size']} x "
+        f"{manifest['size']}, {len(shards)} shards, {sum(s['bytes'] for s in shards) / 1e9:.2f} GB, checksums verified"
+        + (f"; {skipped} unreadable image(s) skipped (listed in store.json)" if skipped else "")
     )
-    p.add_argument("--cluster", metavar="FILE", help="SLURM settings: a TOML file with a [slurm] table")
-    p.add_argument("--detach", action="store_true", help="SLURM: submit and return; the same command later collects")
-    for name, kind, text in (
-        ("partition", str, "SLURM partition"),
-        ("account", str, "SLURM account"),
-        ("qos", str, "SLURM quality of service"),
-        ("time", str, "time limit per job, minutes or HH:MM:SS"),
-        ("gpus_per_run", int, "GPUs per run (one task each)"),
-        ("cpus_per_run", int, "CPUs per task"),
-        ("array_parallelism", int, "array tasks running at once"),
-        ("max_requeues", int, "requeues after a time limit"),
-    ):
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (over --cluster)")
+    return 0
 
 
-def _add_tune(sub: Any) -> None:
-    """The `tune` subcommand's arguments."""
+def _add_pack(sub: Any) -> None:
+    """The `pack` subcommand's arguments."""
     p = sub.add_parser(
-        "tune",
-        help="tune a config with Optuna on validation; --compare: a baseline and its guided twin, the same budget",
-        description="Tune the config fields named in a space file (dotted --set paths) with Optuna, on the validation "
-        "split. With --compare GUIDED.toml, tune the baseline (--config, default: GUIDED without its guide) over "
-        "--space and the guided config over --space plus --guided-space, the same budget each, then train each "
-        "best config on seeds the tuning did not use and print the table with a verdict.",
+        "pack",
+        help="pack an image folder into a store of decoded images (data name image_store)",
+        description="Decode every image of a class-per-folder tree once, resize its shorter side to --size and "
+        "centre-crop it to a square, and write the uint8 pixels in memory-mapped shards with labels, classes and a "
+        "checksum per shard. Run again after a kill: the shards written are kept.",
     )
-    p.add_argument("--config", help="the config to tune (with --compare: the baseline; default GUIDED without guide)")
-    p.add_argument("--compare", metavar="GUIDED", help="the guided config: compare it with its baseline, tuned alike")
-    p.add_argument("--space", help='space file: the fields tuned, as [space] "optim.lr" = { low, high, log } ...')
-    p.add_argument("--guided-space", help="with --compare: the guided arm's extra fields (guidance.alpha, ...)")
-    p.add_argument("--trials", type=int, help="finished trials per study (complete or pruned)")
-    p.add_argument("--out", help="study folder; the same command continues the study in it")
-    p.add_argument(
-        "--objective",
-        default="best",
-        choices=("best", "last"),
-        help="validation metric at the best validation epoch (early stopping) or at the last epoch (default: best)",
-    )
-    p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="seeds each trial trains (default: 0 1)")
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=5,
-        help="with --compare: seeds of the final runs, none of the tuning seeds (default: 5)",
-    )
-    p.add_argument(
-        "--pruner",
-        default="median",
-        choices=("median", "halving", "none"),
-        help="stops hopeless trials on the validation curve (default: median)",
-    )
-    p.add_argument("--prune-after", type=int, help="epochs of each seed never pruned (default: a quarter)")
-    p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (worker k uses seed + k)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="trials run at once: local processes, or SLURM jobs with --executor slurm (default: 1)",
-    )
-    p.add_argument("--storage", help="an RDB URL for the study (default: a journal file in the study folder)")
-    p.add_argument(
-        "--study-name",
-        help="the study's name in the storage (default: the folder's name; with --compare, NAME-alone and NAME-guided)",
-    )
-    p.add_argument("--worker", metavar="STUDY_DIR", help="only pull trials of the study in this folder (a job)")
-    p.add_argument("--worker-index", type=int, default=0, help="with --worker: this worker's number (sampler seed)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of both configs (repeatable)")
-    add_cluster_flags(p)
-    p.set_defaults(func=cmd_tune)
+    p.add_argument("image_folder", help="the tree of images, laid out as for the image_folder data set")
+    p.add_argument("--out", required=True, help="the store's folder (new, empty, or an unfinished pack to resume)")
+    p.add_argument("--size", type=int, required=True, help="side of the stored squares, >= the image_size trained")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
+    p.add_argument("--processes", type=int, help="decoding processes (default: every core)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in store.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="untrainable",
-        description="Train untrainable networks by guiding their layers toward a frozen guide network (CKA).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("run", help="run an experiment (several arms x seeds) and print its table")
-    p.add_argument("experiment", help="experiment name (see `untrainable list`)")
-    p.add_argument("--quick", action="store_true", help="a small version that finishes in minutes on a CPU")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
-    p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
-    add_cluster_flags(p)
-    p.set_defaults(func=cmd_run)
-
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train one run from a TOML or JSON config file")
     p.add_argument(
         "--config",
@@ -459,7 +282,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    _add_tune(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="untrainable",
+        description="Train untrainable networks by guiding their layers toward a frozen guide network (CKA).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (or set UNTRAINABLE_DEBUG=1)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list experiments, models, data sets and similarity measures")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run an experiment (several arms x seeds) and print its table")
+    p.add_argument("experiment", help="experiment name (see `untrainable list`)")
+    p.add_argument("--quick", action="store_true", help="a small version that finishes in minutes on a CPU")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's, 3 or more)")
+    p.add_argument("--out", help="output folder (default: runs/EXPERIMENT); finished runs in it are reused")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="where the runs log, e.g. --set 'logging.loggers=[\"mlflow\"]' (logging.* keys only; repeatable)",
+    )
+    add_cluster_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    _add_train(sub)
+
+    cli_tune.add_parser(sub)
 
     p = sub.add_parser("layers", help="show guide/target layer pairs, shapes and similarity at initialisation")
     p.add_argument("target", help="target model name")
@@ -485,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--measures", action="store_true", help="only the guided step per similarity measure at the rescue's shapes"
     )
     p.set_defaults(func=cmd_bench)
+
+    _add_pack(sub)
     return parser
 
 
@@ -512,15 +370,21 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(message).split()) or type(err).__name__
 
 
+def _debug_hint(line: str) -> str:
+    """The line with the hint that --debug shows the traceback, unless it gives one already."""
+    return line if "--debug" in line else f"{line} (--debug shows the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
-    from untrainable.errors import CallableError
+    from untrainable.errors import CallableError, StudyError
     from untrainable.guidance import NonFiniteError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted before or after the subcommand
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.argv = [a for a in argv if a != "--debug"]  # as typed: a stopped command names itself to continue
     debug = debug or os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0")
     try:
         with contextlib.ExitStack() as stack:
@@ -544,17 +408,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             frames = inner.__traceback__.tb_next if inner.__traceback__ is not None else None
             traceback.print_exception(type(inner), inner, frames, file=sys.stderr)
         return 2
-    except (ConfigError, CheckpointError, NonFiniteError, ValueError, TypeError, KeyError, OSError) as err:
+    except (ConfigError, CheckpointError, NonFiniteError, StudyError, ValueError, TypeError, KeyError, OSError) as err:
         if debug:
             raise
         if _is_main_process():
-            print(f"untrainable {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+            print(f"untrainable {args.command}: error: {_debug_hint(_one_line(err))}", file=sys.stderr)
         elif _may_be_this_ranks_own(err):
             rank = os.environ.get("RANK")
-            print(
-                f"untrainable {args.command} (rank {rank}): error: {_one_line(err)} (--debug shows the traceback)",
-                file=sys.stderr,
-            )
+            print(f"untrainable {args.command} (rank {rank}): error: {_debug_hint(_one_line(err))}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         from untrainable.distributed import is_timeout

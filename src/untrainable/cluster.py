@@ -59,6 +59,9 @@ class SlurmSettings:
     max_requeues: int = 3  # requeues after a time limit (preemptions are not counted)
     signal_delay_s: int = 120  # USR2 this long before the time limit: time to finish a step and write a checkpoint
     poll_s: float = 10.0  # how often the runner asks squeue while it waits
+    # A job pending this long for a reason that does not pass by itself (PartitionConfig, ReqNodeNotAvail, ...)
+    # stops the runner with an error naming it; 0 keeps waiting.
+    stuck_after_s: int = 120
     setup: list[str] = field(default_factory=list)  # shell lines run before each job (module load, conda activate)
     sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. { exclusive = true }
 
@@ -68,7 +71,7 @@ class SlurmSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"slurm.{name}: expected an integer >= 1, got {value!r}")
-        for name in ("gpus_per_run", "max_requeues", "signal_delay_s"):
+        for name in ("gpus_per_run", "max_requeues", "signal_delay_s", "stuck_after_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"slurm.{name}: expected an integer >= 0, got {value!r}")
@@ -88,6 +91,19 @@ class SlurmSettings:
             value = getattr(self, name)
             if value is not None and not str(value).strip():
                 raise ConfigError(f"slurm.{name}: empty; leave it out for the cluster's default")
+
+    def request(self) -> str:
+        """What each job asks for, in sbatch's words: `1 node(s) x 2 task(s) x 1 CPU(s), 60 min, partition debug`."""
+        parts = [f"{self.nodes} node(s) x {self.tasks} task(s) x {self.cpus_per_run} CPU(s)"]
+        if self.gpus_per_run:
+            parts[0] += f", {self.gpus_per_run} GPU(s)"
+        parts.append(f"{self.time} min")
+        parts += [
+            f"{name} {getattr(self, name)}"
+            for name in ("partition", "account", "qos", "mem", "constraint")
+            if getattr(self, name) is not None
+        ]
+        return ", ".join(parts)
 
     @property
     def tasks(self) -> int:
@@ -118,7 +134,17 @@ class SlurmSettings:
         return params
 
 
-FLAGS = ("partition", "account", "qos", "time", "gpus_per_run", "cpus_per_run", "array_parallelism", "max_requeues")
+FLAGS = (
+    "partition",
+    "account",
+    "qos",
+    "time",
+    "gpus_per_run",
+    "cpus_per_run",
+    "array_parallelism",
+    "max_requeues",
+    "stuck_after_s",
+)
 
 
 def load_cluster(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SlurmSettings:
@@ -129,8 +155,9 @@ def load_cluster(path: str | Path | None, overrides: dict[str, Any] | None = Non
         path = Path(path)
         where = f"cluster file {path}"
         if not path.is_file():
+            state = "is a folder, not a file" if path.is_dir() else "does not exist"
             raise ConfigError(
-                f"{where} does not exist; give a TOML file with a [slurm] table (see configs/cluster_example.toml)"
+                f"{where} {state}; give a TOML file with a [slurm] table (see configs/cluster_example.toml)"
             )
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -139,6 +166,11 @@ def load_cluster(path: str | Path | None, overrides: dict[str, Any] | None = Non
         unknown = sorted(set(document) - {"slurm"})
         if unknown or "slurm" not in document:
             raise ConfigError(f"{where}: expected one [slurm] table, found {sorted(document) or 'nothing'}")
+        if not isinstance(document["slurm"], dict):
+            raise ConfigError(
+                f"{where}: slurm is {type(document['slurm']).__name__} {document['slurm']!r}, not a table; "
+                'write the settings under a [slurm] header (partition = "gpu", time = "4:00:00", ...)'
+            )
         data = dict(document["slurm"])
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
@@ -151,7 +183,7 @@ def load_cluster(path: str | Path | None, overrides: dict[str, Any] | None = Non
 
 def require_slurm() -> None:
     """Refuse, in one line saying what to install, where SLURM's commands or submitit are missing."""
-    missing = [name for name in ("sbatch", "squeue", "scontrol") if shutil.which(name) is None]
+    missing = [name for name in ("sbatch", "squeue", "scontrol", "srun") if shutil.which(name) is None]
     if missing:
         raise ConfigError(
             f"--executor slurm: {', '.join(missing)} not found on PATH; run this on a SLURM login node, "

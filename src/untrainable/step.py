@@ -151,7 +151,8 @@ class StepParts:
     `model` is what runs forward (the target, maybe DDP-wrapped); `target` is
     the bare module whose parameters the optimiser updates. `guidance`,
     `distillation` and `guide_cache` are optional loss terms and their cache;
-    `train_transform` augments a batch of inputs before the forward.
+    `prepare` turns a batch of inputs into the model's (e.g. uint8 pixels into
+    normalised floats), then `train_transform` augments it, before the forward.
     """
 
     model: nn.Module
@@ -165,6 +166,7 @@ class StepParts:
     distillation: Distillation | None = None
     guide_cache: GuideCache | None = None
     train_transform: Callable[[Tensor], Tensor] | None = None
+    prepare: Callable[[Tensor], Tensor] | None = None
     precision: str = "fp32"
     grad_clip: float | None = None
     pad_id: int | None = None
@@ -173,7 +175,7 @@ class StepParts:
 def _losses(parts: StepParts, batch: tuple[Tensor, ...], step: int) -> tuple[dict[str, Tensor], GuidanceOutput | None]:
     """Forward under autocast: the loss terms, checked finite, and the guided forward's output."""
     x, y = batch[0].to(parts.device, non_blocking=True), batch[1].to(parts.device, non_blocking=True)
-    raw_x = x
+    raw_x = x = parts.prepare(x) if parts.prepare is not None else x
     if parts.train_transform is not None:
         x = parts.train_transform(x)
     zero = torch.zeros((), device=parts.device)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
@@ -71,8 +71,9 @@ def evaluate(
     device: torch.device,
     keep_predictions: bool = False,
     dist_info: distributed.DistInfo | None = None,
+    prepare: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Task metrics of `model` on `dataset` in eval mode; optionally the argmax predictions.
+    """Task metrics of `model` on `dataset` (inputs through `prepare`) in eval mode; optionally the argmax predictions.
 
     With `dist_info` of several processes, each rank evaluates every
     world_size-th example and the sums are added over ranks, so every rank
@@ -93,6 +94,7 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=config.data.eval_batch_size, shuffle=False, generator=torch.Generator())
     for batch in loader:
         x, y = batch[0].to(device), batch[1].to(device)
+        x = prepare(x) if prepare is not None else x
         with autocast(device, config.train.precision):
             output = model(x)
         add_sums(sums, task.sums(output, y))
@@ -247,6 +249,7 @@ def _build_parts(
         distillation=distillation,
         guide_cache=guide_cache,
         train_transform=data.train_transform,
+        prepare=data.prepare,
         precision=config.train.precision,
         grad_clip=config.optim.grad_clip,
         pad_id=data.meta.get("pad_id"),
@@ -372,10 +375,13 @@ def _end_epoch(run: _Run, logger: MetricsLog) -> dict[str, Any]:
     rng_eval = torch.Generator().manual_seed(config.train.seed)
     train_eval_idx = torch.randperm(len(run.data.train), generator=rng_eval)[: config.data.train_eval_size].tolist()
     train_eval = Subset(run.data.train, train_eval_idx)
+    prepare = run.data.prepare
     train_metrics = (
-        evaluate(parts.target, train_eval, config, parts.device, dist_info=parts.dist_info) if len(train_eval) else {}
+        evaluate(parts.target, train_eval, config, parts.device, dist_info=parts.dist_info, prepare=prepare)
+        if len(train_eval)
+        else {}
     )
-    val_metrics = evaluate(parts.target, run.data.val, config, parts.device, dist_info=parts.dist_info)
+    val_metrics = evaluate(parts.target, run.data.val, config, parts.device, dist_info=parts.dist_info, prepare=prepare)
     entry = {"epoch": run.epoch + 1, "step": run.step, "seconds": run.seconds()}
     entry.update({f"train_{k}": v for k, v in train_metrics.items()})
     entry.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -443,7 +449,7 @@ def train(
     """Train `config.model` on `config.data`, guided when the config names a `[guide]` or `[[guides]]`.
 
     Writes into `folder`: config.json, meta.json, metrics.jsonl (a record per
-    step), tensorboard/ events, checkpoints/ (atomic, the last
+    step), what `config.logging`'s trackers write (tensorboard/ by default), checkpoints/ (atomic, the last
     `train.keep_checkpoints`), history.json (per epoch), model.pt and
     model.safetensors (final weights, usable as a guide checkpoint) and result.json.
 
@@ -490,7 +496,7 @@ def _train_locked(
     run, checked = _set_up(config, folder, resume, data, accept_config)
     if run.is_main:
         write_run_files(folder, config, run.resumed_from, record | checked)
-    logger = MetricsLog(folder, run.is_main, run.step if run.resumed_from else None)
+    logger = MetricsLog(folder, run.is_main, run.step if run.resumed_from else None, config)
     if run.resumed_from:
         logger.log({"kind": "resume", "step": run.step, "checkpoint": run.resumed_from}, prefix="resume")
     # Lines for a log file where no progress bar shows (tqdm draws on stderr only when it is a terminal).
@@ -529,7 +535,8 @@ def _evaluate_best(run: _Run) -> dict[str, Any]:
     """Early stopping: the test metrics with the best validation epoch's weights, saved as model_best.pt."""
     config, parts, best = run.config, run.parts, run.best
     parts.target.load_state_dict(best["model"])
-    test = evaluate(parts.target, run.data.test, config, parts.device, dist_info=parts.dist_info)
+    prepare = run.data.prepare
+    test = evaluate(parts.target, run.data.test, config, parts.device, dist_info=parts.dist_info, prepare=prepare)
     if run.is_main:
         _save_model(best["model"], config, run.folder / "model_best.pt")
     val = best.get("val")
@@ -563,12 +570,12 @@ def _finish(run: _Run, logger: MetricsLog, seconds: float) -> RunResult:
     distributed.broadcast_buffers(parts.target, parts.dist_info)
     classification = config.train.task == "classification"
     test = evaluate(
-        parts.target, data.test, config, parts.device, keep_predictions=classification, dist_info=parts.dist_info
+        parts.target, data.test, config, parts.device, classification, dist_info=parts.dist_info, prepare=data.prepare
     )
     predictions = test.pop("predictions", None)
     final: dict[str, Any] = {"steps": run.step, "seconds": seconds, "test": test}
     final["extra_test"] = {
-        name: evaluate(parts.target, ds, config, parts.device, dist_info=parts.dist_info)
+        name: evaluate(parts.target, ds, config, parts.device, dist_info=parts.dist_info, prepare=data.prepare)
         for name, ds in data.extra_test.items()
     }
     if run.history:
@@ -586,7 +593,7 @@ def _finish(run: _Run, logger: MetricsLog, seconds: float) -> RunResult:
         final["best"] = _evaluate_best(run)
     if run.is_main:
         write_atomic(run.folder / "result.json", json.dumps(final, indent=2) + "\n")
-    logger.close()
+    logger.close(final)  # the trackers get result.json's numbers
     if parts.guidance is not None:
         parts.guidance.remove_hooks()
     distributed.barrier(parts.dist_info)

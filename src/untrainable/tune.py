@@ -32,6 +32,7 @@ import statistics
 import time
 import uuid
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,17 +40,33 @@ from typing import Any, Callable, Iterator
 from untrainable.config import ConfigError, RunConfig, from_dict
 from untrainable.data import DataSplits
 from untrainable.runs import fcntl
-from untrainable.space import Space, space_from_dict
+from untrainable.space import Space, enqueued_points, space_from_dict
+from untrainable.trackers import log_trial, study_logging
+from untrainable.tune_checks import (
+    check_journal,
+    check_out,
+    check_same_storage,
+    check_spec,
+    check_storage,
+    recorded_name,
+    storage_label,
+)
 
 STUDY_FILE = "study.json"
 JOURNAL = "journal.log"
 OBJECTIVES = ("best", "last")
 PRUNERS = ("median", "halving", "none")
+SAMPLERS = ("tpe", "random", "qmc", "gp")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How a study tunes: the budget, the objective, the seeds, the sampler and the pruner."""
+    """How a study tunes: the budget, the objective, the seeds, the sampler and the pruner.
+
+    `sampler`: Optuna's TPE (multivariate, grouped by conditional branch, with a
+    constant liar for parallel workers), random, quasi-random (Sobol) or
+    Gaussian-process sampler.
+    """
 
     trials: int
     objective: str = "best"
@@ -58,12 +75,15 @@ class Settings:
     sampler_seed: int = 0
     prune_after: int | None = None  # epochs of each seed never pruned; default a quarter of the epochs
     max_retries: int = 2  # a failed trial is run again at most this many times
+    sampler: str = "tpe"
 
     def validate(self) -> "Settings":
         if self.trials < 1:
             raise ConfigError(f"--trials: expected a number >= 1, got {self.trials}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner: {self.pruner!r} is not one of {', '.join(PRUNERS)}")
         if not self.tune_seeds or len(set(self.tune_seeds)) != len(self.tune_seeds):
@@ -73,8 +93,8 @@ class Settings:
         return self
 
     def startup_trials(self) -> int:
-        """Trials the sampler draws at random before TPE models the rest: half the budget, 2 to 10."""
-        return max(2, min(10, self.trials // 2))
+        """Trials drawn at random (enqueued ones count) before TPE or GP models the rest: a third, at least 5."""
+        return max(5, self.trials // 3)
 
 
 def metric_of(config: RunConfig) -> tuple[str, str]:
@@ -91,15 +111,32 @@ def trial_config(config: RunConfig, space: Space, values: dict[str, Any]) -> Run
 
 
 def prepare(
-    study_dir: Path, config: RunConfig, space: Space, settings: Settings, study_name: str | None = None
+    study_dir: Path,
+    config: RunConfig,
+    space: Space,
+    settings: Settings,
+    study_name: str | None = None,
+    storage_url: str | None = None,
+    arm: str | None = None,
+    points: tuple[tuple[str, dict[str, Any]], ...] = (),
 ) -> dict[str, Any]:
     """Write (or check) `study.json`: a study folder is continued only with the same config, space and settings.
 
-    The number of trials may grow (the study continues up to it). The study's
-    name in the storage is recorded (default: the folder's name), so a worker
-    given only the folder finds it.
+    The number of trials may grow (the study continues up to it), never
+    shrink. The study's name in the storage (default: the name the folder
+    records, else the folder's name, so a copied folder continues its own
+    study) and its storage are recorded, so a worker given only the folder
+    finds it, and a run with another storage is refused. The trials enqueued
+    first (`enqueued`): the config's own values, then `points` ((source,
+    {dotted path: value})) that lie in the space; `arm` names the arm's seed
+    stream (default: the config's name).
     """
+    path = Path(study_dir) / STUDY_FILE
+    check_out(study_dir, (STUDY_FILE,))
+    check_journal(Path(study_dir) / JOURNAL)
+    check_storage(storage_url)
     space.check(config)
+    study_name = study_name or recorded_name(path)
     metric, direction = metric_of(config)
     spec = {
         "config": config.to_dict(),
@@ -109,15 +146,29 @@ def prepare(
         "metric": metric,
         "direction": direction,
         "study_name": study_name or default_study_name(study_dir),
+        "storage": storage_label(storage_url),
+        "arm": arm or config.name,
+        "enqueued": enqueued_points(config, space, points, arm or config.name),
     }
-    path = study_dir / STUDY_FILE
     if path.exists():
-        saved = read_json(path)
+        saved = check_spec(path, read_json(path))
+        check_same_storage(path, saved, storage_url)
+        if saved["settings"].get("trials", 0) > settings.trials:
+            raise ConfigError(
+                f"--trials {settings.trials}: {path} records a budget of {saved['settings']['trials']} trials; "
+                f"give --trials {saved['settings']['trials']} or more (a study's budget may grow, not shrink)"
+            )
         keep = {k: saved[k] for k in spec if k in saved and k not in ("settings", "space_source")}  # older: fewer keys
         mine = {k: json.loads(json.dumps(spec[k])) for k in keep}
-        old = {k: v for k, v in (saved.get("settings") or {}).items() if k != "trials"}
+        defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+        old = {k: v for k, v in (defaults | (saved.get("settings") or {})).items() if k != "trials"}
         new = {k: v for k, v in json.loads(json.dumps(spec["settings"])).items() if k != "trials"}
         changed = [k for k in keep if keep[k] != mine[k]] + [f"settings.{k}" for k in new if old.get(k) != new[k]]
+        if changed == ["study_name"]:
+            raise ConfigError(
+                f"--study-name {spec['study_name']}: {path} records the study {saved['study_name']!r}; "
+                f"give --study-name {saved['study_name']} or leave it out, or another --out for a new study"
+            )
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study of another {' and '.join(changed)}; choose another --out, "
@@ -149,39 +200,87 @@ def read_study(study_dir: Path) -> tuple[RunConfig, Space, Settings, dict[str, A
     path = Path(study_dir) / STUDY_FILE
     if not path.exists():
         raise FileNotFoundError(f"{study_dir} holds no study ({STUDY_FILE} is missing); start it with untrainable tune")
-    spec = read_json(path)
-    settings = dict(spec["settings"], tune_seeds=tuple(spec["settings"]["tune_seeds"]))
-    return (
-        from_dict(RunConfig, spec["config"]),
-        space_from_dict(spec["space"], spec.get("space_source", str(path))),
-        Settings(**settings).validate(),
-        spec,
-    )
+    spec = check_spec(path, read_json(path))
+    try:
+        settings = dict(spec["settings"], tune_seeds=tuple(spec["settings"]["tune_seeds"]))
+        return (
+            from_dict(RunConfig, spec["config"]),
+            space_from_dict(spec["space"], spec.get("space_source", str(path))),
+            Settings(**settings).validate(),
+            spec,
+        )
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not a study file ({err}); restore it from a copy, or start the study again in another --out"
+        ) from None
 
 
-def open_study(study_dir: Path, storage_url: str | None, study_name: str, worker: int = 0) -> Any:
+def open_study(study_dir: Path, storage_url: str | None, study_name: str, seed: int | None = None) -> Any:
     """The study in `storage_url` (an RDB) or in the folder's journal file, created on first use.
 
-    Each worker's sampler is seeded differently (`sampler_seed + worker`) and
-    TPE lies about running trials (constant liar), so parallel workers do
-    not draw the same values.
+    Its sampler draws from `seed` (a process that asks for trials claims its
+    own first: `claim_seed`); TPE lies about running trials (constant liar),
+    so parallel workers do not draw the same values.
     """
     import optuna
 
     _, _, settings, spec = read_study(study_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(
-        seed=settings.sampler_seed + worker, constant_liar=True, n_startup_trials=settings.startup_trials()
-    )
     return optuna.create_study(
         storage=_storage(study_dir, storage_url),
         study_name=study_name,
         direction=spec["direction"],
-        sampler=sampler,
+        sampler=make_sampler(settings, seed),
         pruner=_pruner(settings),
         load_if_exists=True,
     )
+
+
+def make_sampler(settings: Settings, seed: int | None) -> Any:
+    """The study's sampler drawing from `seed`."""
+    import optuna
+
+    startup = settings.startup_trials()
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if settings.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    if settings.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+    )
+
+
+def seed_stream(sampler_seed: int, arm: str, process: int) -> int:
+    """The sampler seed of a study's `process`-th asking process in `arm`: apart from every other (arm, process)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([sampler_seed, zlib.crc32(arm.encode()), process]).generate_state(1)[0])
+
+
+def claim_seed(study: Any, settings: Settings, arm: str, worker: str) -> int:
+    """Give this process the study's next process number and its seed stream, recorded in the study.
+
+    Call it under the folder's ask lock. Each process (a local worker, a
+    resumed run, a SLURM job) draws from its own stream, so none repeats
+    another's draws; the study's `process-K` attribute names its worker and seed.
+    """
+    process = int(study.user_attrs.get("processes", 0))
+    seed = seed_stream(settings.sampler_seed, arm, process)
+    study.set_user_attr("processes", process + 1)
+    study.set_user_attr(f"process-{process}", {"worker": worker, "seed": seed})
+    return seed
+
+
+def enqueue(study: Any, spec: dict[str, Any]) -> None:
+    """Enqueue the study's first trials (`study.json`'s `enqueued`) once, before any other is asked for."""
+    if study.user_attrs.get("enqueued") is not None:
+        return
+    for point in spec.get("enqueued", []):
+        study.enqueue_trial(point["params"], user_attrs={"enqueued": point["source"]})
+    study.set_user_attr("enqueued", len(spec.get("enqueued", [])))
 
 
 def _storage(study_dir: Path, storage_url: str | None) -> Any:
@@ -190,6 +289,7 @@ def _storage(study_dir: Path, storage_url: str | None) -> Any:
 
     if storage_url:
         return storage_url
+    check_journal(Path(study_dir) / JOURNAL)
     return JournalStorage(JournalFileBackend(str(Path(study_dir) / JOURNAL)))
 
 
@@ -274,6 +374,10 @@ def _note(study_dir: Path, folder: str | None, changes: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = read_json(path) if path.exists() else {}
     write_json(path, {**data, **changes})
+    if changes.get("state") in ("complete", "pruned"):  # a finished trial: a tracker run of its own
+        config, _, _, spec = read_study(study_dir)
+        tracking = study_logging(config.logging, study_dir, spec["study_name"])
+        log_trial(study_dir, tracking, {**data, **changes, "folder": folder})
 
 
 def counts(study: Any) -> dict[str, int]:
@@ -305,12 +409,19 @@ def work(
     """
     study_dir = Path(study_dir)
     config, space, settings, spec = read_study(study_dir)
+    check_same_storage(study_dir / STUDY_FILE, spec, storage_url)
+    check_storage(storage_url)
     name = study_name or spec["study_name"]
     log = log or (lambda line: print(f"[{name}] {line}", flush=True))
-    study = open_study(study_dir, storage_url, name, worker)
+    study = open_study(study_dir, storage_url, name)
+    config = config.replace(logging=study_logging(config.logging, study_dir, name))  # trial runs: one study
     me = _job_prefix() + f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ran = 0
     with _file_lock(study_dir / "workers" / f"{me}.lock"):
+        with _file_lock(study_dir / ".ask.lock"):
+            enqueue(study, spec)
+            seed = claim_seed(study, settings, spec.get("arm", name), f"{me} (index {worker})")
+            study.sampler = make_sampler(settings, seed)
         while True:
             with _file_lock(study_dir / ".ask.lock"):
                 _sweep(study, study_dir, settings.max_retries, log)
@@ -382,12 +493,14 @@ def run_trial(
         study_dir,
         folder,
         {"number": trial.number, "params": values, "state": "running", "worker": trial.user_attrs["worker"]}
-        | ({"retry_of": retries} if retries else {}),
+        | ({"retry_of": retries} if retries else {})
+        | ({"enqueued": trial.user_attrs["enqueued"]} if "enqueued" in trial.user_attrs else {}),
     )
     epochs = config.train.epochs
     prune_after = settings.prune_after if settings.prune_after is not None else max(1, epochs // 4)
     arm = Arm(folder, trial_config(config, space, values))
     per_seed: list[float] = []
+    enqueued = "enqueued" in trial.user_attrs  # runs to its end: the search cannot lose to it by pruning it
     started = time.time()
     try:
         for k, seed in enumerate(settings.tune_seeds):
@@ -397,19 +510,24 @@ def run_trial(
 
             def on_epoch(entry: dict[str, Any], k: int = k, seed: int = seed) -> None:
                 trial.report(entry[f"val_{metric}"], k * epochs + entry["epoch"])
-                if entry["epoch"] > prune_after and trial.should_prune():
+                if entry["epoch"] > prune_after and not enqueued and trial.should_prune():
                     raise _Pruned(f"seed {seed}, epoch {entry['epoch']}")
 
             result = run_arm(arm, seed, study_dir / "trials", _quiet(log), _DATA, progress=True, on_epoch=on_epoch)
             per_seed.append(objective_value(result.final, metric, settings.objective))
     except _Pruned as where:
         study.tell(trial, state=TrialState.PRUNED)
-        _note(study_dir, folder, {"state": "pruned", "pruned_at": str(where), "seconds": time.time() - started})
+        _note(
+            study_dir,
+            folder,
+            {"state": "pruned", "pruned_at": str(where), "value_at_prune": _partial(study_dir, folder, metric, settings)}
+            | _cost(study_dir, folder, started),
+        )
         _line(study, trial.number, "pruned at " + str(where), values, log)
         return
     except NonFiniteError as err:  # diverged: a result the sampler learns from, not a failure to retry
         study.tell(trial, state=TrialState.PRUNED)
-        _note(study_dir, folder, {"state": "pruned", "pruned_at": f"diverged: {err}", "seconds": time.time() - started})
+        _note(study_dir, folder, {"state": "pruned", "pruned_at": f"diverged: {err}"} | _cost(study_dir, folder, started))
         _line(study, trial.number, "pruned (diverged)", values, log)
         return
     except BaseException as err:
@@ -424,9 +542,27 @@ def run_trial(
         study_dir,
         folder,
         {"state": "complete", "value": value, "per_seed": dict(zip(map(str, settings.tune_seeds), per_seed))}
-        | {"seconds": time.time() - started},
+        | _cost(study_dir, folder, started),
     )
     _line(study, trial.number, f"{value:.4f}", values, log)
+
+
+def _partial(study_dir: Path, folder: str, metric: str, settings: Settings) -> float | None:
+    """A pruned trial's objective over the epochs it trained: the mean over its seeds' runs so far."""
+    per_seed = []
+    for seed in settings.tune_seeds:
+        history = _history(study_dir / "trials" / folder / f"seed{seed}")
+        curve = [entry[f"val_{metric}"] for entry in history]
+        if curve:
+            best = max(curve) if metric == "accuracy" else min(curve)
+            per_seed.append(best if settings.objective == "best" else curve[-1])
+    return statistics.fmean(per_seed) if per_seed else None
+
+
+def _cost(study_dir: Path, folder: str, started: float) -> dict[str, Any]:
+    """A trial's cost: seconds this run of it took and the epochs its seeds trained (a retry's earlier ones too)."""
+    epochs = sum(len(_history(run)) for run in (study_dir / "trials" / folder).glob("seed*"))
+    return {"seconds": time.time() - started, "epochs": epochs}
 
 
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:

@@ -235,25 +235,39 @@ def load_image(path: str | os.PathLike, image_size: int, mode: str = "RGB", draf
     from a full decode's where a scale applies.
     """
     try:
-        with open_image(path) as image:
-            # Other formats ignore the draft; a JPEG's reduced image may cover a fraction of a pixel more.
-            drafted = image.draft(image.mode, (image_size, image_size)) if draft else None
-            extent = drafted[1] if drafted else None
-            array = _resized_crop(eight_bit(image).convert(mode), image_size, extent)
+        array = decoded(path, image_size, mode, draft).astype(np.float32) / 255.0
     except DECODE_ERRORS as err:
         raise ValueError(
             f"{path}: cannot read this image ({_reason(err)}); fix or remove it, or set data.args.verify = "
             '"decode" to find such files at set-up (data.args.skip_bad = true then skips them)'
         ) from err
-    if array.ndim == 2:  # single-channel modes come back as (S, S)
-        array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def decoded(path: str | os.PathLike, image_size: int, mode: str = "RGB", draft: bool = False) -> np.ndarray:
+    """The pixels `load_image` gives, as uint8 (S, S, C): shorter side resized to S, centre-cropped.
+
+    Raises what Pillow raises on a damaged file (one of DECODE_ERRORS).
+    """
+    with open_image(path) as image:
+        # Other formats ignore the draft; a JPEG's reduced image may cover a fraction of a pixel more.
+        drafted = image.draft(image.mode, (image_size, image_size)) if draft else None
+        extent = drafted[1] if drafted else None
+        array = np.asarray(_resized_crop_image(eight_bit(image).convert(mode), image_size, extent))
+    return array[:, :, None] if array.ndim == 2 else array  # single-channel modes come back as (S, S)
 
 
 def _resized_crop(
     image: Image.Image, image_size: int, extent: tuple[float, float, float, float] | None = None
 ) -> np.ndarray:
-    """Pixels as float (S, S) or (S, S, C) in [0, 1]: shorter side resized to S, centre-cropped.
+    """Pixels as float (S, S) or (S, S, C) in [0, 1]: shorter side resized to S, centre-cropped."""
+    return np.asarray(_resized_crop_image(image, image_size, extent), dtype=np.float32) / 255.0
+
+
+def _resized_crop_image(
+    image: Image.Image, image_size: int, extent: tuple[float, float, float, float] | None = None
+) -> Image.Image:
+    """The image's shorter side resized to S, centre-cropped to S x S.
 
     `extent` (left, top, right, bottom), by default the whole image, is the region resized.
     """
@@ -263,8 +277,7 @@ def _resized_crop(
     new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, box=extent)
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image, dtype=np.float32) / 255.0
+    return image.crop((left, top, left + image_size, top + image_size))
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
