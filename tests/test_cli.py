@@ -25,9 +25,10 @@ def test_layers_prints_pairs_with_shapes_and_similarity(capsys):
     assert main(["layers", "fcn", "cnn1d", "--target-args", '{"depth": 6, "width": 32}', "--batch", "64"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:2] == ["target", "layer"]
-    assert len(lines) == 1 + 3  # one row per guide layer
+    assert len(lines) == 1 + 3 + 2  # one row per guide layer, then a blank line and the measure's metadata
     assert "layers.0.linear" in lines[1] and "blocks.0.conv" in lines[1] and "(64, 32)" in lines[1]
     assert 0.0 <= float(lines[1].split()[-1]) <= 1.0
+    assert lines[-1].startswith("cka: range [0, 1]; invariant to translation, rotation, isotropic scale")
 
 
 def test_layers_wrong_name_lists_valid_ones(capsys):

@@ -152,7 +152,7 @@ def test_similarity_by_name_or_callable():
     assert get_similarity("cka") is linear_cka
     custom = lambda x, y: x.mean() * 0 + 1  # noqa: E731
     assert get_similarity(custom) is custom
-    with pytest.raises(KeyError, match="valid names: cka, cka_unbiased, rsa"):
+    with pytest.raises(KeyError, match="valid names: cca, cka, cka_rbf, cka_unbiased, procrustes, rsa, svcca"):
         get_similarity("ckaa")
 
 

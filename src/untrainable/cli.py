@@ -33,14 +33,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     from untrainable.data.registry import DATASETS
     from untrainable.experiment import EXPERIMENTS
     from untrainable.models.registry import MODELS
-    from untrainable.similarity import list_similarities
+    from untrainable.similarity import similarity_table
 
     for title, registry in (("experiments", EXPERIMENTS), ("models", MODELS), ("datasets", DATASETS)):
         print(f"{title}:")
         for name in registry.names():
             print(f"  {name:<22} {registry.describe(name)}")
-    print("similarities:\n  " + ", ".join(list_similarities()))
+    print("similarities:")
+    _print_rows(similarity_table(), indent="  ")
     return 0
+
+
+def _print_rows(rows: list[tuple[str, ...]], indent: str = "") -> None:
+    """Rows of cells as aligned columns."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(indent + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -122,6 +130,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from untrainable.config import ConfigError, DataSpec, ModelSpec
     from untrainable.data.registry import Prepared
     from untrainable.guidance import MIN_EXAMPLES, describe_pairs
+    from untrainable.similarity import SIMILARITY_INFO, list_similarities, similarity_table
+
+    if args.similarity not in SIMILARITY_INFO:
+        raise ConfigError(
+            f"--similarity {args.similarity}: not a registered measure; expected one of {', '.join(list_similarities())}"
+        )
 
     least = MIN_EXAMPLES.get(args.similarity, 2)
     if args.batch < least:
@@ -151,9 +165,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
         guide_layers=args.guide_layers,
         similarity=args.similarity,
     )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    _print_rows(rows)
+    info = SIMILARITY_INFO.get(args.similarity)
+    if info is not None:
+        print(
+            f"\n{args.similarity}: " + "; ".join(f"{h} {c}" for h, c in zip(similarity_table()[0][1:], info.row()[1:]))
+        )
     return 0
 
 
@@ -169,10 +186,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise OSError(f"--out {args.out}: cannot make the folder ({err.strerror}); give another --out") from None
         if not os.access(out, os.W_OK):
             raise PermissionError(f"--out {args.out}: the folder is not writable; give another --out")
+    if args.measures:
+        return _bench_measures(args, out)
     results = run_bench(quick=args.quick, device=args.device, threads=args.threads)
     print(f"\nMachine: {results['machine']}\n\n{format_results(results)}")
     if out is not None:
         print(f"\nWritten to {write_results(results, out)}/")
+    return 0
+
+
+def _bench_measures(args: argparse.Namespace, out: Path | None) -> int:
+    """`bench --measures`: the guided step per similarity measure at the rescue's shapes."""
+    import json
+
+    import torch
+
+    from untrainable.bench import bench_device, check_threads
+    from untrainable.bench.measures import format_measures, run_measures
+    from untrainable.checkpoint import write_atomic
+
+    check_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = run_measures(args.quick, bench_device(args.device))
+    table = format_measures(results)
+    print(f"\nMachine: {results['machine']}\n\n{table}")
+    if out is not None:
+        write_atomic(out / "measures.json", (json.dumps(results, indent=1) + "\n").encode())
+        write_atomic(out / "measures.md", f"Machine: {results['machine']}\n\n{table}\n".encode())
+        print(f"\nWritten to {out}/measures.md")
     return 0
 
 
@@ -295,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--out", help="folder for table.md and bench.json (e.g. results/bench)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--measures", action="store_true", help="only the guided step per similarity measure at the rescue's shapes"
+    )
     p.set_defaults(func=cmd_bench)
 
     _add_pack(sub)

@@ -182,7 +182,7 @@ class GuidanceSpec:
     alpha_max: float = 100.0
     """Adaptive alpha: its upper bound, at least `alpha`."""
     similarity: str = "cka"
-    """Similarity measure: `cka` (the paper's), `cka_unbiased` or `rsa`."""
+    """Similarity measure: `cka` (the paper's), `cka_unbiased`, `rsa`, `procrustes`, `cca`, `svcca` or `cka_rbf` (`untrainable list`)."""
     target_layers: list[str] | None = None
     """Target layers by path, glob or type; default: every Linear, Conv, RNN and attention output but the last."""
     guide_layers: list[str] | None = None

@@ -16,6 +16,7 @@ from untrainable.pairing import Pair, PairSpec, check_pairs, make_pair, spread_p
 from untrainable.schedule import AlphaSchedule
 from untrainable.sequence import SEQUENCE_MODES, sequence_similarity
 from untrainable.similarity import (
+    SIMILARITY_INFO,
     Similarity,
     centred_gram,
     get_similarity,
@@ -30,10 +31,9 @@ GUIDE_INPUTS = ("same", "noise")
 GUIDE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-# Fewest examples on which each measure says something: on 2 examples the
-# centred activations are rank 1, so biased CKA is identically 1; the unbiased
-# estimator (Song et al. 2012) divides by n - 3.
-MIN_EXAMPLES = {"cka": 3, "rsa": 3, "cka_unbiased": 4}
+# Fewest examples on which each measure says something (`MeasureInfo.min_n`): on 2
+# examples the centred activations are rank 1, so biased CKA is identically 1.
+MIN_EXAMPLES = {name: info.min_n for name, info in SIMILARITY_INFO.items()}
 
 
 class NonFiniteError(FloatingPointError):
@@ -224,8 +224,8 @@ class Guidance(nn.Module):
         guide_layers: one guide's layers, as `Guide.guide_layers`.
         schedule: one guide's schedule, as `Guide.schedule`.
         guide_input: one guide's input, as `Guide.guide_input`.
-        similarity: `cka` (biased linear CKA, the paper's), `cka_unbiased`,
-            `rsa`, or any callable (n, d1), (n, d2) -> scalar; for every guide.
+        similarity: `cka` (biased linear CKA, the paper's), any other name of
+            `untrainable list`, or a callable (n, d1), (n, d2) -> scalar; for every guide.
         sequence_mode: how (batch, time, features) activations are compared
             (`flatten`, `tokenwise`, `tokens`); see `sequence.sequence_similarity`.
         gather: applied to every activation (and mask) before the similarity;

@@ -4,86 +4,34 @@ Every measure takes `x` of shape (n, d1) and `y` of shape (n, d2), the same n
 examples seen by two networks, and returns a scalar similarity (1 = same
 representation up to the measure's invariances). Guidance minimises
 `1 - similarity`.
+
+This module holds linear CKA (biased and unbiased) and RSA, and the registry
+of every measure by name with its metadata (`SIMILARITY_INFO`,
+`similarity_table`); Procrustes, ridge CCA and SVCCA live in
+`shape_metrics.py`, RBF kernel CKA in `kernel_cka.py`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from untrainable.centring import EPS as _EPS
+from untrainable.centring import centre as _centre
+from untrainable.centring import centre_scaled as _centre_scaled
+from untrainable.centring import prepare as _prepare
+from untrainable.centring import ratio as _ratio
+from untrainable.kernel_cka import BANDWIDTH, cka_rbf
 from untrainable.registry import Registry
+from untrainable.shape_metrics import KEEP, RIDGE, cca, procrustes, svcca
 
 Similarity = Callable[[Tensor, Tensor], Tensor]
 
 SIMILARITIES: Registry[Tensor] = Registry("similarity")
-
-# Added under square roots so that a constant layer (all Gram terms zero) gives a
-# similarity of 0 with finite gradients instead of 0 / 0.
-_EPS = 1e-12
-
-
-def _prepare(x: Tensor, y: Tensor, min_n: int) -> tuple[Tensor, Tensor]:
-    """Check shapes, flatten, promote half precision to float32."""
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"similarity needs the same examples in both: got {x.shape[0]} rows in x and {y.shape[0]} rows in y"
-        )
-    n = x.shape[0]
-    if n < min_n:
-        raise ValueError(f"this similarity needs at least {min_n} examples, got n = {n}")
-    x = x.reshape(n, -1)
-    y = y.reshape(n, -1)
-    # Half precision loses the Gram sums; float64 stays float64.
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    if y.dtype not in (torch.float32, torch.float64):
-        y = y.float()
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    return x.to(dtype), y.to(dtype)
-
-
-def _centre(x: Tensor) -> Tensor:
-    """Centre the columns of x (n, d) and scale its largest entry to 1, in one pass over x."""
-    return _centre_scaled(x)[0]
-
-
-def _centre_scaled(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (n, d) column-centred and scaled by s so its largest entry is 1; returns (that, s), s a 0-d tensor.
-
-    Columns that are exactly constant are set to zero rather than to the
-    rounding error of their mean, so a constant layer scores exactly 0. Every
-    measure here is invariant to isotropic scaling, so scaling changes nothing
-    but the range of the Gram sums (no overflow at large scales, no underflow
-    at small ones).
-
-    The statistics are computed without gradient. That is exact: the scale
-    cancels in a scale-invariant measure, and the measures are invariant to a
-    shift of the columns, so the gradient at the centred point already has
-    zero column sums and needs no projection through the mean.
-    """
-    with torch.no_grad():
-        mean = x.mean(dim=0, keepdim=True)
-        # amin and amax apart: torch.aminmax over dim 0 is several times slower on CPU.
-        lo, hi = x.amin(dim=0, keepdim=True), x.amax(dim=0, keepdim=True)
-        varies = lo != hi
-        # Largest |x - mean| over the whole matrix, from per-column statistics.
-        spread = torch.maximum(hi - mean, mean - lo) * varies
-        scale = 1.0 / spread.amax().clamp_min(torch.finfo(x.dtype).tiny)
-        factor = varies.to(x.dtype) * scale
-        shift = -mean * factor
-    return torch.addcmul(shift, x, factor), scale
-
-
-def _ratio(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
-    """xy / sqrt(xx yy), finite with finite gradients when xx or yy is 0.
-
-    After `_centre`, xx >= 1 / rank for any non-constant input, so the epsilon
-    only matters for constant ones.
-    """
-    return xy / (torch.sqrt(xx.clamp_min(0) + _EPS) * torch.sqrt(yy.clamp_min(0) + _EPS))
 
 
 def sample_space_is_cheaper(n: int, d1: int, d2: int) -> bool:
@@ -372,13 +320,155 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
         return _ratio((a * b).sum(), (a * a).sum(), (b * b).sum())
 
 
-SIMILARITIES.register("cka")(linear_cka)
-SIMILARITIES.register("cka_unbiased")(linear_cka_unbiased)
-SIMILARITIES.register("rsa")(rsa)
+@dataclass(frozen=True)
+class MeasureInfo:
+    """What a registered similarity promises: its range, what it ignores, what it needs, whether it gives a metric.
+
+    `invariances` name transforms of either input's features that leave it
+    unchanged: `translation`, `rotation` (any orthogonal map), `isotropic
+    scale`, `invertible linear` (any invertible map). Every measure here is
+    higher for more similar inputs and 1 on identical ones.
+    """
+
+    name: str
+    summary: str
+    low: float
+    high: float
+    invariances: tuple[str, ...]
+    min_n: int
+    needs: str
+    metric: str
+    reference: str
+
+    def row(self) -> tuple[str, ...]:
+        """The cells of this measure's row in `similarity_table`."""
+        return (
+            self.name,
+            f"[{self.low:g}, {self.high:g}]",
+            ", ".join(self.invariances),
+            f"n >= {self.min_n}" + (f"; {self.needs}" if self.needs else ""),
+            self.metric,
+            self.summary,
+        )
+
+
+SIMILARITY_INFO: dict[str, MeasureInfo] = {}
+_ORTHO = ("translation", "rotation", "isotropic scale")
+
+
+def register_similarity(info: MeasureInfo, measure: Similarity) -> None:
+    """Register `measure` (x (n, d1), y (n, d2)) -> scalar under `info.name`, with its metadata."""
+    SIMILARITIES.register(info.name)(measure)
+    SIMILARITY_INFO[info.name] = info
+
+
+# Every registered measure with its metadata (`untrainable list` prints them sorted by name).
+_MEASURES: tuple[tuple[MeasureInfo, Similarity], ...] = (
+    (
+        MeasureInfo(
+            "cka",
+            "biased linear CKA (the paper's)",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "",
+            "no",
+            "Kornblith et al. 2019, eq. (1) with the biased HSIC",
+        ),
+        linear_cka,
+    ),
+    (
+        MeasureInfo(
+            "cka_unbiased",
+            "linear CKA, unbiased HSIC",
+            -1,
+            1,
+            _ORTHO,
+            4,
+            "",
+            "no",
+            "Song et al. 2012 (unbiased HSIC); Nguyen et al. 2021",
+        ),
+        linear_cka_unbiased,
+    ),
+    (
+        MeasureInfo(
+            "rsa",
+            "Pearson correlation of cosine-similarity matrices",
+            -1,
+            1,
+            ("rotation", "isotropic scale"),
+            3,
+            "",
+            "no",
+            "Kriegeskorte et al. 2008; the authors' code",
+        ),
+        rsa,
+    ),
+    (
+        MeasureInfo(
+            "procrustes",
+            "cosine of the angular Procrustes shape metric",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "",
+            "yes: arccos(s) is a metric",
+            "Williams et al. 2021; netrep LinearMetric(alpha=1)",
+        ),
+        procrustes,
+    ),
+    (
+        MeasureInfo(
+            "cca",
+            f"ridge CCA (ridge {RIDGE:g} x the mean eigenvalue); the mean canonical correlation at ridge 0",
+            0,
+            1,
+            _ORTHO + (("invertible linear (ridge 0 only)",)),
+            3,
+            "ridge 0 needs n > d; near 1 for unrelated layers when n <= d",
+            "yes: arccos(s) is a metric",
+            "Hotelling 1936; Williams et al. 2021 (partial whitening)",
+        ),
+        cca,
+    ),
+    (
+        MeasureInfo(
+            "svcca",
+            f"SVCCA, {KEEP:.0%} of the variance kept on each side",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "n well above d: near 1 for unrelated layers when n <= d",
+            "no",
+            "Raghu et al. 2017",
+        ),
+        svcca,
+    ),
+    (
+        MeasureInfo(
+            "cka_rbf",
+            f"kernel CKA, RBF with sigma = {BANDWIDTH:g} x the median distance",
+            0,
+            1,
+            _ORTHO,
+            3,
+            "",
+            "no",
+            "Kornblith et al. 2019, RBF kernel",
+        ),
+        cka_rbf,
+    ),
+)
+for _info, _measure in _MEASURES:
+    register_similarity(_info, _measure)
 
 
 def get_similarity(similarity: str | Similarity) -> Similarity:
-    """A registered similarity by name (`cka`, `cka_unbiased`, `rsa`), or the callable itself."""
+    """A registered similarity by name (see `list_similarities`), or the callable itself."""
     if callable(similarity):
         return similarity
     return SIMILARITIES.get(similarity)
@@ -386,3 +476,9 @@ def get_similarity(similarity: str | Similarity) -> Similarity:
 
 def list_similarities() -> list[str]:
     return SIMILARITIES.names()
+
+
+def similarity_table() -> list[tuple[str, ...]]:
+    """Rows (name, range, invariances, needs, metric, what it is) of every registered measure; the first is a header."""
+    header = ("similarity", "range", "invariant to", "needs", "metric", "what it is")
+    return [header] + [SIMILARITY_INFO[name].row() for name in list_similarities()]
