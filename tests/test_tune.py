@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tiny import TINY_GUIDED_TOML as TINY
 from untrainable.cli import main
 from untrainable.compare import compare, run_workers, tune, unguided, verdict
 from untrainable.config import ConfigError, RunConfig, from_dict, load_config, shipped_config
@@ -19,28 +20,6 @@ from untrainable.config_toml import to_toml
 from untrainable.space import load_space
 from untrainable.tune import Settings, counts, open_study, prepare, work
 
-TINY = """
-name = "tiny-guided"
-[model]
-name = "fcn"
-args = { depth = 2, width = 32, batch_norm = true, dropout = 0.0 }
-[data]
-name = "mnist1d"
-args = { num_samples = 600, val_size = 100, seed = 42 }
-batch_size = 64
-train_eval_size = 50
-[guide]
-name = "cnn1d"
-args = { channels = 8, depth = 2, kernel = 5 }
-[guidance]
-target_layers = ["layers.*.linear"]
-guide_layers = ["blocks.*.conv"]
-[optim]
-lr = 1e-3
-[train]
-epochs = EPOCHS
-progress = false
-"""
 SPACE = """
 [space]
 "optim.lr" = { low = 1e-4, high = 1e-2, log = true }

@@ -12,33 +12,13 @@ from typing import Any
 import optuna
 import pytest
 
+from tiny import TINY_GUIDED_TOML
 from untrainable import budget, tune
 from untrainable.compare import unguided
 from untrainable.config import ConfigError, load_config, shipped_config
 from untrainable.space import load_points, load_space
 from untrainable.tune import Settings, open_study, prepare, work
 
-TINY = """
-name = "tiny-guided"
-[model]
-name = "fcn"
-args = { depth = 2, width = 32, batch_norm = true, dropout = 0.0 }
-[data]
-name = "mnist1d"
-args = { num_samples = 600, val_size = 100, seed = 42 }
-batch_size = 64
-[guide]
-name = "cnn1d"
-args = { channels = 8, depth = 2, kernel = 5 }
-[guidance]
-target_layers = ["layers.*.linear"]
-guide_layers = ["blocks.*.conv"]
-[optim]
-lr = 1e-3
-[train]
-epochs = 2
-progress = false
-"""
 CONDITIONAL = """
 [space]
 "optim.name" = { choices = ["adam", "sgd"] }
@@ -54,7 +34,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def _config(tmp_path: Path) -> Any:
-    return load_config(_write(tmp_path, "tiny.toml", TINY))
+    return load_config(_write(tmp_path, "tiny.toml", TINY_GUIDED_TOML.replace("EPOCHS", "2")))
 
 
 def _fake_trials(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
