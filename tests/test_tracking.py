@@ -55,10 +55,10 @@ def _mlflow_run(folder: Path):
 
 def _wandb_rows(folder: Path) -> list[tuple[int, dict]]:
     """Every history row of the run's offline files, in the order written, read with W&B's protobuf Record."""
-    from untrainable.trackers import wandb_history
+    from untrainable.trackers import offline_files, wandb_history
 
     run_id = json.loads((folder / "meta.json").read_text())["trackers"]["wandb"]["run_id"]
-    files = sorted((folder / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    files = offline_files(folder / "wandb", run_id)
     assert files, f"no W&B offline run file for {run_id} in {folder / 'wandb'}"
     return [row for path in files for row in wandb_history(path)]
 
@@ -340,3 +340,16 @@ def test_run_sets_only_logging_keys_of_a_study(tmp_path: Path) -> None:
         _study_logging(study, {"train.epochs": 2})
     with pytest.raises(ConfigError, match=r"--set logging.loggers\[0\]: 'csv' is not one of"):
         _study_logging(study, {"logging.loggers": ["csv"]})
+
+
+def test_w_and_b_starts_within_one_second_are_both_read(tmp_path: Path) -> None:
+    """A resume in the second of the last start gets the folder `...-ID-1`: its steps count, in start order."""
+    from untrainable.trackers import offline_files
+
+    names = ["offline-run-20260101_120000-ab12-1", "offline-run-20260101_115959-ab12", "offline-run-20260101_120000-ab12",
+             "offline-run-20260101_120000-ab123", "offline-run-20260101_120000-ab12-10"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"run-{name.split('-')[3]}.wandb").write_bytes(b"")
+    found = [p.parent.name for p in offline_files(tmp_path, "ab12")]
+    assert found == [names[1], names[2], names[0], names[4]]  # not ab123's

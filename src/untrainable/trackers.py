@@ -214,10 +214,25 @@ class WandbLogger:
         self.run.finish(exit_code=0 if finished else 1)
 
 
+def offline_files(folder: Path, run_id: str) -> list[Path]:
+    """The offline files of W&B run `run_id` under `folder`, one per start, in the order the starts began.
+
+    W&B names a start's folder `offline-run-YYYYMMDD_HHMMSS-ID`, and a second start within the same
+    second `...-ID-1` (then `-2`, ...).
+    """
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for path in folder.glob(f"offline-run-*/run-{run_id}.wandb"):
+        match = pattern.fullmatch(path.parent.name)
+        if match:
+            found.append(((match.group(1), int(match.group(2) or 0)), path))
+    return [path for _, path in sorted(found)]
+
+
 def logged_steps(folder: Path, run_id: str) -> dict[str, int]:
     """Metric -> the last step that W&B's offline files of run `run_id` under `folder` hold."""
     done: dict[str, int] = {}
-    for path in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    for path in offline_files(folder, run_id):
         for step, row in wandb_history(path):
             for key in row:
                 done[key] = max(done.get(key, -1), step)
