@@ -213,7 +213,9 @@ def write_curves(
     curves = {arm: arm_curve(reps, sampler, maximize) for arm, reps in records.items()}
     lead = leads(curves, maximize)
     data = {"metric": f"validation {metric}", "maximize": maximize, "sampler": sampler, "arms": curves, "leads": lead}
-    (out / "budget.json").write_text(json.dumps(data, indent=2) + "\n")
+    from untrainable.checkpoint import write_atomic
+
+    write_atomic(out / "budget.json", json.dumps(data, indent=2) + "\n")
     plot_budget(data, out / "budget.png")
     return budget_sentence(lead)
 
