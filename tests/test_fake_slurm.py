@@ -20,8 +20,9 @@ from untrainable import cli
 from untrainable.cluster import SlurmSettings, load_cluster
 from untrainable.config import ConfigError, DataSpec, ModelSpec, RunConfig, TrainSpec
 from untrainable.config_toml import to_toml
+from untrainable.executor import StudyFailed
 from untrainable.experiment import Arm, Experiment, run_experiment
-from untrainable.slurm import JobStuck, StuckWatch, StudyFailed, drop_pickles
+from untrainable.slurm import JobStuck, StuckWatch, drop_pickles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +196,7 @@ def test_the_pickles_of_an_ended_job_are_removed_from_the_study_folder(fake, tmp
     out = tmp_path / "out"
     logs = out / "slurm" / "logs"
     fake.squeue_lines("12|RUNNING|None\n")
-    from untrainable.slurm import Detached
+    from untrainable.executor import Detached
 
     with pytest.raises(Detached):
         run_experiment(study(), out, cluster=SlurmSettings(poll_s=0.05), detach=True, log=lambda line: None)
@@ -227,7 +228,7 @@ if [ $n -lt 3 ]; then echo "12|COMPLETING|None"; fi
     )
     lines: list[str] = []
     table = run_experiment(study(), out, cluster=SlurmSettings(poll_s=0.05), log=lines.append)
-    assert "slurm: re-attached to 1 job(s): 12" in lines and fake.count("submitted") == 0, lines
+    assert "slurm: re-attached to 1 run(s): 12" in lines and fake.count("submitted") == 0, lines
     assert table["rows"][0]["seeds"] == 1 and not list(logs.glob("*.pkl"))
 
 

@@ -92,3 +92,19 @@ def test_no_module_of_the_package_imports_itself_around_a_circle():
     """An import cycle, even a lazy one, means a type or function sits above one of its users: move it below both."""
     cycles = import_cycles(SRC)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+EXECUTORS = ("untrainable.executor", "untrainable.local_executor", "untrainable.slurm", "untrainable.dispatch")
+CONSUMERS = ("untrainable.experiment", "untrainable.tune", "untrainable.compare", "untrainable.arms")
+
+
+def test_no_executor_reaches_the_experiments_or_the_tuner():
+    """The executors, and all they import (lazily too), know work items, never experiments, arms or studies."""
+    names = {_module_name(path, SRC): path for path in sorted(SRC.rglob("*.py"))}
+    graph = {name: _imports(path, name, set(names)) for name, path in names.items()}
+    for executor in EXECUTORS:
+        reached, frontier = set(), [executor]
+        while frontier:
+            frontier = [n for node in frontier for n in graph[node] if n not in reached]
+            reached |= set(frontier)
+        assert not reached & set(CONSUMERS), f"{executor} reaches {sorted(reached & set(CONSUMERS))}"

@@ -26,8 +26,8 @@ from untrainable.arms import arm_config
 from untrainable.checkpoint import CheckpointManager, load_weights
 from untrainable.cluster import SlurmSettings
 from untrainable.config import DataSpec, GuidanceSpec, ModelSpec, RunConfig, TrainSpec
+from untrainable.executor import Detached
 from untrainable.experiment import Arm, Experiment, register_experiment, run_experiment
-from untrainable.slurm import Detached
 from untrainable.space import space_from_dict
 from untrainable.trainer import train
 from untrainable.tune import Settings, open_study
@@ -251,7 +251,7 @@ def test_a_runner_killed_mid_study_and_started_again_reattaches_without_a_second
     assert sum(int(m.group(1)) for m in submissions if m) == 2
     submitted = {job for job in squeue() if int(job.split("_")[0]) > before}
     assert submitted == set(jobs.values()), "squeue knows no other job of this study"
-    assert "slurm: re-attached to 2 job(s): " + " ".join(sorted(first.values())) in lines
+    assert "slurm: re-attached to 2 run(s): " + " ".join(sorted(first.values())) in lines
 
 
 def test_a_cancelled_job_is_a_failed_row_with_its_log_and_the_study_exits_2(tmp_path, capsys):

@@ -331,7 +331,7 @@ def test_a_worker_killed_leaves_best_toml_and_one_line(tmp_path: Path) -> None:
     stdout, stderr = (s.decode() for s in proc.communicate(timeout=300))
     assert proc.returncode == 2, stderr
     (line,) = [line for line in stderr.splitlines() if "error" in line or "Warning" in line]  # a font cache note aside
-    assert "tune-worker-0 was killed by signal 9" in line and "Traceback" not in stdout + stderr, stderr
+    assert "tuning worker 0: killed by signal 9" in line and "Traceback" not in stdout + stderr, stderr
     trials = json.loads((out / "trials.json").read_text())  # the other worker ran the killed one's trial again
     complete = sum(t["state"] == "complete" for t in trials)
     assert (out / "best.toml").exists() and f"hold the {complete} finished trials; the study is done" in stderr
@@ -346,8 +346,8 @@ def test_workers_whose_trials_fail_end_in_one_line_and_exit_2(tmp_path: Path) ->
     stdout, stderr = (s.decode() for s in proc.communicate(timeout=300))
     assert proc.returncode == 2, stderr
     (line,) = [line for line in stderr.splitlines() if "error" in line or "Warning" in line]
-    assert "tune-worker-0 failed" in line and "run the same command again to continue" in line, stderr
-    assert "Traceback" not in stdout + stderr and stdout.count("tune-worker-0: error: ") == 1, stdout
+    assert "tuning worker 0: FAILED (exit 1)" in line and "run the same command again to continue" in line, stderr
+    assert "Traceback" not in stdout + stderr and stdout.count("[tuning worker 0] error: ") == 1, stdout
 
 
 @pytest.mark.slow

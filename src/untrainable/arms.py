@@ -122,6 +122,37 @@ def run_arm(
     return run_folder(folder, arm_config(arm, seed, out), label, arm.guide_from, log, data_sets, progress, on_epoch)
 
 
+@dataclass
+class RunWork:
+    """An arm's run for one seed as a work item (`untrainable.executor`): `run_arm` wherever it is called.
+
+    It holds nothing of training: started again (a requeued job, a second
+    runner), it continues from the folder's newest checkpoint. Called in
+    another process (`log` None), only rank 0 prints.
+    """
+
+    arm: Arm
+    seed: int
+    out: str  # the experiment folder, absolute
+    log: Callable[[str], None] | None = None
+    data_sets: dict[str, DataSplits] | None = None  # shared by the runs called in one process
+    progress: bool = False
+
+    def __call__(self) -> None:
+        data = self.data_sets if self.data_sets is not None else {}
+        run_arm(self.arm, self.seed, Path(self.out), self.log or _print_on_rank_0, data, self.progress)
+
+
+def _print_on_rank_0(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
+def read_result(folder: Path) -> RunResult:
+    """A finished run's result, read from its folder."""
+    return RunResult(folder, read_json(folder / "history.json"), read_json(folder / "result.json"))
+
+
 def run_folder(
     folder: Path,
     config: RunConfig,

@@ -62,22 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = out_folder(args.out, Path("runs") / (args.experiment + ("-quick" if args.quick else ""))) or Path("runs")
     seeds = tuple(args.seeds) if args.seeds else None
     tracking = _study_logging(built, set_overrides(args.set))
-    if cluster is None:
-        steps = run_study(built, root, seeds=seeds, jobs=args.jobs, logging=tracking, name=args.experiment)
-    else:
-        from untrainable.slurm import Detached, StudyFailed, format_failures
-
-        try:
-            steps = run_study(
-                built, root, seeds=seeds, cluster=cluster, detach=args.detach, logging=tracking, name=args.experiment
-            )
-        except Detached as detached:
-            print(f"untrainable run: detached: {detached}")
-            return 0
-        except StudyFailed as failed:
-            print(f"\n{format_failures(failed)}\n")
-            print(f"untrainable run: error: {failed}", file=sys.stderr)
-            return 2
+    steps = run_study(
+        built, root, seeds=seeds, jobs=args.jobs, cluster=cluster, detach=args.detach, logging=tracking,
+        name=args.experiment,
+    )  # fmt: skip
     for experiment, out, table in steps:
         print(f"\n## {experiment.name}\n\n{format_table(table)}")
         for note in table.get("notes", []):
@@ -379,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from untrainable.checkpoint import CheckpointError
     from untrainable.config import ConfigError
     from untrainable.errors import CallableError, StudyError
+    from untrainable.executor import Detached, StudyFailed, format_failures
     from untrainable.guidance import NonFiniteError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -393,6 +382,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.enter_context(warnings.catch_warnings())
                 warnings.simplefilter("ignore")  # every rank would print the same warning
             return args.func(args)
+    except Detached as detached:  # submitted; the same command collects
+        print(f"untrainable {args.command}: detached: {detached}")
+        return 0
+    except StudyFailed as failed:  # every other run ended: which failed, how, and their logs
+        if debug:
+            raise
+        print(f"\n{format_failures(failed)}\n")
+        print(f"untrainable {args.command}: error: {_one_line(failed)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         if debug:
             raise

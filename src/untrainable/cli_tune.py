@@ -16,7 +16,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Tune a config with Optuna, or compare a baseline with its guided twin tuned with the same budget."""
     from untrainable import compare, tune
     from untrainable.config import ConfigError, load_config
-    from untrainable.slurm import Detached, StudyFailed, format_failures
     from untrainable.space import load_points, load_space
     from untrainable.tune_checks import check_tune_flags
 
@@ -70,13 +69,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 args.storage, args.study_name, cluster=cluster, detach=args.detach, points=points,
                 repeats=args.repeats,
             )  # fmt: skip
-    except Detached as detached:
-        print(f"untrainable tune: detached: {detached}")
-        return 0
-    except StudyFailed as failed:
-        print(f"\n{format_failures(failed)}\n")
-        print(f"untrainable tune: error: {failed}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as err:
         raise continue_with(err, args) from None
     if not args.compare:

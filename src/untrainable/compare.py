@@ -1,7 +1,8 @@
 """Running studies to their end, and the fair comparison of a baseline with its guided twin.
 
-`tune` runs one study (`untrainable.tune`) with K workers, local processes or
-SLURM jobs, and writes its outputs: `best.toml` (the best trial's config), `trials.json` and
+`tune` runs one study (`untrainable.tune`) with K workers on the study's
+executor (`untrainable.executor`: this process, local processes or SLURM
+jobs), and writes its outputs: `best.toml` (the best trial's config), `trials.json` and
 the figures. `compare` tunes a baseline and its guided twin with the same
 budget, trains each best config on seeds the tuning did not use and writes
 the studies' table with a verdict.
@@ -9,21 +10,19 @@ the studies' table with a verdict.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-import signal
 import statistics
-import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from untrainable.config import ConfigError, DistillSpec, GuidanceSpec, RunConfig
 from untrainable.config_toml import to_toml
-from untrainable.errors import StudyError
+from untrainable.dispatch import executor_for, run_all
+from untrainable.executor import Detached, StudyFailed, Work
 from untrainable.space import Space
 from untrainable.tune import (
     JOURNAL,
@@ -50,100 +49,101 @@ if TYPE_CHECKING:
 EFFECT_SDS = 2.0
 
 
-def _worker_main(study_dir: str, storage_url: str | None, study_name: str, worker: int, threads: int) -> None:
-    import torch
+@dataclass
+class TuneWorker:
+    """A tuning worker as a work item (`untrainable.executor`): `tune.work` on the study until it is done.
 
-    torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a stop as SIGTERM; the run checkpoints
-    try:
-        work(study_dir, storage_url, study_name, worker)
-    except KeyboardInterrupt:
-        sys.exit(143)
-    except Exception as err:  # its trial's line said what failed; the parent reports the worker in one line
-        if os.environ.get("UNTRAINABLE_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"[{study_name}] tune-worker-{worker}: error: {' '.join(str(err).split()) or type(err).__name__}")
-        sys.exit(1)
+    Called in another process (`log` None), it prints its trials' lines and,
+    at its end, how many trials it ran.
+    """
+
+    study_dir: str
+    storage_url: str | None
+    study_name: str
+    worker: int  # its index: the stream of its sampler's seed
+    log: Callable[[str], None] | None = None
+    on_finish: Callable[[dict[str, int]], None] | None = None
+
+    def __call__(self) -> None:
+        ran = work(self.study_dir, self.storage_url, self.study_name, self.worker, self.log, self.on_finish)
+        if self.log is None:
+            print(f"{ran} trial(s) run by this worker; the study in {self.study_dir} is done", flush=True)
 
 
 def run_workers(
-    study_dir: Path, storage_url: str | None, study_name: str, workers: int, log: Callable[[str], None] = print
+    study_dir: Path,
+    storage_url: str | None,
+    study_name: str,
+    workers: int,
+    log: Callable[[str], None] = print,
+    cluster: SlurmSettings | None = None,
+    detach: bool = False,
 ) -> None:
-    """Run `workers` local processes of `work` on the study until it is done.
+    """Run `workers` tuning workers on the study until it is done: this process, local processes or SLURM jobs.
 
-    A progress bar on a terminal counts finished trials. Ctrl-C or SIGTERM
-    stops each worker after a checkpoint; the same command continues.
+    A bar on a terminal counts finished trials (SLURM: a line at each
+    change). Ctrl-C or SIGTERM stops local workers after a checkpoint (SLURM
+    jobs keep running); the same command continues. Raises StudyFailed when
+    a worker failed, once the others ended, and Detached with `detach` once
+    the jobs were submitted.
     """
-    import multiprocessing
-
+    study_dir = Path(study_dir)
     _, _, settings, _ = read_study(study_dir)
     if workers < 1:
         raise ConfigError(f"--workers: expected a number >= 1, got {workers}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    procs = [
-        context.Process(
-            target=_worker_main,
-            args=(str(study_dir), storage_url, study_name, i, max(1, cores // workers)),
-            name=f"tune-worker-{i}",
+    if cluster is not None and (cluster.nodes != 1 or cluster.tasks != 1):
+        raise ConfigError(
+            f"slurm.nodes = {cluster.nodes}, {cluster.tasks} task(s) per node: a tuning worker is a job of one task "
+            "(each trial trains in one process); give nodes = 1 and one task (at most one GPU), and --workers K"
         )
-        for i in range(workers)
-    ]
     study = open_study(study_dir, storage_url, study_name)
-    bar = _bar(settings.trials, study_name)
+    inline = cluster is None and workers == 1
+    bar = _bar(settings.trials, study_name) if cluster is None else None
 
-    def stop(signum: int, frame: Any) -> None:
-        for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
-        stopped = KeyboardInterrupt(f"stopped by signal {signum}; every worker stopped after a checkpoint")
-        stopped.signum = signum  # type: ignore[attr-defined]  # the exit status: 128 + signum
-        raise stopped
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with _quiet_resource_tracker():
-            for proc in procs:
-                proc.start()
-        while any(proc.is_alive() for proc in procs):
-            for proc in procs:
-                proc.join(timeout=2.0 / workers)
-            _advance(bar, counts(study))
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.join()
-        raise
-    finally:
-        bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    failed = [
-        f"{proc.name} was killed by signal {-proc.exitcode}"
-        if proc.exitcode is not None and proc.exitcode < 0
-        else f"{proc.name} failed (see its lines above)"
-        for proc in procs
-        if proc.exitcode != 0
-    ]
-    if failed:
-        raise StudyError(" and ".join(failed))
-
-
-@contextlib.contextmanager
-def _quiet_resource_tracker() -> Iterator[None]:
-    """Workers started here leave multiprocessing's resource tracker (started with the first) without its warning.
-
-    A worker killed with kill -9 leaves its semaphores to the tracker, which
-    frees them and warns in raw lines at exit; the worker is reported in one line instead.
-    """
-    warn = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warn, "ignore:resource_tracker:UserWarning"]))
-    try:
-        yield
-    finally:
-        if warn is None:
-            del os.environ["PYTHONWARNINGS"]
+    def line(text: str) -> None:
+        if bar is None or bar.disable:
+            log(f"[{study_name}] {text}")
         else:
-            os.environ["PYTHONWARNINGS"] = warn
+            bar.write(f"[{study_name}] {text}")
+
+    def finished() -> int:
+        n = counts(study)
+        return n["complete"] + n["pruned"]
+
+    def status() -> str:
+        n = counts(study)
+        if bar is not None:
+            _advance(bar, n)
+        return f"{n['complete'] + n['pruned']} of {settings.trials} trials finished ({n['pruned']} pruned, {n['failed']} failed)"
+
+    works = [
+        Work(
+            f"worker-{k}",
+            f"tuning worker {k}",
+            TuneWorker(
+                str(study_dir), storage_url, study_name, k, line if inline else None,
+                (lambda n: _advance(bar, n)) if inline and bar is not None else None,
+            ),  # fmt: skip
+        )
+        for k in range(workers)
+    ]
+    try:
+        with executor_for(study_dir, workers, cluster, log) as executor:
+            outcome = run_all(
+                executor, works, lambda key: finished() >= settings.trials, log, "tuning worker(s)", detach, status
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    if detach and outcome.live:
+        raise Detached(
+            f"{len(outcome.live)} tuning worker(s) submitted or running ({' '.join(outcome.live.values())}); "
+            f"run the same command again to collect the study (job ids in {study_dir / 'slurm' / 'jobs.json'})"
+        )
+    if outcome.failed:
+        labels = {work.key: work.label for work in works}
+        rows = [(labels[e.key], e.handle, e.state, e.log) for e in outcome.failed]
+        raise StudyFailed(study_dir, rows, "tuning worker(s)")
 
 
 def _bar(total: int, name: str) -> Any:
@@ -247,8 +247,8 @@ def tune(
 ) -> dict[str, Any]:
     """Tune `config` over `space`: the study in `out` until it has `settings.trials` finished trials, then its summary.
 
-    The `workers` are local processes, or with `cluster` SLURM jobs (`untrainable.slurm.tune_on_slurm`; `detach`
-    submits them and raises Detached). The config's own values and `points` are the first trials.
+    The `workers` are local processes, or with `cluster` SLURM jobs (`run_workers`; `detach` submits them and
+    raises Detached). The config's own values and `points` are the first trials.
     """
     out = Path(out)
     spec = prepare(out, config, space, settings, study_name, storage_url, arm, points)
@@ -262,39 +262,21 @@ def tune(
         f"{' as SLURM jobs' if cluster is not None else ''}; study in "
         f"{storage_url or out / JOURNAL}"
     )
-    if cluster is not None:
-        from untrainable.slurm import tune_on_slurm
-
-        tune_on_slurm(out, storage_url, name, workers, cluster, log, detach)
-    elif workers == 1:
-        bar = _bar(settings.trials, name)
-
-        def line(text: str) -> None:
-            if bar.disable:
-                log(f"[{name}] {text}")
-            else:
-                bar.write(f"[{name}] {text}")
-
-        try:
-            work(out, storage_url, name, log=line, on_finish=lambda n: _advance(bar, n))
-        finally:
-            bar.close()
-    else:
-        try:
-            run_workers(out, storage_url, name, workers, log)
-        except StudyError as err:
-            n = counts(open_study(out, storage_url, name))
-            wrote = ""
-            if n["complete"]:
-                finish_study(open_study(out, storage_url, name), out, arm or config.name)
-                wrote = f"; best.toml and trials.json hold the {n['complete'] + n['pruned']} finished trials"
-            left = settings.trials - n["complete"] - n["pruned"]
-            more = (
-                f"{left} trial(s) still to run: run the same command again to continue"
-                if left > 0
-                else "the study is done"
-            )
-            raise StudyError(f"{out}: {err}{wrote}; {more}") from None
+    try:
+        run_workers(out, storage_url, name, workers, log, cluster, detach)
+    except StudyFailed as failed:
+        n = counts(open_study(out, storage_url, name))
+        wrote = ""
+        if n["complete"]:
+            finish_study(open_study(out, storage_url, name), out, arm or config.name)
+            wrote = f"; best.toml and trials.json hold the {n['complete'] + n['pruned']} finished trials"
+        left = settings.trials - n["complete"] - n["pruned"]
+        more = (
+            f"the study is unfinished: {left} trial(s) still to run: run the same command again to continue"
+            if left > 0
+            else "the study is done"
+        )
+        raise StudyFailed(out, failed.rows, "tuning worker(s)", f"{wrote}; {more}") from None
     summary = finish_study(open_study(out, storage_url, name), out, arm or config.name)
     for note in summary["notes"]:
         log(f"[{name}] {note}")

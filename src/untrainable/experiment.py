@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from untrainable.arms import Arm, arm_config, arm_folder, check_arm_folder, run_arm
+from untrainable.arms import Arm, RunWork, arm_config, arm_folder, check_arm_folder, read_result
 from untrainable.cluster import SlurmSettings
 from untrainable.config import LoggingSpec
 from untrainable.data import DataSplits
+from untrainable.dispatch import executor_for, run_all
+from untrainable.executor import Detached, StudyFailed, Work
 from untrainable.registry import Registry
 from untrainable.trackers import study_logging
 from untrainable.trainer import RunResult
@@ -65,10 +67,12 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train every arm for every seed (finished runs are reused, interrupted ones resumed) and write the table.
 
-    With `jobs` > 1, runs go to that many worker processes (each with
-    cores / jobs threads), an arm's run starting once the run it takes its
-    guide from (same seed) has finished. With `cluster`, each run is a SLURM
-    job instead (`untrainable.slurm`; `detach` submits and raises Detached).
+    Runs go to the study's executor (`untrainable.executor`): this process,
+    `jobs` processes (each with cores / jobs threads) or, with `cluster`,
+    SLURM jobs (`detach` submits and raises Detached); an arm's run starts
+    once the run it takes its guide from (same seed) has finished. A failed
+    run ends in StudyFailed once every other has ended (in this process: its
+    error, at once).
     Writes into `out`: one run folder per arm and seed (`ARM/seedN/`),
     `table.md`, `table.json` and `curves.png`.
     """
@@ -89,15 +93,7 @@ def run_experiment(
         folder = arm_folder(arm, seed, out)
         if (folder / "config.json").exists() or (folder / "checkpoints").is_dir():
             check_arm_folder(folder, arm_config(arm, seed, out), arm.guide_from)  # read only: no lock held
-    if cluster is not None:
-        from untrainable.slurm import run_on_slurm
-
-        done = run_on_slurm(tasks, out, cluster, log, detach)
-    elif jobs == 1:
-        data_sets: dict[str, DataSplits] = {}
-        done = {(arm.name, seed): run_arm(arm, seed, out, log, data_sets) for arm, seed in tasks}
-    else:
-        done = _run_parallel(tasks, out, jobs, log)
+    done = _run_tasks(tasks, out, log, jobs, cluster, detach)
     results = {arm.name: [done[arm.name, seed] for seed in seeds] for arm in experiment.arms}
     table = summarise(experiment, results, seeds)
     if experiment.after is not None:
@@ -115,52 +111,46 @@ def run_experiment(
     return table
 
 
-_WORKER_DATA: dict[str, DataSplits] = {}  # each worker process loads a data set once
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _worker_run(arm: Arm, seed: int, out: Path) -> RunResult:
-    return run_arm(arm, seed, out, lambda line: print(line, flush=True), _WORKER_DATA, progress=False)
-
-
-def _run_parallel(
-    tasks: list[tuple[Arm, int]], out: Path, jobs: int, log: Callable[[str], None]
+def _run_tasks(
+    tasks: list[tuple[Arm, int]],
+    out: Path,
+    log: Callable[[str], None],
+    jobs: int,
+    cluster: SlurmSettings | None,
+    detach: bool,
 ) -> dict[tuple[str, int], RunResult]:
-    """Run (arm, seed) tasks in `jobs` processes, in order, each after the run it takes its guide from."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    """Each (arm, seed) a work item on the study's executor, a guided run after its guide's; their results."""
+    inline = cluster is None and jobs == 1  # in this process: the runs share data sets, draw bars, raise as they are
+    data_sets: dict[str, DataSplits] = {}
+    folders = {f"{arm.name}/seed{seed}": arm_folder(arm, seed, out) for arm, seed in tasks}
+    works = [
+        Work(
+            f"{arm.name}/seed{seed}",
+            f"{arm.name} seed {seed}",
+            RunWork(arm, seed, os.path.abspath(out), log if inline else None, data_sets if inline else None, inline),
+            after=None if arm.guide_from is None else f"{arm.guide_from}/seed{seed}",
+        )
+        for arm, seed in tasks
+    ]
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // jobs)
-    log(f"{len(tasks)} runs in {jobs} processes of {threads} thread(s) each")
-    pending = list(tasks)
-    done: dict[tuple[str, int], RunResult] = {}
-    running: dict[Future, tuple[str, int]] = {}
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)
-    ) as pool:
-        try:
-            while pending or running:
-                for task in list(pending):
-                    if len(running) >= jobs:
-                        break
-                    arm, seed = task
-                    if arm.guide_from is None or (arm.guide_from, seed) in done:
-                        pending.remove(task)
-                        running[pool.submit(_worker_run, arm, seed, out)] = (arm.name, seed)
-                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for future in finished:
-                    done[running.pop(future)] = future.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return done
+    def finished(key: str) -> bool:
+        return (folders[key] / "result.json").exists()
+
+    with executor_for(out, jobs, cluster, log) as executor:
+        outcome = run_all(
+            executor, works, finished, log, "run(s)", detach, succeeded=lambda ended: finished(ended.key)
+        )
+    if detach and (outcome.live or outcome.waiting):
+        raise Detached(
+            f"{len(outcome.live)} run(s) submitted or running ({' '.join(outcome.live.values())}), "
+            f"{len(outcome.succeeded)} done"
+            + (f", {len(outcome.waiting)} waiting for their guide (submitted by a later run)" if outcome.waiting else "")
+            + f"; run the same command again to collect the table (job ids in {out / 'slurm' / 'jobs.json'})"
+        )
+    if outcome.failed:
+        labels = {work.key: work.label for work in works}
+        raise StudyFailed(out, [(labels[e.key], e.handle, e.state, e.log) for e in outcome.failed])
+    return {(arm.name, seed): read_result(folders[f"{arm.name}/seed{seed}"]) for arm, seed in tasks}
 
 
 StudyStep = Union[Experiment, Callable[[dict[str, dict[str, Any]]], Experiment]]

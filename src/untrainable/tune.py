@@ -6,9 +6,8 @@ the space, the settings), the study itself (Optuna's journal file
 under `trials/` (`trial-NNNN/seedS/`, ordinary run folders, and `trial.json`:
 number, parameters, state, value). `work(study_dir, storage_url,
 study_name)` pulls trials until the study has its number of finished
-(complete or pruned) trials: run it in K local processes
-(`compare.tune(..., workers=K)`) or in K SLURM jobs (`cluster=...`,
-`untrainable.slurm.tune_on_slurm`).
+(complete or pruned) trials: `compare.run_workers` runs K of them on the
+study's executor (local processes or SLURM jobs, `untrainable.executor`).
 
 Each trial trains the config with the trial's values on every tuning seed;
 its objective is the mean validation metric at the best validation epoch
