@@ -99,10 +99,9 @@ def test_slurm_flags_with_the_local_executor_are_refused(command, capsys):
 
 
 @pytest.mark.parametrize("changes", [{"tasks_per_node": 2}, {"nodes": 2}, {"gpus_per_run": 2}])
-def test_a_tuning_worker_job_is_one_task(changes, monkeypatch):
-    from untrainable import slurm
+def test_a_tuning_worker_job_is_one_task(changes):
     from untrainable.cluster import SlurmSettings
+    from untrainable.compare import run_workers
 
-    monkeypatch.setattr(slurm, "require_slurm", lambda: None)
     with pytest.raises(ConfigError, match="a tuning worker is a job of one task"):
-        slurm.tune_on_slurm(Path("unused"), None, "study", 2, SlurmSettings(**changes), print)
+        run_workers(Path("unused"), None, "study", 2, cluster=SlurmSettings(**changes))

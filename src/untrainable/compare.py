@@ -88,7 +88,6 @@ def run_workers(
     the jobs were submitted.
     """
     study_dir = Path(study_dir)
-    _, _, settings, _ = read_study(study_dir)
     if workers < 1:
         raise ConfigError(f"--workers: expected a number >= 1, got {workers}")
     if cluster is not None and (cluster.nodes != 1 or cluster.tasks != 1):
@@ -96,6 +95,7 @@ def run_workers(
             f"slurm.nodes = {cluster.nodes}, {cluster.tasks} task(s) per node: a tuning worker is a job of one task "
             "(each trial trains in one process); give nodes = 1 and one task (at most one GPU), and --workers K"
         )
+    _, _, settings, _ = read_study(study_dir)
     study = open_study(study_dir, storage_url, study_name)
     inline = cluster is None and workers == 1
     bar = _bar(settings.trials, study_name) if cluster is None else None
