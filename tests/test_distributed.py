@@ -111,3 +111,35 @@ def test_single_process_gather_is_the_identity():
     info = distributed.setup("cpu")
     assert info.world_size == 1
     assert distributed.shard_indices(5, distributed.DistInfo(1, 2, 1, torch.device("cpu"))) == [1, 3]
+
+
+def _setup_ddp_teardown(rank: int, folder: str, port: int) -> None:
+    """A rank as `untrainable train` under torchrun is one: `setup`, a DDP model, a step, then `teardown`."""
+    import os
+
+    from ranks import native_threads
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    before = native_threads()
+    info = distributed.setup("cpu", timeout_s=120)
+    model = distributed.wrap(torch.nn.Linear(4, 2), info)
+    model(torch.ones(3, 4)).sum().backward()
+    del model
+    distributed.teardown()
+    torch.save({"threads_left": native_threads() - before}, os.path.join(folder, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_a_training_process_under_torchrun_leaves_no_gloo_thread_behind(tmp_path):
+    # DDP imports torch._dynamo when built; `setup` imports it first, or the group's threads outlive `teardown`.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_setup_ddp_teardown, args=(str(tmp_path), port), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt")["threads_left"] for r in range(2)] == [0, 0]

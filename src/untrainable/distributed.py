@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +38,22 @@ def setup(device_name: str = "auto", timeout_s: float = 300.0) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # DistributedDataParallel imports torch._dynamo when it is built; imported while a group exists, it keeps
+        # references to the group for the life of the process, and gloo's threads then outlive `teardown` into the
+        # interpreter's shutdown (a SIGABRT there, under load). Imported first, it holds none.
+        importlib.import_module("torch._dynamo")
+
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(teardown)
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def teardown() -> None:
+    """Leave the process group (`setup` calls this at exit): its backend's threads end while the interpreter runs."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the reference cycles of a finished run's models and hooks, which hold the group
+        dist.destroy_process_group()
 
 
 def export_slurm_env(environ: dict[str, str] | None = None) -> bool:
