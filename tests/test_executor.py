@@ -101,7 +101,7 @@ def test_done_items_are_reused_and_live_ones_reattached_never_started_twice(tmp_
     lines: list[str] = []
     outcome = run_all(executor, works(tmp_path), lambda key: (tmp_path / key).exists(), lines.append)
     assert sorted(outcome.succeeded) == ["a0", "a1", "b0", "b1"]
-    assert lines[:2] == ["threads: re-attached to 1 run(s): earlier-a1", "threads: 1 run(s) done earlier, reused"]
+    assert lines[:2] == ["threads: re-attached to 1 run(s): earlier-a1", "[run a0] done earlier, reusing it"]
     assert (tmp_path / "a0").read_text() == "0"  # not run again
     assert float((tmp_path / "a1").read_text()) < float((tmp_path / "b1").read_text())
 

@@ -246,20 +246,24 @@ def test_the_loss_after_disconnect_is_set_beside_the_fcn_alone():
 
 
 @pytest.mark.slow
-def test_quick_rescue_prints_both_epochs_and_its_verdict(tmp_path, capsys):
+def test_quick_rescue_prints_both_epochs_and_its_verdict(tmp_path, capsys, monkeypatch):
+    # The main job as the README runs it, at 12 of its 40 epochs, guided for the first 150 (not 600) steps of 372.
+    assert rescue.LONG_EPOCHS == 40 and rescue.QUICK_FIRST == 600 and len(rescue.QUICK_SEEDS) >= 2
+    monkeypatch.setattr(rescue, "LONG_EPOCHS", 12)
+    monkeypatch.setattr(rescue, "QUICK_FIRST", 150)
     assert main(["run", "rescue", "--quick", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "test accuracy (best val epoch)" in printed
-    assert printed.count("- Rescue by `") == 2 and f"- Rescue by `{rescue.GUIDED}-first600`" in printed
+    assert printed.count("- Rescue by `") == 2 and f"- Rescue by `{rescue.GUIDED}-first150`" in printed
     table = json.loads((tmp_path / "table.json").read_text())
     rows = {row["arm"]: row for row in table["rows"]}
-    assert list(rows) == ["deep-fcn", rescue.GUIDED, f"{rescue.GUIDED}-first{rescue.QUICK_FIRST}"]
-    assert rescue.QUICK_FIRST == 600 and len(rescue.QUICK_SEEDS) >= 2
+    assert list(rows) == ["deep-fcn", rescue.GUIDED, f"{rescue.GUIDED}-first150"]
     config = json.loads((tmp_path / "deep-fcn" / "seed0" / "config.json").read_text())
     assert config["train"]["early_stopping"] and config["optim"]["lr_schedule"] == "cosine"  # the tuned alone
-    assert config["train"]["epochs"] == rescue.LONG_EPOCHS
-    # Seed 0, stopped at the best validation epoch: the guide lifts the FCN (0.55 against 0.36 here).
-    assert rows[rescue.GUIDED]["per_seed_best"][0] > rows["deep-fcn"]["per_seed_best"][0] + 0.05
+    assert config["train"]["epochs"] == 12
+    # Seed 0, stopped at the best validation epoch, at this length: the guide lifts the FCN (0.450 against 0.247
+    # measured here; 0.418 guided for the first 150 steps). Half that gap is asked for.
+    assert rows[rescue.GUIDED]["per_seed_best"][0] > rows["deep-fcn"]["per_seed_best"][0] + 0.10
     assert (tmp_path / "rescue_curves.png").stat().st_size > 10_000 and (tmp_path / "first_loss.png").exists()
 
 

@@ -326,7 +326,7 @@ def test_tune_on_two_slurm_worker_jobs_shares_one_study_and_runs_no_trial_twice(
     print(f"tuned by two SLURM workers in {time.monotonic() - started:.1f} s: " + " | ".join(lines))
     jobs = recorded(out)
     assert sorted(jobs) == ["worker-0", "worker-1"] and len(set(jobs.values())) == 2, jobs
-    assert any(line.startswith("slurm: submitted 2 tuning worker(s): ") for line in lines), lines
+    assert any(line.startswith("slurm: submitted 2 tuning worker(s) in ") for line in lines), lines
     assert "4 of 4 trials finished" in lines[-1], lines
     study = open_study(out, None, "study")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4  # exactly the budget: none asked twice

@@ -65,8 +65,8 @@ def run_all(
         log(f"{executor.kind}: re-attached to {len(outcome.live)} {noun}: {' '.join(sorted(outcome.live.values()))}")
     waiting = [work for work in works if work.key not in outcome.live and not done(work.key)]
     outcome.succeeded = [work.key for work in works if work.key not in outcome.live and done(work.key)]
-    if outcome.succeeded and len(outcome.succeeded) < len(works):
-        log(f"{executor.kind}: {len(outcome.succeeded)} {noun} done earlier, reused")
+    for key in outcome.succeeded:
+        log(f"[{labels[key]}] done earlier, reusing it")
     failed_keys: set[str] = set()
     last = None
     try:
