@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from untrainable.bench import VARIANTS, authors_cka, format_results, run_bench, write_results
@@ -14,6 +15,7 @@ def test_authors_cka_agrees_with_linear_cka():
     assert torch.allclose(authors_cka(x, y), linear_cka(x, y), atol=1e-10)
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_a_table(tmp_path):
     threads = torch.get_num_threads()
     results = run_bench(quick=True, device="cpu", log=lambda line: None, threads=1)
@@ -29,6 +31,7 @@ def test_quick_bench_writes_a_table(tmp_path):
     assert all(ratio in table for ratio in ("c/b", "c/floor", "d/c", "e/c")) and format_results(results) in table
 
 
+@pytest.mark.slow
 def test_quick_scaling_writes_tables_and_a_figure(tmp_path):
     results = run_scaling(quick=True, log=lambda line: None)
     assert [r["batch"] for r in results["by_batch"]] == [64, 128]

@@ -241,6 +241,7 @@ def trained_guides(image_root, text_path, tmp_path_factory) -> dict[str, Path]:
     return weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(GUIDE_RUNS))
 def test_guide_configs_train_in_bf16(name, trained_guides):
     out = trained_guides[name].parent
@@ -248,6 +249,7 @@ def test_guide_configs_train_in_bf16(name, trained_guides):
     assert result["steps"] == 2 and all(math.isfinite(r["loss"]) for r in steps_run(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["paper_deep_fcn", *TRAINED])
 def test_guided_configs_run_a_few_bf16_steps(name, image_root, text_path, trained_guides, tmp_path):
     overrides = {"guide.checkpoint": str(trained_guides[TRAINED[name]])} if name in TRAINED else {}

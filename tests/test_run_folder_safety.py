@@ -370,6 +370,7 @@ def test_a_second_study_process_touches_nothing_in_a_run_folder_another_process_
     assert not [line for line in lines if "trained again" in line], lines
 
 
+@pytest.mark.slow
 def test_a_resume_killed_while_it_rewrites_a_large_log_loses_no_record(tmp_path):
     run = tmp_path / "run"
     trainer.train(_tiny(), run)

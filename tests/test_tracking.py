@@ -233,6 +233,7 @@ def test_a_failing_tracker_gives_one_warning_line_and_training_goes_on(
     assert _jsonl(folder)[0] == list(range(1, result.final["steps"] + 1))
 
 
+@pytest.mark.slow
 def test_a_locked_mlflow_store_gives_one_warning_line_and_training_goes_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
