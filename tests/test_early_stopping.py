@@ -106,3 +106,24 @@ def test_an_arm_reuses_the_runs_of_an_earlier_experiments_arm(tmp_path):
     )
     with pytest.raises(ValueError, match="different config"):  # never reused under another config
         run_experiment(changed, tmp_path / "final", log=lambda _: None)
+
+
+def test_when_the_last_epoch_is_the_best_its_test_is_the_final_one_without_a_second_pass(tmp_path, monkeypatch):
+    import untrainable.trainer as trainer
+
+    data = load_data("mnist1d", num_samples=600, val_size=100)
+    passes = []
+    counted = trainer.evaluate
+
+    def evaluate(model, dataset, *args, **kwargs):
+        passes.append(dataset is data.test)
+        return counted(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    steady = config().with_section("optim", lr=0.01).with_section("train", epochs=2)  # val 0.13, then 0.18
+    result = train(steady, tmp_path, data=data)
+    best = result.final["best"]
+    assert best["epoch"] == 2 and best["test"] == result.final["test"] and passes.count(True) == 1
+    model = build_model(steady.model, data, seed=1)  # the oracle: model_best.pt tested on its own
+    model.load_state_dict(load_weights(tmp_path / "model_best.pt"))
+    assert evaluate(model, data.test, steady, torch.device("cpu"))["accuracy"] == best["test"]["accuracy"]

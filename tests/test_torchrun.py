@@ -78,13 +78,14 @@ def test_two_processes_train_and_resume_like_one_unbroken_run(tmp_path):
 
 
 HANGING_RANK = """
-import sys, time
+import signal, sys, time
 from untrainable import cli, trainer
 
 original = trainer.train_step
 
 def hang_on_rank_1(parts, batch, step, **kwargs):
     if parts.dist_info.rank == 1 and step == 2:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as stuck in native code: torchrun's SIGTERM ends it
         time.sleep(120)  # alive but stuck: rank 0 waits in the gradient all-reduce
     return original(parts, batch, step, **kwargs)
 

@@ -181,12 +181,8 @@ class _Run:
         p.scaler.load_state_dict(state["scaler"])
         if p.guidance is not None:
             p.guidance.set_extra_state(state["guidance"])
-        self.step, self.epoch, self.batches_done, self.history = (
-            state["step"],
-            state["epoch"],
-            state["batch"],
-            state["history"],
-        )
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batch"]
+        self.history = state["history"]
         self.best = state.get("best")
         self.earlier_seconds = state.get("seconds", 0.0)
         rng = state["rng"]
@@ -531,12 +527,15 @@ def _train_locked(
     return _finish(run, logger, run.seconds())
 
 
-def _evaluate_best(run: _Run) -> dict[str, Any]:
-    """Early stopping: the test metrics with the best validation epoch's weights, saved as model_best.pt."""
+def _evaluate_best(run: _Run, last: dict[str, Any]) -> dict[str, Any]:
+    """Early stopping: the test metrics with the best validation epoch's weights (`last` where they are the final ones)."""
     config, parts, best = run.config, run.parts, run.best
-    parts.target.load_state_dict(best["model"])
-    prepare = run.data.prepare
-    test = evaluate(parts.target, run.data.test, config, parts.device, dist_info=parts.dist_info, prepare=prepare)
+    if best["step"] == run.step and parts.dist_info.world_size == 1:
+        test = dict(last)  # the weights just tested
+    else:
+        parts.target.load_state_dict(best["model"])
+        prepare = run.data.prepare
+        test = evaluate(parts.target, run.data.test, config, parts.device, dist_info=parts.dist_info, prepare=prepare)
     if run.is_main:
         _save_model(best["model"], config, run.folder / "model_best.pt")
     val = best.get("val")
@@ -590,7 +589,7 @@ def _finish(run: _Run, logger: MetricsLog, seconds: float) -> RunResult:
         if predictions is not None:
             np.save(run.folder / "test_predictions.npy", predictions)
     if run.best is not None:
-        final["best"] = _evaluate_best(run)
+        final["best"] = _evaluate_best(run, test)
     if run.is_main:
         write_atomic(run.folder / "result.json", json.dumps(final, indent=2) + "\n")
     logger.close(final)  # the trackers get result.json's numbers
