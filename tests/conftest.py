@@ -24,15 +24,17 @@ import pytest
 # The longest tests, longest first (from the suite's --durations): started first, one per worker in turn.
 LONGEST = (
     "test_rescue.py::test_quick_rescue_prints_both_epochs_and_its_verdict",
+    "test_gpu_check.py::test_the_cpu_dry_run_passes_every_step_and_summarises_them",
     "test_torchrun.py::test_two_processes_train_and_resume_like_one_unbroken_run",
     "test_rescue.py::test_the_long_study_runs_end_to_end_at_toy_size",
-    "test_torchrun.py::test_a_hung_rank_stops_the_other_with_one_line_after_the_timeout",
-    "test_bench_loader.py::test_the_measurement_writes_its_numbers_and_command",
     "test_vision_study.py::test_canvas_study_sets_the_wide_fcn_on_a_larger_image",
-    "test_gpu_check.py::test_the_cpu_dry_run_passes_every_step_and_summarises_them",
-    "test_bench.py::test_quick_scaling_writes_tables_and_a_figure",
-    "test_run_folder_safety.py::test_sigterm_exits_143_and_ctrl_c_130",
+    "test_gpu_check.py::test_asked_for_cuda_without_a_gpu_every_step_fails_in_turn_and_the_exit_code_is_1",
+    "test_crash_safety.py::test_sigkill_mid_epoch_then_resume_gives_the_same_weights",
     "test_vision_study.py::test_run_vision_quick_writes_tables",
+    "test_tracking.py::test_a_run_killed_and_resumed_continues_its_tracker_runs_each_step_once",
+    "test_bench_loader.py::test_the_measurement_writes_its_numbers_and_command",
+    "test_lightning_example.py::test_ddp_logs_the_global_batch_guidance_loss",
+    "test_tune.py::test_a_study_killed_mid_trial_finishes_with_its_trials_and_no_duplicate",
 )
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -50,7 +52,7 @@ def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _slurm_items(config, items)
     def order(item: pytest.Item) -> tuple[int, int]:
-        name = item.nodeid.rsplit("/", 1)[-1]
+        name = item.nodeid.rsplit("/", 1)[-1].split("[")[0]  # every parameter of a long test
         if name in LONGEST:
             return (0, LONGEST.index(name))
         return (1 if item.get_closest_marker("slow") is not None else 2, 0)
