@@ -232,6 +232,33 @@ if [ $n -lt 3 ]; then echo "12|COMPLETING|None"; fi
     assert table["rows"][0]["seeds"] == 1 and not list(logs.glob("*.pkl"))
 
 
+def test_a_job_seen_ended_once_and_then_queued_again_is_not_submitted_twice(fake, tmp_path):
+    # squeue's view of a requeue: running, once as ended (FAILED), then pending and running again, then gone. Only an
+    # end seen by two polls in a row is believed; the run (done by the requeued job) is collected, never resubmitted.
+    (fake.bin / "squeue").write_text(
+        f"""#!/bin/sh
+echo x >> {fake.state}/squeue_calls
+n=0; while read line; do n=$((n+1)); done < {fake.state}/squeue_calls
+case $n in 1) echo "12|RUNNING|None";; 2) echo "12|FAILED|None";; 3) echo "12|PENDING|BeginTime";;
+  4) echo "12|RUNNING|None"; /bin/touch {fake.state}/finish;; esac
+"""
+    )
+    out = tmp_path / "out"
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if (fake.state / "finish").exists() and not (out / "fcn" / "seed0" / "result.json").exists():
+            run_experiment(study(), tmp_path / "elsewhere", log=lambda _: None)  # the requeued job's run, done
+            for name in ("result.json", "history.json"):
+                (out / "fcn" / "seed0").mkdir(parents=True, exist_ok=True)
+                (out / "fcn" / "seed0" / name).write_text((tmp_path / "elsewhere" / "fcn" / "seed0" / name).read_text())
+
+    table = run_experiment(study(), out, cluster=SlurmSettings(poll_s=0.05), log=log)
+    assert fake.count("submitted") == 1 and table["rows"][0]["seeds"] == 1, lines
+    assert any("1 pending" in line for line in lines) and fake.count("squeue_calls") >= 6, lines
+
+
 def test_an_import_error_in_a_model_module_gives_the_debug_hint_once(tmp_path, capsys):
     module = tmp_path / "broken_models.py"
     module.write_text("raise RuntimeError('boom at import')\n")

@@ -269,6 +269,7 @@ class SlurmExecutor(Executor):
         self.folder, self.settings, self.log = Path(folder), settings, log
         self.live: dict[str, str] = {}  # key -> job id
         self.labels: dict[str, str] = {}
+        self.ending: set[str] = set()  # job ids seen ended once
         self.stuck = StuckWatch(settings)
         self.lock = contextlib.ExitStack()
 
@@ -307,8 +308,14 @@ class SlurmExecutor(Executor):
         for key, job in list(self.live.items()):
             state = states.get(job, ("", ""))[0]
             if state in ACTIVE:
+                self.ending.discard(job)
                 live[key] = ACTIVE[state]
                 continue
+            if job not in self.ending:  # an end is believed at the next poll (a requeue may pass through such states)
+                self.ending.add(job)
+                live[key] = "running"
+                continue
+            self.ending.discard(job)
             del self.live[key]
             drop_pickles(self.folder / "logs", job)
             ended.append(Ended(key, state == "COMPLETED", state or "VANISHED", job, self.record.jobs[key]["log"]))
