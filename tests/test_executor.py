@@ -194,3 +194,78 @@ class _Call:
 
     def __call__(self) -> None:
         self.function(*self.args)
+
+
+STUDY = """
+import signal, sys
+from untrainable.config import DataSpec, ModelSpec, RunConfig, TrainSpec
+from untrainable.executor import StudyFailed
+from untrainable.experiment import Arm, Experiment, run_experiment
+
+def config(width):
+    return RunConfig(
+        model=ModelSpec("fcn", {{"depth": 2, "width": width}}),
+        data=DataSpec("mnist1d", {{"num_samples": 400, "val_size": 50}}, batch_size=10),
+        train=TrainSpec(epochs={epochs}, progress=False, checkpoint_every=5),
+    )
+
+if __name__ == "__main__":
+    arms = [Arm("a", config(16)), Arm("b", config({width_b}))]
+    try:
+        run_experiment(Experiment("two", "", arms, seeds=(0,)), sys.argv[1], jobs=2, log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt as stop:
+        print(f"stopped: {{stop}}", flush=True)
+        sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
+    except StudyFailed as failed:
+        print(f"failed: {{failed}}", flush=True)
+        sys.exit(2)
+"""
+
+
+def _study(tmp_path: Path, epochs: int, width_b: object) -> Path:
+    script = tmp_path / "study.py"
+    script.write_text(STUDY.format(epochs=epochs, width_b=width_b))
+    return script
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_local_process_after_a_checkpoint_and_the_same_command_resumes_them(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script, out = _study(tmp_path, epochs=8, width_b=16), tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runner = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    checkpoints = [out / arm / "seed0" / "checkpoints" for arm in ("a", "b")]
+    deadline = time.monotonic() + 120
+    while not all(list(folder.glob("step-*.pt")) for folder in checkpoints):
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()[0]
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGTERM)
+    printed = runner.communicate(timeout=120)[0]
+    assert runner.returncode == 143 and "stopped: stopped by signal 15" in printed, printed
+    stopped = [folder.parent for folder in checkpoints if not (folder.parent / "result.json").exists()]
+    assert stopped, "SIGTERM came after both runs ended"  # both, unless one was much faster than the other
+    again = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for folder in checkpoints:
+        records = [json.loads(line) for line in (folder.parent / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in records if "kind" not in r]
+        total = json.loads((folder.parent / "result.json").read_text())["steps"]
+        assert steps == list(range(1, total + 1)), "each step logged once"
+        assert any(r.get("kind") == "resume" for r in records) == (folder.parent in stopped)
+
+
+@pytest.mark.slow
+def test_a_local_run_that_fails_is_one_line_and_a_failed_row_once_the_other_has_ended(tmp_path):
+    import subprocess
+    import sys
+
+    script = _study(tmp_path, epochs=1, width_b='"wide"')  # b's width is not a number: its run fails when built
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stdout.splitlines() if line.startswith("[b seed 0] error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "failed: 1 run(s) of" in done.stdout and "b seed 0: FAILED (exit 1)" in done.stdout
+    assert (tmp_path / "out" / "a" / "seed0" / "result.json").exists()  # the other run went on to its end
