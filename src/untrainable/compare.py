@@ -130,8 +130,9 @@ def run_workers(
     try:
         with executor_for(study_dir, workers, cluster, log) as executor:
             outcome = run_all(
-                executor, works, lambda key: finished() >= settings.trials, log, "tuning worker(s)", detach, status
-            )
+                executor, works, lambda key: finished() >= settings.trials, log, "tuning worker(s)", detach, status,
+                reused=None,
+            )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

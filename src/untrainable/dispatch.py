@@ -44,6 +44,7 @@ def run_all(
     detach: bool = False,
     status: Callable[[], str] | None = None,
     succeeded: Callable[[Ended], bool] | None = None,
+    reused: str | None = "done earlier, reusing it",
 ) -> Outcome:
     """Run `works` on `executor` until each has ended (with `detach`: until each that may start was submitted).
 
@@ -51,8 +52,8 @@ def run_all(
     item is still live under its key); an item that comes after one that
     failed is not run. `succeeded` judges an ended item (default: it ended
     cleanly). `status` adds to the line printed at each change of the counts
-    (and may draw a bar). Ctrl-C or SIGTERM goes to the executor's
-    `interrupted`, then up.
+    (and may draw a bar); `reused` is what a reused item's line says (None:
+    no line). Ctrl-C or SIGTERM goes to the executor's `interrupted`, then up.
     """
     judge = succeeded or (lambda ended: ended.ok)
     outcome = Outcome()
@@ -65,8 +66,8 @@ def run_all(
         log(f"{executor.kind}: re-attached to {len(outcome.live)} {noun}: {' '.join(sorted(outcome.live.values()))}")
     waiting = [work for work in works if work.key not in outcome.live and not done(work.key)]
     outcome.succeeded = [work.key for work in works if work.key not in outcome.live and done(work.key)]
-    for key in outcome.succeeded:
-        log(f"[{labels[key]}] done earlier, reusing it")
+    for key in outcome.succeeded if reused else ():
+        log(f"[{labels[key]}] {reused}")
     failed_keys: set[str] = set()
     last = None
     try:

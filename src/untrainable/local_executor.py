@@ -57,9 +57,14 @@ class LocalExecutor(Executor):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
-        for proc in self.procs.values():  # only after an error of the runner's own: they stop after a checkpoint
-            proc.terminate()
-            proc.join()
+        for proc in self.procs.values():  # after an error of the runner's own, or a second Ctrl-C
+            proc.terminate()  # SIGTERM: the run stops after its step, with a checkpoint
+        for proc in self.procs.values():
+            proc.join(timeout=30)
+            if proc.exitcode is None:  # stuck: it resumes from its last checkpoint
+                proc.kill()
+                proc.join()
+        self.procs = {}
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.signum = signum
