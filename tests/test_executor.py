@@ -126,10 +126,13 @@ def test_a_stopped_runner_lets_the_executor_see_to_its_live_items(tmp_path):
     assert len(seen) == 1 and seen[0].startswith("interrupted with "), seen
 
 
-def test_keys_must_be_unique(tmp_path):
+def test_keys_must_be_unique_and_name_the_items_they_come_after(tmp_path):
     twice = [Work("a", "a", Mark(tmp_path, "a")), Work("a", "a again", Mark(tmp_path, "a"))]
     with pytest.raises(ValueError, match="unique"):
         run_all(ThreadExecutor(), twice, lambda key: False, print)
+    orphan = [Work("a", "a", Mark(tmp_path, "a")), Work("b", "b", Mark(tmp_path, "b"), after="c")]
+    with pytest.raises(ValueError, match=r"come after keys that are not among them: \['c'\]"):
+        run_all(ThreadExecutor(), orphan, lambda key: False, print)
 
 
 def test_one_local_job_runs_each_item_here_in_turn_and_its_error_comes_up_as_it_is(tmp_path):

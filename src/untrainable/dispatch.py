@@ -60,6 +60,9 @@ def run_all(
     keys = [work.key for work in works]
     if len(set(keys)) != len(keys):
         raise ValueError(f"work keys must be unique, got {keys}")
+    unknown = [work.after for work in works if work.after is not None and work.after not in keys]
+    if unknown:
+        raise ValueError(f"work items come after keys that are not among them: {unknown}; valid keys: {keys}")
     labels = {work.key: work.label for work in works}
     outcome.live = executor.attach(works)
     if outcome.live:
