@@ -57,12 +57,7 @@ def run_all(
     """
     judge = succeeded or (lambda ended: ended.ok)
     outcome = Outcome()
-    keys = [work.key for work in works]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"work keys must be unique, got {keys}")
-    unknown = [work.after for work in works if work.after is not None and work.after not in keys]
-    if unknown:
-        raise ValueError(f"work items come after keys that are not among them: {unknown}; valid keys: {keys}")
+    keys = _checked_keys(works)
     labels = {work.key: work.label for work in works}
     outcome.live = executor.attach(works)
     if outcome.live:
@@ -83,16 +78,8 @@ def run_all(
                 failed_keys.add(work.key)
             ready = [w for w in waiting if w.after is None or w.after in outcome.succeeded][: executor.room()]
             if ready:
-                started = time.monotonic()
-                handles = executor.submit(ready)
-                for work in ready:
-                    waiting.remove(work)
-                outcome.live.update(handles)
-                if executor.counts:
-                    log(
-                        f"{executor.kind}: submitted {len(ready)} {noun} in {time.monotonic() - started:.1f} s: "
-                        + " ".join(handles[w.key] for w in ready)
-                    )
+                outcome.live.update(_submit(executor, ready, log, noun))
+                waiting = [work for work in waiting if work not in ready]
             if detach or not (outcome.live or waiting):
                 break
             states, ended = executor.poll()
@@ -116,6 +103,27 @@ def run_all(
     order = {key: n for n, key in enumerate(keys)}
     outcome.failed.sort(key=lambda item: order[item.key])
     return outcome
+
+
+def _checked_keys(works: list[Work]) -> list[str]:
+    """The items' keys, refused when two are alike or an item comes after a key not among them."""
+    keys = [work.key for work in works]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"work keys must be unique, got {keys}")
+    unknown = [work.after for work in works if work.after is not None and work.after not in keys]
+    if unknown:
+        raise ValueError(f"work items come after keys that are not among them: {unknown}; valid keys: {keys}")
+    return keys
+
+
+def _submit(executor: Executor, ready: list[Work], log: Callable[[str], None], noun: str) -> dict[str, str]:
+    """Start `ready` on the executor, with a line where it prints counts; key -> handle."""
+    started = time.monotonic()
+    handles = executor.submit(ready)
+    if executor.counts:
+        seconds = time.monotonic() - started
+        log(f"{executor.kind}: submitted {len(ready)} {noun} in {seconds:.1f} s: " + " ".join(handles[w.key] for w in ready))
+    return handles
 
 
 def _counts(kind: str, states: dict[str, str], outcome: Outcome, waiting: int) -> str:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from untrainable.data.registry import cache_dir
+
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 INDEX_VERSION = 1
 # How long a process waits for the one that verifies (ImageNet fully decoded takes tens of minutes).
@@ -151,8 +153,7 @@ def scan_tree(root: str | os.PathLike) -> ImageListing:
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/untrainable/image_index`, or `~/.cache/untrainable/image_index`."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "untrainable" / "image_index"
+    return cache_dir("image_index")
 
 
 def cache_file(cache_dir: Path, root: Path, level: str) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor
@@ -40,6 +42,12 @@ class DataSplits:
 
 DATASETS: Registry[DataSplits] = Registry("dataset")
 register_dataset = DATASETS.register
+
+
+def cache_dir(name: str) -> Path:
+    """`$XDG_CACHE_HOME/untrainable/NAME`, or `~/.cache/untrainable/NAME`: what a data set keeps between processes."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "untrainable" / name
 
 
 def load_data(name: str, **kwargs: Any) -> DataSplits:
