@@ -209,7 +209,7 @@ def config(width):
     return RunConfig(
         model=ModelSpec("fcn", {{"depth": 2, "width": width}}),
         data=DataSpec("mnist1d", {{"num_samples": 400, "val_size": 50}}, batch_size=10),
-        train=TrainSpec(epochs={epochs}, progress=False, checkpoint_every=5),
+        train=TrainSpec(epochs={epochs}, progress=False, checkpoint_every=20),
     )
 
 if __name__ == "__main__":
@@ -237,7 +237,7 @@ def test_sigterm_stops_every_local_process_after_a_checkpoint_and_the_same_comma
     import subprocess
     import sys
 
-    script, out = _study(tmp_path, epochs=8, width_b=16), tmp_path / "out"
+    script, out = _study(tmp_path, epochs=4, width_b=16), tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runner = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env)
     checkpoints = [out / arm / "seed0" / "checkpoints" for arm in ("a", "b")]

@@ -283,6 +283,8 @@ def test_the_long_study_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rescue, "base_config", toy)
     monkeypatch.setattr(rescue, "FIRST_GRID", (4, 8))
+    monkeypatch.setattr(rescue, "ALONE_GRID", (("adam", 1e-3, False), ("sgd", 1e-2, True)))  # two of each grid
+    monkeypatch.setattr(rescue, "GUIDED_GRID", ((1e-3, 1.0), (3e-3, 3.0)))
     monkeypatch.setattr(rescue, "CONTROL_FIRST", 4)
     monkeypatch.setattr(rescue, "SEEDS", (0, 1, 2))
     steps = rescue.study()
