@@ -25,7 +25,7 @@ def test_workers_needed_rounds_up():
 def test_the_measurement_writes_its_numbers_and_command(tmp_path):
     main(
         ["--tree", str(tmp_path / "tree"), "--out", str(tmp_path / "out")]
-        + "--images 80 --large-images 48 --classes 2 --batches 2 --repeats 1".split()
+        + "--images 80 --large-images 8 --classes 2 --batches 2 --repeats 1".split()
     )
     record = json.loads((tmp_path / "out" / "loader.json").read_text())
     assert record["command"].startswith("python -m untrainable.bench.loader")
