@@ -28,7 +28,6 @@ LONGEST = (
     "test_torchrun.py::test_two_processes_train_and_resume_like_one_unbroken_run",
     "test_rescue.py::test_the_long_study_runs_end_to_end_at_toy_size",
     "test_vision_study.py::test_canvas_study_sets_the_wide_fcn_on_a_larger_image",
-    "test_gpu_check.py::test_asked_for_cuda_without_a_gpu_every_step_fails_in_turn_and_the_exit_code_is_1",
     "test_crash_safety.py::test_sigkill_mid_epoch_then_resume_gives_the_same_weights",
     "test_vision_study.py::test_run_vision_quick_writes_tables",
     "test_tracking.py::test_a_run_killed_and_resumed_continues_its_tracker_runs_each_step_once",

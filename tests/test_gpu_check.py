@@ -77,7 +77,7 @@ def test_the_cpu_dry_run_passes_every_step_and_summarises_them(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failures where no GPU is visible")
-def test_asked_for_cuda_without_a_gpu_every_step_fails_in_turn_and_the_exit_code_is_1(tmp_path):
+def test_asked_for_cuda_without_a_gpu_every_step_fails_and_the_later_ones_are_not_started(tmp_path):
     done, summary, markdown = _check(tmp_path, "--device", "cuda", "--tiny")
     assert done.returncode == 1
     statuses = _lines(done.stdout)
@@ -88,6 +88,10 @@ def test_asked_for_cuda_without_a_gpu_every_step_fails_in_turn_and_the_exit_code
     by_name = {s["name"]: s for s in summary["steps"]}
     assert "no CUDA" in by_name["environment"]["summary"] or "not visible" in by_name["environment"]["summary"]
     assert all(Path(tmp_path / "check" / log).exists() for s in summary["steps"] for log in s["files"])
+    # Every later step would fail on the missing CUDA: none is started, each names step 1 in its line and its log.
+    later = [s for s in summary["steps"] if s["name"] not in ("environment", "summary")]
+    assert all(s["summary"].startswith("not run: step 1 (environment) failed: ") for s in later), later
+    assert all(s["seconds"] == 0.0 and s["files"] for s in later)
 
 
 def _check_in(tmp_path: Path) -> Check:

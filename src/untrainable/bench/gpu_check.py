@@ -24,7 +24,9 @@ Steps, numbered:
 
 Every step but the first runs in its own process under a time budget
 (`gpu_steps.BUDGETS`), its output kept in DIR/logs/STEP.log: a crash, a hang or an
-out-of-memory error is that step's failure, and the next step runs. Each
+out-of-memory error is that step's failure, and the next step runs. Asked
+for CUDA where the environment step finds none, the later steps are not
+started: each fails at once, naming step 1. Each
 step prints one line: its result (ok, failed, skipped), seconds, and its key
 numbers. The exit code is 1 when any step failed, else 0. A rerun into the
 same DIR replaces the earlier run's files.
@@ -420,6 +422,14 @@ def timed(number: str, name: str, step: Callable[[Check], tuple[str, str, dict[s
     return StepResult(number, name, status, time.monotonic() - started, check.budget(name), summary, details, logs)
 
 
+def not_run(number: str, name: str, check: Check, why: str) -> StepResult:
+    """A step not started because an earlier one showed it cannot work; its log says why."""
+    log = check.log(name)
+    log.write_text(why + "\n")
+    budget = check.budget(name.split("-")[0] if name.startswith("rescue-") else name)
+    return StepResult(number, name, "failed", 0.0, budget, why, {}, [check.relative(log)])
+
+
 def run_check(check: Check, show: Callable[[str], None] = print) -> list[StepResult]:
     """Every step in order, each line shown as it ends; the summary written last."""
     started = time.monotonic()
@@ -430,11 +440,18 @@ def run_check(check: Check, show: Callable[[str], None] = print) -> list[StepRes
         *((f"4{'abc'[i]}", name, paper_step(name)) for i, name in enumerate(PAPER)),
     ]
     results: list[StepResult] = []
+    missing = None  # CUDA wanted and not there: every later step would fail on it, minutes of a lent GPU apiece
     for number, name, step in plan:
-        results.append(timed(number, name, step, check))
+        results.append(not_run(number, name, check, missing) if missing else timed(number, name, step, check))
         show(results[-1].line())
+        if name == "environment" and results[-1].status == "failed" and check.device.startswith("cuda"):
+            missing = f"not run: step 1 (environment) failed: {results[-1].summary}"
     try:
-        arms = rescue(check)
+        arms = (
+            [not_run(f"5{x}", f"rescue-{arm}", check, missing) for x, arm in (("a", "alone"), ("b", "guided"))]
+            if missing
+            else rescue(check)
+        )
     except Exception as err:  # noqa: BLE001 (as in `timed`)
         arms = [StepResult("5", "rescue", "failed", 0.0, check.budget("rescue"), f"{type(err).__name__}: {err}")]
     for arm in arms:
