@@ -23,11 +23,13 @@ import pytest
 
 # The longest tests, longest first (from the suite's --durations): started first, one per worker in turn.
 LONGEST = (
-    "test_rescue.py::test_quick_rescue_prints_both_epochs_and_its_verdict",
     "test_gpu_check.py::test_the_cpu_dry_run_passes_every_step_and_summarises_them",
+    "test_rescue.py::test_quick_rescue_prints_both_epochs_and_its_verdict",
     "test_torchrun.py::test_two_processes_train_and_resume_like_one_unbroken_run",
     "test_rescue.py::test_the_long_study_runs_end_to_end_at_toy_size",
     "test_vision_study.py::test_canvas_study_sets_the_wide_fcn_on_a_larger_image",
+    "test_executor.py::test_sigterm_stops_every_local_process_after_a_checkpoint_and_the_same_command_resumes_them",
+    "test_rescue.py::test_parallel_runs_match_one_process_and_wait_for_their_guide",
     "test_crash_safety.py::test_sigkill_mid_epoch_then_resume_gives_the_same_weights",
     "test_vision_study.py::test_run_vision_quick_writes_tables",
     "test_tracking.py::test_a_run_killed_and_resumed_continues_its_tracker_runs_each_step_once",
