@@ -72,9 +72,8 @@ EOF
 alive() {
     # Whether the PID in file $1 is a live process (not a zombie left by an earlier stop).
     local pid
-    [ -s "$1" ] || return 1
-    pid=$(cat "$1")
-    [ -r "/proc/$pid/stat" ] && ! awk '{exit $3 == "Z" ? 0 : 1}' "/proc/$pid/stat"
+    pid=$(cat "$1" 2>/dev/null) || return 1  # a daemon removes its file as it exits: gone is not alive
+    [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] && ! awk '{exit $3 == "Z" ? 0 : 1}' "/proc/$pid/stat" 2>/dev/null
 }
 
 start() {
@@ -99,7 +98,7 @@ stop() {
     # The daemons started above, by the PIDs their own files hold.
     for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid" /run/munge/munged.pid; do
         if alive "$pidfile"; then
-            kill "$(cat "$pidfile")"
+            kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
             for _ in $(seq 1 50); do alive "$pidfile" || break; sleep 0.1; done
         fi
     done
